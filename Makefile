@@ -1,0 +1,24 @@
+# The two commands of the README: `make run` and `make test`. Both set up .venv on first use.
+PY := .venv/bin/python
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.venv/.installed: pyproject.toml requirements.lock
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -r requirements.lock
+	.venv/bin/pip install -q --no-deps -e .
+	touch $@
+
+.PHONY: setup run test lint
+setup: .venv/.installed
+
+run: setup
+	.venv/bin/fedprune run --config tiny
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
