@@ -1,0 +1,234 @@
+"""Experiment configuration: frozen dataclasses validated on construction.
+
+`ExperimentConfig.from_dict` is strict: an unknown key is an error naming the key and the known
+ones, so a typo never silently falls back to a default. The flow's parameters and
+`prefect.yaml` mirror these fields one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedprune_core.allocation import ALLOCATIONS
+from fedprune_core.masks import validate_pattern, validate_sparsity
+from fedprune_core.schedule import ScheduleConfig
+from fedprune_core.scores import validate_score
+from fedprune_core.training import LocalTrainingConfig
+
+STRATEGIES: tuple[str, ...] = ("fedprune", "fedavg", "fed_dropout", "prunefl")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """What the server prunes and how (Lin et al. 2022).
+
+    Attributes:
+        sparsity: target fraction S of pruned entries in [0, 1).
+        pattern: one of `fedprune_core.masks.PATTERNS`.
+        score_source, score_norm: see `fedprune_core.scores`.
+        allocation: "uniform" or "adaptive" per-layer sparsity.
+        prunable: globs over parameter names selecting the prunable parameters.
+        include_1d: also prune 1-D parameters (biases, norms) matched by `prunable`.
+        min_layer_sparsity, max_layer_sparsity: bounds of adaptive per-layer sparsity.
+    """
+
+    sparsity: float = 0.5
+    pattern: str = "column"
+    score_source: str = "weight"
+    score_norm: str = "l2"
+    allocation: str = "adaptive"
+    prunable: tuple[str, ...] = ("*weight",)
+    include_1d: bool = False
+    min_layer_sparsity: float = 0.0
+    max_layer_sparsity: float = 0.9
+
+    def __post_init__(self) -> None:
+        validate_sparsity(self.sparsity)
+        validate_pattern(self.pattern)
+        validate_score(self.score_source, self.score_norm)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r} is not known: use one of {', '.join(ALLOCATIONS)}")
+        if not self.prunable:
+            raise ValueError("prunable=() selects nothing: pass globs such as ('*weight',)")
+        if not 0.0 <= self.min_layer_sparsity <= self.sparsity <= self.max_layer_sparsity < 1.0:
+            raise ValueError(
+                f"min_layer_sparsity={self.min_layer_sparsity} <= sparsity={self.sparsity} <= "
+                f"max_layer_sparsity={self.max_layer_sparsity} < 1 must hold: widen the bounds"
+            )
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """The federated round.
+
+    Attributes:
+        clients_per_round: clients sampled each round (<= the number of clients).
+        local: each client's local training.
+        server_lr, server_momentum: FedOpt server step (1.0 and 0.0: plain FedAvg).
+        eval_every: evaluate every this many rounds (and at the last round).
+    """
+
+    clients_per_round: int = 4
+    local: LocalTrainingConfig = field(default_factory=lambda: LocalTrainingConfig(steps=5, batch_size=8, lr=0.05))
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    eval_every: int = 10
+
+    def __post_init__(self) -> None:
+        from fedprune_core.aggregate import validate_server_optimizer
+
+        if self.clients_per_round < 1:
+            raise ValueError(f"clients_per_round={self.clients_per_round} must be >= 1: pass e.g. 4")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every={self.eval_every} must be >= 1: pass e.g. 10")
+        validate_server_optimizer(self.server_lr, self.server_momentum)
+
+
+@dataclass(frozen=True)
+class FedDropoutConfig:
+    """Federated Dropout (Caldas et al. 2018).
+
+    Attributes:
+        rate: fraction of units dropped in each layer, per client and round, in [0, 1).
+        layer_rates: (glob, rate) pairs overriding `rate` for matching parameters (Guliani et al. 2022).
+    """
+
+    rate: float = 0.5
+    layer_rates: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_sparsity(self.rate, "fed_dropout.rate")
+        for glob, rate in self.layer_rates:
+            validate_sparsity(rate, f"fed_dropout.layer_rates[{glob!r}]")
+
+    def rate_for(self, name: str) -> float:
+        """The dropout rate of parameter `name` (first matching glob wins)."""
+        return next((r for g, r in self.layer_rates if fnmatch.fnmatchcase(name, g)), self.rate)
+
+
+@dataclass(frozen=True)
+class PruneFLConfig:
+    """PruneFL (Jiang et al., IEEE TNNLS 2022); defaults from the published configuration.
+
+    Attributes:
+        reconfig_every: ΔR, rounds between mask reconfigurations (>= 1).
+        initial_client: the client whose data drives initial pruning.
+        initial_samples: examples of that client used for initial pruning.
+        initial_max_steps: SGD steps of initial pruning at most.
+        initial_reconfig_every: steps between reconfigurations during initial pruning.
+        initial_stable_changes: stop once the density changed by <= `initial_tolerance` this many times in a row.
+        initial_tolerance: relative density change counted as stable.
+        removal_fraction: removal candidates = this fraction of active weights (lowest |w|) ...
+        removal_halflife: ... times 0.5 ** (round / removal_halflife).
+        time_constant: fixed part of the modelled round time (seconds).
+        compute_coeff, comm_coeff: modelled seconds per kept weight for computation and communication.
+        layer_coeffs: (glob, compute, comm) overrides per parameter.
+    """
+
+    reconfig_every: int = 50
+    initial_client: int = 0
+    initial_samples: int = 200
+    initial_max_steps: int = 1000
+    initial_reconfig_every: int = 50
+    initial_stable_changes: int = 5
+    initial_tolerance: float = 0.1
+    removal_fraction: float = 0.3
+    removal_halflife: float = 10000.0
+    time_constant: float = 1.0
+    compute_coeff: float = 1e-6
+    comm_coeff: float = 1e-6
+    layer_coeffs: tuple[tuple[str, float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("reconfig_every", "initial_samples", "initial_max_steps", "initial_reconfig_every",
+                     "initial_stable_changes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"prunefl.{name}={getattr(self, name)} must be >= 1: pass e.g. 50")
+        if self.initial_client < 0:
+            raise ValueError(f"prunefl.initial_client={self.initial_client} must be >= 0: pass 0")
+        if not 0.0 <= self.removal_fraction < 1.0:
+            raise ValueError(f"prunefl.removal_fraction={self.removal_fraction} must be in [0, 1): pass 0.3")
+        if not 0.0 < self.initial_tolerance < 1.0:
+            raise ValueError(f"prunefl.initial_tolerance={self.initial_tolerance} must be in (0, 1): pass 0.1")
+        if self.removal_halflife <= 0:
+            raise ValueError(f"prunefl.removal_halflife={self.removal_halflife} must be > 0: pass 10000")
+        coeffs = [("time_constant", self.time_constant), ("compute_coeff", self.compute_coeff),
+                  ("comm_coeff", self.comm_coeff)]
+        coeffs += [(f"layer_coeffs[{g!r}]", min(a, b)) for g, a, b in self.layer_coeffs]
+        for name, value in coeffs:
+            if value < 0:
+                raise ValueError(f"prunefl.{name}={value} must be >= 0 seconds: pass e.g. 1e-6")
+        if self.compute_coeff + self.comm_coeff <= 0:
+            raise ValueError("prunefl.compute_coeff + comm_coeff must be > 0: the time model needs a per-weight cost")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment run.
+
+    Attributes:
+        name: a label (the preset's name by default).
+        seed: the experiment seed every random choice derives from.
+        strategy: one of `STRATEGIES`.
+        model: the workload's model preset ("tiny", "small", "paper").
+        corpus: the workload's corpus preset ("test", "bench").
+    """
+
+    name: str = "tiny"
+    seed: int = 0
+    strategy: str = "fedprune"
+    model: str = "tiny"
+    corpus: str = "test"
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    fed_dropout: FedDropoutConfig = field(default_factory=FedDropoutConfig)
+    prunefl: PruneFLConfig = field(default_factory=PruneFLConfig)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is not known: use one of {', '.join(STRATEGIES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        """Build from a (possibly partial) nested dict; unknown keys are errors."""
+        return _build(cls(), data, "")
+
+    def replace(self, overrides: dict[str, Any]) -> ExperimentConfig:
+        """A copy with nested overrides applied, e.g. {"pruning": {"sparsity": 0.3}}."""
+        return ExperimentConfig.from_dict(_merge(self.to_dict(), overrides))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build(defaults: Any, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix or '<root>'!r}={data!r} must be a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(defaults)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]!r}: known keys here are {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        current = getattr(defaults, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            kwargs[key] = _build(current, value, f"{prefix}{key}.")
+        elif isinstance(current, tuple) and isinstance(value, list):
+            kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            kwargs[key] = value
+    return dataclasses.replace(defaults, **kwargs)

@@ -1,0 +1,229 @@
+"""One federated round as five pure steps: score, mask, dispatch, client-train, aggregate.
+
+`fedprune_core.simulate` chains them in one process; the Prefect flow runs each as a task.
+Both call these same functions, so the flow can be checked against the reference loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from fedprune_core.aggregate import ClientContribution, masked_fedavg, server_step
+from fedprune_core.config import ExperimentConfig
+from fedprune_core.prunable import PrunableSpec
+from fedprune_core.rng import derive_seed, generator_for
+from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
+from fedprune_core.training import ClientResult, LocalTrainingConfig
+from fedprune_core.types import MaskDict, Payload, StateDict
+
+_GLOBAL_RNG_LOCK = threading.Lock()
+"""Serializes the code that touches torch's global RNG (model construction, dropout, SpecAugment).
+
+Each client's training is seeded from (seed, round, client) inside `torch.random.fork_rng`;
+the lock keeps thread-concurrent clients from interleaving on that one global generator.
+"""
+
+
+class Workload(Protocol):
+    """A model family plus its data handling (e.g. `fedprune_core.speech.workload.SpeechWorkload`)."""
+
+    def build_model(self) -> nn.Module: ...
+
+    def train_client(
+        self,
+        model: nn.Module,
+        examples: Sequence[Any],
+        config: LocalTrainingConfig,
+        generator: torch.Generator,
+        after_step: Callable[[], None] | None = None,
+    ) -> ClientResult: ...
+
+    def evaluate(self, model: nn.Module, examples: Sequence[Any]) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Everything the server carries from one round to the next.
+
+    Attributes:
+        round_num: the last completed round (0: initial model).
+        weights: full model weights.
+        masks: the global masks in force (empty for strategies without masks).
+        scores: per-entry importance scores of the prunable parameters.
+        momentum: server optimizer momentum (empty for plain FedAvg).
+        extra: strategy-specific tensors (pseudo-gradients, accumulators).
+    """
+
+    round_num: int
+    weights: StateDict
+    masks: MaskDict = field(default_factory=dict)
+    scores: StateDict = field(default_factory=dict)
+    momentum: StateDict = field(default_factory=dict)
+    extra: StateDict = field(default_factory=dict)
+
+    def groups(self) -> dict[str, StateDict]:
+        """Named tensor groups, as stored in a checkpoint."""
+        return {"weights": self.weights, "masks": self.masks, "scores": self.scores,
+                "momentum": self.momentum, "extra": self.extra}
+
+    @classmethod
+    def from_groups(cls, round_num: int, groups: dict[str, StateDict]) -> ServerState:
+        """Inverse of `groups`."""
+        return cls(round_num, **{k: dict(groups.get(k, {})) for k in ("weights", "masks", "scores", "momentum", "extra")})
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    """What one client returned, plus what its round cost.
+
+    Attributes:
+        client_id: the client.
+        update: the uploaded payload (trained values, see `fedprune_core.submodel`).
+        num_examples, mean_loss, wall_time_s, peak_memory_bytes: from local training.
+        bytes_down, bytes_up: exact payload sizes.
+        grad_sq: accumulated squared gradients, encoded like `update` (PruneFL only).
+    """
+
+    client_id: int
+    update: Payload
+    num_examples: int
+    mean_loss: float
+    wall_time_s: float
+    peak_memory_bytes: int
+    bytes_down: int
+    bytes_up: int
+    grad_sq: Payload | None = None
+
+
+class Strategy(Protocol):
+    """A federated method: how the server scores, masks, dispatches and learns from a round."""
+
+    specs: dict[str, PrunableSpec]
+    track_grad_sq: bool
+
+    def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:
+        """Before round 1 (PruneFL's initial pruning); most strategies return `state`."""
+        ...
+
+    def score(self, state: ServerState, round_num: int) -> StateDict:
+        """Importance scores for `round_num` from the state after round_num - 1."""
+        ...
+
+    def mask(self, state: ServerState, scores: StateDict, round_num: int) -> MaskDict:
+        """Global masks in force during `round_num`."""
+        ...
+
+    def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
+        """Masks of the submodel `client_id` trains in `round_num` (derived, never stored)."""
+        ...
+
+    def observe(
+        self, state: ServerState, masks: MaskDict, grads: StateDict, trained: MaskDict, grad_sq: StateDict | None
+    ) -> StateDict:
+        """The strategy's `extra` tensors after a round's aggregation."""
+        ...
+
+
+def init_state(workload: Workload, seed: int) -> ServerState:
+    """Round-0 state: the workload's model initialized from the experiment seed."""
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, 0, -1, "init"))
+        model = workload.build_model()
+    return ServerState(0, {n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def dispatch(strategy: Strategy, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> Payload:
+    """The payload `client_id` downloads in `round_num`."""
+    return extract(state.weights, strategy.client_masks(state, masks, round_num, client_id), strategy.specs)
+
+
+def train_client(
+    workload: Workload,
+    config: ExperimentConfig,
+    strategy: Strategy,
+    payload: Payload,
+    examples: Sequence[Any],
+    round_num: int,
+    client_id: int,
+) -> ClientOutcome:
+    """Build the client's submodel from its payload, train it locally and encode the upload."""
+    seed = config.seed
+    local = config.federated.local
+    if strategy.track_grad_sq and not local.track_grad_sq:
+        local = _with_grad_sq(local)
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, round_num, client_id, "train"))
+        client = build_client_model(workload.build_model(), payload, strategy.specs)
+        result = workload.train_client(
+            client.module, examples, local, generator_for(seed, round_num, client_id, "batches"), client.project
+        )
+    update = client_update(client, strategy.specs)
+    grad_sq = None if result.grad_sq is None else client_update(client, strategy.specs, result.grad_sq)
+    return ClientOutcome(
+        client_id, update, result.num_examples, result.mean_loss, result.wall_time_s,
+        result.peak_memory_bytes, payload_nbytes(payload), payload_nbytes(update), grad_sq,
+    )
+
+
+def _with_grad_sq(local: LocalTrainingConfig) -> LocalTrainingConfig:
+    import dataclasses
+
+    return dataclasses.replace(local, track_grad_sq=True)
+
+
+def aggregate(
+    strategy: Strategy,
+    config: ExperimentConfig,
+    state: ServerState,
+    scores: StateDict,
+    masks: MaskDict,
+    outcomes: Sequence[ClientOutcome],
+    round_num: int,
+) -> ServerState:
+    """Masked FedAvg of the clients' updates plus the server step: the state after `round_num`."""
+    shapes = {n: w.shape for n, w in state.weights.items()}
+    contributions = []
+    grad_sq_parts = []
+    for o in sorted(outcomes, key=lambda o: o.client_id):
+        cmasks = strategy.client_masks(state, masks, round_num, o.client_id)
+        values, held = expand(o.update, cmasks, strategy.specs, shapes)
+        contributions.append(ClientContribution(values, held, o.num_examples))
+        if o.grad_sq is not None:
+            grad_sq_parts.append(expand(o.grad_sq, cmasks, strategy.specs, shapes)[0])
+    average, trained = masked_fedavg(state.weights, contributions)
+    fed = config.federated
+    weights, momentum, grads = server_step(
+        state.weights, average, trained, state.momentum, fed.server_lr, fed.server_momentum
+    )
+    grad_sq = {n: sum(p[n] for p in grad_sq_parts) for n in shapes} if grad_sq_parts else None
+    extra = strategy.observe(state, masks, grads, trained, grad_sq)  # type: ignore[arg-type]
+    return ServerState(round_num, weights, masks, scores, momentum, extra)
+
+
+def masked_weights(state: ServerState) -> StateDict:
+    """The weights a pruned model computes with: pruned entries set to zero."""
+    return {n: w * state.masks[n] if n in state.masks else w for n, w in state.weights.items()}
+
+
+def evaluate(workload: Workload, state: ServerState, examples: Sequence[Any]) -> dict[str, float]:
+    """Evaluate the (masked) global model."""
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        model = workload.build_model()
+    model.load_state_dict(masked_weights(state), strict=False)
+    model.eval()
+    with torch.no_grad():
+        return workload.evaluate(model, examples)
+
+
+def overall_sparsity(masks: MaskDict, specs: dict[str, PrunableSpec]) -> float:
+    """Fraction of prunable entries pruned (0 without masks)."""
+    total = sum(s.numel for s in specs.values())
+    if not masks or not total:
+        return 0.0
+    return sum(int((~m).sum()) for m in masks.values()) / total

@@ -1,0 +1,188 @@
+"""Pruning patterns and masks (Lin et al. 2022, Sec. 2.2).
+
+A pattern partitions a 2-D weight W of shape (out, in) into groups; a mask keeps the
+highest-scoring groups. Group score = sum of its entries' scores, so with per-entry scores
+|x| (L1) or x**2 (L2) the ranking equals that of the group's L1 or L2 norm.
+
+| pattern       | one group is                                  | group grid    |
+|---------------|-----------------------------------------------|---------------|
+| unstructured  | one entry                                     | (out, in)     |
+| row           | one output row W[i, :]                        | (out,)        |
+| column        | one input column W[:, j]                      | (in,)         |
+| half_row      | the left or right half of a row (even in)     | (out, 2)      |
+| half_column   | the top or bottom half of a column (even out) | (2, in)       |
+
+Ties are broken stably: groups in `favored` (e.g. currently kept) first, then lower index first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+PATTERNS: tuple[str, ...] = ("unstructured", "row", "column", "half_row", "half_column")
+
+
+def validate_pattern(pattern: str) -> None:
+    """Raise a ValueError naming `pattern` unless it is a known pattern."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern={pattern!r} is not a known pattern: use one of {', '.join(PATTERNS)}")
+
+
+def validate_sparsity(sparsity: float, name: str = "sparsity") -> None:
+    """Raise a ValueError unless `sparsity` is a float fraction in [0, 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"{name}={sparsity!r} must be a fraction in [0, 1): pass e.g. 0.5 for 50% pruned")
+
+
+def check_shape(shape: tuple[int, int], pattern: str, name: str = "weight") -> None:
+    """Half patterns need an even number of columns (half_row) or rows (half_column)."""
+    out_f, in_f = shape
+    if pattern == "half_row" and in_f % 2:
+        raise ValueError(
+            f"{name} of shape {tuple(shape)} has an odd number of columns ({in_f}): half_row needs an even "
+            "number; use pattern 'row' or 'column' for this parameter or exclude it from prunable"
+        )
+    if pattern == "half_column" and out_f % 2:
+        raise ValueError(
+            f"{name} of shape {tuple(shape)} has an odd number of rows ({out_f}): half_column needs an even "
+            "number; use pattern 'row' or 'column' for this parameter or exclude it from prunable"
+        )
+
+
+def _group_unstructured(s: torch.Tensor) -> torch.Tensor:
+    return s
+
+
+def _group_row(s: torch.Tensor) -> torch.Tensor:
+    return s.sum(dim=1)
+
+
+def _group_column(s: torch.Tensor) -> torch.Tensor:
+    return s.sum(dim=0)
+
+
+def _group_half_row(s: torch.Tensor) -> torch.Tensor:
+    return s.reshape(s.shape[0], 2, s.shape[1] // 2).sum(dim=2)
+
+
+def _group_half_column(s: torch.Tensor) -> torch.Tensor:
+    return s.reshape(2, s.shape[0] // 2, s.shape[1]).sum(dim=1)
+
+
+GROUP_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "unstructured": _group_unstructured,
+    "row": _group_row,
+    "column": _group_column,
+    "half_row": _group_half_row,
+    "half_column": _group_half_column,
+}
+
+
+def expand_groups(keep: torch.Tensor, pattern: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Entry mask (out, in) from a group mask on the pattern's group grid."""
+    out_f, in_f = shape
+    if pattern == "unstructured":
+        return keep.reshape(out_f, in_f)
+    if pattern == "row":
+        return keep[:, None].expand(out_f, in_f)
+    if pattern == "column":
+        return keep[None, :].expand(out_f, in_f)
+    if pattern == "half_row":
+        return keep[:, :, None].expand(out_f, 2, in_f // 2).reshape(out_f, in_f)
+    return keep[:, None, :].expand(2, out_f // 2, in_f).reshape(out_f, in_f)
+
+
+def groups_of(mask: torch.Tensor, pattern: str) -> torch.Tensor:
+    """Group mask (on the group grid) of an entry mask made with `pattern`."""
+    out_f, in_f = mask.shape
+    if pattern == "unstructured":
+        return mask
+    if pattern == "row":
+        return mask[:, 0]
+    if pattern == "column":
+        return mask[0, :]
+    if pattern == "half_row":
+        return mask.reshape(out_f, 2, in_f // 2)[:, :, 0]
+    return mask.reshape(2, out_f // 2, in_f)[:, 0, :]
+
+
+def num_pruned(num_groups: int, sparsity: float) -> int:
+    """Groups to prune: sparsity × groups rounded half up, so realized sparsity is within one group."""
+    return min(num_groups, int(sparsity * num_groups + 0.5))
+
+
+def rank_groups(
+    group_scores: torch.Tensor, favored: torch.Tensor | None = None, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Flat group indices, best first: allowed, then higher score, then favored, then lower index."""
+    flat = group_scores.flatten().to(torch.float64)
+    order = torch.arange(flat.numel())
+    if favored is not None:
+        order = order[torch.sort((~favored.flatten()).to(torch.int8)[order], stable=True).indices]
+    order = order[torch.sort(flat[order], descending=True, stable=True).indices]
+    if allowed is not None:
+        order = order[torch.sort((~allowed.flatten()).to(torch.int8)[order], stable=True).indices]
+    return order
+
+
+def make_group_mask(
+    group_scores: torch.Tensor,
+    sparsity: float,
+    favored: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Keep the best (1 - sparsity) share of groups; same shape as `group_scores`."""
+    n = group_scores.numel()
+    n_keep = n - num_pruned(n, sparsity)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[rank_groups(group_scores, favored, allowed)[:n_keep]] = True
+    return keep.reshape(group_scores.shape)
+
+
+def make_mask(
+    scores: torch.Tensor,
+    sparsity: float,
+    pattern: str,
+    *,
+    favored: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Binary mask (True = keep) over a 2-D weight, keeping its highest-scoring groups.
+
+    Args:
+        scores: (out, in) float per-entry importance scores (non-negative).
+        sparsity: fraction of groups to prune, in [0, 1).
+        pattern: one of `PATTERNS`.
+        favored: optional (out, in) bool entry mask; among equal scores these groups are kept first
+            (pass the current mask so re-ranking does not flip tied groups).
+        allowed: optional (out, in) bool entry mask; groups outside it are pruned first
+            (pass the current mask to make a nested, monotone mask while sparsifying).
+
+    Returns:
+        (out, in) bool mask with exactly `num_pruned(groups, sparsity)` groups pruned.
+    """
+    validate_pattern(pattern)
+    validate_sparsity(sparsity)
+    if scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(
+            f"scores of shape {tuple(scores.shape)} and dtype {scores.dtype} must be a 2-D float tensor: "
+            "reshape higher ranks with fedprune_core.masks.as_matrix first"
+        )
+    shape = (scores.shape[0], scores.shape[1])
+    check_shape(shape, pattern, "scores")
+    grid = GROUP_SCORES[pattern](scores)
+    fav = None if favored is None else groups_of(favored, pattern)
+    allow = None if allowed is None else groups_of(allowed, pattern)
+    return expand_groups(make_group_mask(grid, sparsity, fav, allow), pattern, shape).clone()
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """View a tensor as 2-D: dim 0 rows, the remaining dims flattened (1-D -> (n, 1))."""
+    return t.reshape(t.shape[0], -1)
+
+
+def as_blocks(t: torch.Tensor, splits: int) -> list[torch.Tensor]:
+    """2-D views of a parameter stacked along dim 0 (fused q, k, v: splits=3)."""
+    return list(as_matrix(t).chunk(splits, dim=0))

@@ -1,0 +1,102 @@
+"""Which parameters are pruned, and how each is viewed as 2-D matrices.
+
+Prunable parameters are chosen by glob patterns over parameter names (`fnmatch`). Tensors of
+rank > 2 are reshaped to (dim 0, rest); a fused attention input projection
+(`nn.MultiheadAttention.in_proj_weight`, q, k and v stacked on dim 0) is three matrices; 1-D
+tensors (biases, norms) are pruned only when `include_1d` is set, and then entry by entry.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedprune_core.masks import check_shape
+
+
+@dataclass(frozen=True)
+class PrunableSpec:
+    """How one parameter is pruned.
+
+    Attributes:
+        name: parameter name in `model.named_parameters()`.
+        shape: the parameter's full shape.
+        splits: number of stacked matrices along dim 0 (3 for a fused q/k/v projection).
+        linear: True when the owner is an `nn.Linear` called through its forward, so a client can
+            train a physically smaller slice of it.
+        pattern: the pattern used for this parameter ("unstructured" for 1-D tensors).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    splits: int
+    linear: bool
+    pattern: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """Shape of each of the `splits` 2-D matrices."""
+        rows = self.shape[0] // self.splits
+        return rows, self.numel // self.shape[0]
+
+
+def _sliceable_linears(model: nn.Module) -> set[str]:
+    """Names of Linear weights that run through `Linear.forward` (not used raw by attention)."""
+    raw_users = {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+    return {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and name not in raw_users
+    }
+
+
+def find_prunable(
+    model: nn.Module, patterns: tuple[str, ...], pattern: str, include_1d: bool = False
+) -> dict[str, PrunableSpec]:
+    """Specs of the parameters whose names match any glob in `patterns`.
+
+    Raises:
+        ValueError: a glob matches no parameter, or a matched shape does not fit `pattern`.
+    """
+    params = dict(model.named_parameters())
+    for glob in patterns:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in params):
+            sample = ", ".join(list(params)[:5])
+            raise ValueError(
+                f"prunable pattern {glob!r} matches no parameter of the model: use globs over parameter "
+                f"names such as {sample}"
+            )
+    linears = _sliceable_linears(model)
+    specs: dict[str, PrunableSpec] = {}
+    for name, p in params.items():
+        if not any(fnmatch.fnmatchcase(name, g) for g in patterns) or (p.dim() < 2 and not include_1d):
+            continue
+        splits = 3 if name.endswith("in_proj_weight") else 1
+        spec = PrunableSpec(name, tuple(p.shape), splits, name in linears, pattern if p.dim() >= 2 else "unstructured")
+        check_shape(spec.matrix_shape, spec.pattern, name)
+        specs[name] = spec
+    return specs
+
+
+def matrices(t: torch.Tensor, spec: PrunableSpec) -> list[torch.Tensor]:
+    """The `spec.splits` 2-D views of a full-shape tensor (views, no copy)."""
+    return list(t.reshape(t.shape[0], -1).chunk(spec.splits, dim=0))
+
+
+def from_matrices(parts: list[torch.Tensor], spec: PrunableSpec) -> torch.Tensor:
+    """Inverse of `matrices`: stack the 2-D parts and restore the full shape."""
+    return torch.cat(parts, dim=0).reshape(spec.shape)

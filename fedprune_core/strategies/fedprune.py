@@ -1,0 +1,115 @@
+"""Federated Pruning (Lin et al., Interspeech 2022, arXiv 2209.06359).
+
+The server scores every prunable entry, allocates per-layer sparsity (uniform or adaptive) at the
+schedule's current target, and builds masks of the configured pattern: nested while
+sparsifying, re-ranked over all coordinates while refining, frozen while fine-tuning. All
+sampled clients train the same pruned model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedprune_core import allocation
+from fedprune_core.config import ExperimentConfig, PruningConfig
+from fedprune_core.engine import ServerState, Workload
+from fedprune_core.masks import make_mask
+from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices, matrices
+from fedprune_core.schedule import ScheduleConfig, masks_change_at, phase_at, sparsity_at
+from fedprune_core.scores import update_scores
+from fedprune_core.types import MaskDict, StateDict
+
+SCORE_MOMENTUM = 0.9
+"""β of the momentum of pseudo-gradients kept for the `momentum` score source."""
+
+
+@dataclass(frozen=True)
+class FedPrune:
+    """The Federated Pruning strategy."""
+
+    specs: dict[str, PrunableSpec]
+    pruning: PruningConfig
+    schedule: ScheduleConfig
+    track_grad_sq: bool = False
+
+    @classmethod
+    def build(cls, config: ExperimentConfig, model: nn.Module) -> FedPrune:
+        p = config.pruning
+        return cls(find_prunable(model, p.prunable, p.pattern, p.include_1d), p, config.schedule)
+
+    def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:
+        return state
+
+    @property
+    def _needs_gradient(self) -> bool:
+        return self.pruning.score_source != "weight"
+
+    def score(self, state: ServerState, round_num: int) -> StateDict:
+        """Scores of all prunable entries; unchanged once masks are frozen."""
+        if phase_at(round_num, self.schedule) == "finetune" and state.scores:
+            return state.scores
+        p, scores = self.pruning, {}
+        for name in self.specs:
+            w = state.weights[name]
+            zero = torch.zeros_like(w)
+            scores[name] = update_scores(
+                state.scores.get(name), p.score_source, p.score_norm, w,
+                state.extra.get(f"grad/{name}", zero), state.extra.get(f"momentum/{name}", zero),
+                state.masks.get(name, torch.ones_like(w, dtype=torch.bool)),
+            )
+        return scores
+
+    def _target(self, round_num: int) -> float:
+        # Gradient-based scores have no evidence before the first aggregation: round 1 trains dense.
+        if self._needs_gradient and round_num == 1:
+            return 0.0
+        return sparsity_at(round_num, self.schedule, self.pruning.sparsity)
+
+    def mask(self, state: ServerState, scores: StateDict, round_num: int) -> MaskDict:
+        """Masks for `round_num`: recomputed when the schedule says so, else the ones in force."""
+        warmup_done = self._needs_gradient and round_num == 2
+        if state.masks and not (masks_change_at(round_num, self.schedule, self.pruning.sparsity) or warmup_done):
+            return state.masks
+        target = self._target(round_num)
+        layer = self._allocate(scores, target)
+        nested = phase_at(round_num, self.schedule) == "sparsify"
+        return {n: self._layer_mask(scores[n], state.masks.get(n), layer[n], n, nested) for n in self.specs}
+
+    def _allocate(self, scores: StateDict, target: float) -> dict[str, float]:
+        p = self.pruning
+        if p.allocation == "uniform" or target == 0.0:
+            return allocation.uniform(self.specs, target)
+        lo, hi = min(p.min_layer_sparsity, target), max(p.max_layer_sparsity, target)
+        return allocation.adaptive(scores, self.specs, target, lo, hi)
+
+    def _layer_mask(
+        self, scores: torch.Tensor, current: torch.Tensor | None, sparsity: float, name: str, nested: bool
+    ) -> torch.Tensor:
+        spec = self.specs[name]
+        cur = [None] * spec.splits if current is None else matrices(current, spec)
+        parts = [
+            make_mask(s, sparsity, spec.pattern, favored=c, allowed=c if nested else None)
+            for s, c in zip(matrices(scores, spec), cur, strict=True)
+        ]
+        return from_matrices(parts, spec)
+
+    def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
+        return masks
+
+    def observe(
+        self, state: ServerState, masks: MaskDict, grads: StateDict, trained: MaskDict, grad_sq: StateDict | None
+    ) -> StateDict:
+        """Keep the pseudo-gradient (and its momentum) when the score source needs them."""
+        if not self._needs_gradient:
+            return {}
+        extra: StateDict = {}
+        for name in self.specs:
+            extra[f"grad/{name}"] = grads[name]
+            prev = state.extra.get(f"momentum/{name}", torch.zeros_like(grads[name]))
+            extra[f"momentum/{name}"] = SCORE_MOMENTUM * prev + grads[name]
+        return extra

@@ -1,0 +1,236 @@
+"""Local training of one client: K optimiser steps on the client's own data.
+
+This is the client side of a federated round (McMahan et al., AISTATS 2017; Lin et al.,
+Interspeech 2022, where clients train the pruned submodel they were sent). It is shared by every
+workload: the workload supplies a loss, a collate function and the examples.
+
+Batches are drawn with the caller's generator only: each pass over the data is a
+``torch.randperm(generator=...)`` cut into consecutive batches (the last one may be smaller), and
+passes repeat until ``steps`` batches have been used.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the call. On CPU, the tensor memory
+of training, counted exactly: bytes of parameters + gradients + optimiser state + the largest
+total of tensors saved for backward in one step (deduplicated by storage). It is not the process
+RSS, which also holds the allocator's caches, the data and the interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=(c.momentum or 0.9, 0.999),
+                                               weight_decay=c.weight_decay),  # fmt: skip
+}
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig:
+    """How a client trains.
+
+    Attributes:
+        steps: K, the number of optimiser steps (> 0).
+        batch_size: Examples per step (> 0).
+        lr: Learning rate (> 0).
+        momentum: SGD momentum, or Adam's beta1 (0 means Adam's default 0.9); in [0, 1).
+        weight_decay: L2 penalty (>= 0).
+        max_grad_norm: Clip the global gradient norm to this (> 0), or ``None`` for no clipping.
+        optimizer: A key of :data:`OPTIMIZERS`: ``"sgd"`` or ``"adam"``.
+        track_grad_sq: Accumulate per-parameter squared gradients over the steps (PruneFL's
+            importance signal, Jiang et al., TNNLS 2022).
+    """
+
+    steps: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    optimizer: str = "sgd"
+    track_grad_sq: bool = False
+
+    def __post_init__(self) -> None:
+        validate_local_training(self)
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """What one client's local training returns.
+
+    Attributes:
+        state: Trained parameters, keyed like ``model.named_parameters()``, detached clones.
+        num_examples: Examples the client holds (``len(examples)``), the FedAvg weight.
+        mean_loss: Mean of the K step losses.
+        wall_time_s: Wall time of the training, seconds.
+        peak_memory_bytes: Peak tensor memory of training (see the module docstring).
+        grad_sq: Per parameter, the sum over steps of ``grad ** 2``, when ``track_grad_sq``.
+    """
+
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    mean_loss: float
+    wall_time_s: float
+    peak_memory_bytes: int
+    grad_sq: dict[str, torch.Tensor] | None
+
+
+def validate_local_training(config: LocalTrainingConfig) -> None:
+    """Raise ``ValueError`` naming the value, the rule and a fix for an invalid ``config``."""
+    c = config
+    if c.steps <= 0:
+        raise ValueError(f"steps={c.steps} must be > 0: pass the number K of local steps, e.g. 5")
+    if c.batch_size <= 0:
+        raise ValueError(f"batch_size={c.batch_size} must be > 0: e.g. 16")
+    if not (c.lr > 0 and math.isfinite(c.lr)):
+        raise ValueError(f"lr={c.lr} must be a finite number > 0: e.g. 0.1 for SGD, 1e-3 for Adam")
+    if not 0 <= c.momentum < 1:
+        raise ValueError(f"momentum={c.momentum} must be in [0, 1): e.g. 0.9, or 0 for none")
+    if not c.weight_decay >= 0:
+        raise ValueError(f"weight_decay={c.weight_decay} must be >= 0: pass 0 for none")
+    if c.max_grad_norm is not None and not c.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={c.max_grad_norm} must be > 0 or None: pass None for no clipping")
+    if c.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={c.optimizer!r} must be one of {sorted(OPTIMIZERS)}")
+
+
+def make_optimizer(model: nn.Module, config: LocalTrainingConfig) -> torch.optim.Optimizer:
+    """The optimiser named by ``config.optimizer`` over the trainable parameters of ``model``."""
+    return OPTIMIZERS[config.optimizer]([p for p in model.parameters() if p.requires_grad], config)
+
+
+def batch_indices(num_examples: int, config: LocalTrainingConfig, generator: torch.Generator) -> Iterator[list[int]]:
+    """Yield ``config.steps`` batches of example indices, reshuffling with ``generator`` each pass."""
+    produced = 0
+    while True:
+        order = torch.randperm(num_examples, generator=generator).tolist()
+        for start in range(0, num_examples, config.batch_size):
+            if produced == config.steps:
+                return
+            produced += 1
+            yield order[start : start + config.batch_size]
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float | None
+) -> None:
+    """Backpropagate ``loss``, clip the gradient norm if asked, and step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_grad_norm)
+    optimizer.step()
+
+
+def tensor_bytes(tensors: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for p in model.parameters():
+        yield p
+        if p.grad is not None:
+            yield p.grad
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+class _SavedTensorMeter:
+    """Counts the bytes of distinct storages saved for backward inside ``with meter.step():``.
+
+    Storages in ``exclude`` (the parameters, already counted) are skipped.
+    """
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.peak = 0
+        self._exclude = exclude
+        self._storages: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._exclude:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        self._storages = {}
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield
+        self.peak = max(self.peak, sum(self._storages.values()))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train_local(
+    model: nn.Module,
+    examples: Sequence[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    collate: Callable[[list[Any]], Any],
+    config: LocalTrainingConfig,
+    generator: torch.Generator,
+    after_step: Callable[[], None] | None = None,
+) -> ClientResult:
+    """Train ``model`` in place for ``config.steps`` steps on ``examples`` and report the result.
+
+    Args:
+        model: The (sub)model to train; left in the mode it came in.
+        examples: The client's data; ``len(examples)`` is reported as ``num_examples``.
+        loss_fn: ``loss_fn(model, batch)`` returns a scalar loss.
+        collate: Turns a list of examples into the batch ``loss_fn`` takes.
+        config: Steps, batch size and optimiser.
+        generator: The only source of randomness of batch sampling (seed it from (seed, round, client)).
+        after_step: Called after every optimiser step, e.g. to re-apply pruning masks.
+
+    Returns:
+        The trained parameters and the measurements of this training.
+
+    Raises:
+        ValueError: ``examples`` is empty.
+    """
+    if len(examples) == 0:
+        raise ValueError("examples is empty: a client needs at least one example to train; skip empty clients")
+    device = _device(model)
+    was_training = model.training
+    model.train()
+    optimizer = make_optimizer(model, config)
+    meter = _SavedTensorMeter({p.untyped_storage().data_ptr() for p in model.parameters()})
+    grad_sq = {n: torch.zeros_like(p) for n, p in model.named_parameters()} if config.track_grad_sq else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses = []
+    start = time.perf_counter()
+    for indices in batch_indices(len(examples), config, generator):
+        with meter.step():
+            loss = loss_fn(model, collate([examples[i] for i in indices]))
+        optimizer_step(model, optimizer, loss, config.max_grad_norm)
+        if grad_sq is not None:
+            for name, p in model.named_parameters():
+                if p.grad is not None:
+                    grad_sq[name] += p.grad.detach() ** 2
+        if after_step is not None:
+            after_step()
+        losses.append(float(loss.detach()))
+    wall = time.perf_counter() - start
+    if device.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(device))
+    else:
+        peak = tensor_bytes(list(_state_tensors(model, optimizer))) + meter.peak
+    model.train(was_training)
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return ClientResult(state, len(examples), sum(losses) / len(losses), wall, peak, grad_sq)
