@@ -1,0 +1,186 @@
+"""Conformer-Transducer built from torchaudio blocks, as in Federated Pruning (Lin et al., Interspeech 2022).
+
+Encoder: a two-layer strided ``Conv2d`` front end (time and frequency subsampled by 4), a
+``Linear`` into the model width, ``torchaudio.models.Conformer`` and a ``Linear`` into the joint
+width. Prediction network and joiner: torchaudio's RNN-T ``_Predictor`` (embedding, LSTM built
+from ``nn.Linear``, projection) and ``_Joiner``, assembled by ``torchaudio.models.RNNT`` so that
+``torchaudio.models.RNNTBeamSearch`` decodes it unchanged.
+
+Every ``nn.Linear`` is called through its ``forward``, so a submodel can swap it for a sliced
+one; ``nn.MultiheadAttention`` keeps its fused q/k/v ``in_proj_weight``.
+
+``paper`` is Conformer-L of Gulati et al. (Interspeech 2020) as used by Lin et al.: 17 blocks of
+width 512, 8 heads, a 640-wide prediction network and a 2048-wide joint (the published kernel of
+32 is rounded to 31 because torchaudio needs an odd kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from torchaudio.models import RNNT, Conformer
+from torchaudio.models.rnnt import _Joiner, _Predictor, _Transcriber
+
+from fedprune_core.speech.text import CharVocabulary
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of a Conformer-Transducer.
+
+    Attributes:
+        n_mels: Input feature width.
+        subsampling_channels: Channels of the two strided ``Conv2d`` layers.
+        d_model: Conformer width.
+        num_blocks: Conformer blocks.
+        num_heads: Attention heads (must divide ``d_model``).
+        ffn_dim: Hidden width of each Conformer feed-forward module.
+        conv_kernel: Depthwise convolution kernel (odd).
+        pred_embedding_dim: Prediction network symbol embedding width.
+        pred_hidden_dim: Prediction network LSTM width.
+        pred_layers: Prediction network LSTM layers.
+        joint_dim: Joint network width.
+        num_symbols: Output classes, blank included.
+        dropout: Dropout in the Conformer and prediction network. Presets use 0: ``nn.Dropout``
+            draws from torch's global RNG, which would break seeded reproducibility.
+    """
+
+    n_mels: int = 80
+    subsampling_channels: int = 32
+    d_model: int = 144
+    num_blocks: int = 4
+    num_heads: int = 4
+    ffn_dim: int = 576
+    conv_kernel: int = 15
+    pred_embedding_dim: int = 128
+    pred_hidden_dim: int = 256
+    pred_layers: int = 1
+    joint_dim: int = 256
+    num_symbols: int = CharVocabulary().size
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name != "dropout" and getattr(self, f.name) <= 0:
+                raise ValueError(f"{f.name}={getattr(self, f.name)} must be > 0")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model}: e.g. 4 for 144")
+        if self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel={self.conv_kernel} must be odd: torchaudio pads it symmetrically")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(subsampling_channels=8, d_model=32, num_blocks=1, num_heads=2, ffn_dim=64, conv_kernel=7,
+                        pred_embedding_dim=32, pred_hidden_dim=64, joint_dim=64),  # fmt: skip
+    "small": ModelConfig(),
+    "paper": ModelConfig(subsampling_channels=512, d_model=512, num_blocks=17, num_heads=8, ffn_dim=2048,
+                         conv_kernel=31, pred_embedding_dim=640, pred_hidden_dim=640, joint_dim=2048),  # fmt: skip
+}
+
+
+def subsampled_length(length: torch.Tensor) -> torch.Tensor:
+    """Frames left after two stride-2 convolutions with padding 1: ``ceil(ceil(T / 2) / 2)``."""
+    return ((length + 1) // 2 + 1) // 2
+
+
+class ConvSubsampling(nn.Module):
+    """Two ``Conv2d(3x3, stride 2) + ReLU`` layers and a ``Linear`` to ``d_model`` (time / 4)."""
+
+    def __init__(self, n_mels: int, channels: int, d_model: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.linear = nn.Linear(channels * int(subsampled_length(torch.tensor(n_mels))), d_model)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map ``(B, T, F)`` features to ``(B, ceil(T/4), d_model)`` and subsampled lengths."""
+        x = self.conv(features.unsqueeze(1))  # (B, C, T', F')
+        x = x.permute(0, 2, 1, 3).flatten(2)  # (B, T', C * F')
+        return self.linear(x), subsampled_length(lengths)
+
+
+class ConformerEncoder(nn.Module, _Transcriber):
+    """Transcription network: subsampling, Conformer blocks, projection to the joint width."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.subsampling = ConvSubsampling(config.n_mels, config.subsampling_channels, config.d_model)
+        self.conformer = Conformer(
+            input_dim=config.d_model,
+            num_heads=config.num_heads,
+            ffn_dim=config.ffn_dim,
+            num_layers=config.num_blocks,
+            depthwise_conv_kernel_size=config.conv_kernel,
+            dropout=config.dropout,
+        )
+        self.output = nn.Linear(config.d_model, config.joint_dim)
+
+    def forward(self, input: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode ``(B, T, n_mels)`` features into ``(B, T', joint_dim)``, ``T' = ceil(T / 4)``.
+
+        Returns:
+            Encodings and ``(B,)`` valid lengths after subsampling.
+        """
+        x, lengths = self.subsampling(input, lengths)
+        x, lengths = self.conformer(x, lengths)
+        return self.output(x), lengths
+
+    def infer(
+        self, input: torch.Tensor, lengths: torch.Tensor, states: list[list[torch.Tensor]] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[list[torch.Tensor]]]:
+        """Not supported: this encoder attends over the whole utterance (no streaming)."""
+        raise NotImplementedError("ConformerEncoder is full-context: call forward(), not infer()")
+
+
+class ConformerTransducer(RNNT):
+    """A ``torchaudio.models.RNNT`` with a :class:`ConformerEncoder`; ``config`` records its sizes."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        predictor = _Predictor(
+            num_symbols=config.num_symbols,
+            output_dim=config.joint_dim,
+            symbol_embedding_dim=config.pred_embedding_dim,
+            num_lstm_layers=config.pred_layers,
+            lstm_hidden_dim=config.pred_hidden_dim,
+            lstm_dropout=config.dropout,
+        )
+        super().__init__(ConformerEncoder(config), predictor, _Joiner(config.joint_dim, config.num_symbols))
+        self.config = config
+
+
+def resolve_model_config(name_or_config: str | ModelConfig) -> ModelConfig:
+    """Look a preset up by name, or pass a config through."""
+    if isinstance(name_or_config, ModelConfig):
+        return name_or_config
+    if name_or_config not in MODEL_PRESETS:
+        raise ValueError(f"model {name_or_config!r} is not a preset: use one of {sorted(MODEL_PRESETS)}")
+    return MODEL_PRESETS[name_or_config]
+
+
+def build_model(name_or_config: str | ModelConfig, seed: int = 0) -> ConformerTransducer:
+    """Build a Conformer-Transducer with weights initialised from ``seed``.
+
+    torch modules initialise from the global RNG; construction runs inside ``fork_rng`` with that
+    RNG seeded, so the weights depend on ``seed`` only and the caller's RNG state is untouched.
+
+    Args:
+        name_or_config: A key of :data:`MODEL_PRESETS` or a :class:`ModelConfig`.
+        seed: Initialisation seed.
+    """
+    config = resolve_model_config(name_or_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ConformerTransducer(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
