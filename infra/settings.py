@@ -1,0 +1,106 @@
+"""Where FedPrune keeps its data and which services it talks to, read from ``FEDPRUNE_*`` variables.
+
+With nothing set, everything is embedded under ``./.fedprune`` (DESIGN.md, "Services"): storage in
+``<home>/storage``, MLflow in ``sqlite:///<home>/mlflow.db``, Prefect's ephemeral API. The local
+stack (`infra.stack`) uses the port fields; `stack_env` tells a user what to export to use it.
+
+AWS credentials are read from the usual AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables. The
+defaults ("fedprune" / "fedprune-secret") are for the loopback-only local stack; the secret is a
+`SecretStr`, so it never shows in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK = "127.0.0.1"
+CHILD_ENV_DEFAULTS: dict[str, str] = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+}
+
+
+class Settings(BaseSettings):
+    """Frozen FedPrune settings; every field can be set as ``FEDPRUNE_<FIELD>`` in the environment.
+
+    Attributes:
+        home: directory for embedded data (storage, MLflow db, local stack); made absolute.
+        storage_url: checkpoint storage, ``file:///...`` or ``s3://bucket/prefix``
+            (default ``file://<home>/storage``).
+        s3_endpoint_url: S3 endpoint for non-AWS stores, e.g. ``http://127.0.0.1:8333``.
+        tracking_uri: MLflow tracking URI (default ``sqlite:///<home>/mlflow.db``).
+        prefect_api_url: Prefect API; None uses Prefect's embedded ephemeral API.
+        prefect_port / mlflow_port / s3_port: local stack ports on 127.0.0.1.
+        seaweed_master_port / seaweed_volume_port / seaweed_filer_port / seaweed_admin_port: the
+            SeaweedFS internals of the local stack; each also uses port + 10000 for gRPC.
+        stack_bucket: bucket the local stack creates for checkpoints.
+        mlflow_artifacts_bucket: bucket the local stack's MLflow server stores artifacts in.
+        aws_access_key_id / aws_secret_access_key: from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDPRUNE_", frozen=True, extra="ignore", validate_by_name=True
+    )
+
+    home: Path = Path(".fedprune")
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    tracking_uri: str = ""
+    prefect_api_url: str | None = None
+    prefect_port: int = Field(default=4200, ge=1, le=65535)
+    mlflow_port: int = Field(default=5000, ge=1, le=65535)
+    s3_port: int = Field(default=8333, ge=1, le=55535)
+    seaweed_master_port: int = Field(default=9333, ge=1, le=55535)
+    seaweed_volume_port: int = Field(default=9340, ge=1, le=55535)
+    seaweed_filer_port: int = Field(default=8888, ge=1, le=55535)
+    seaweed_admin_port: int = Field(default=23646, ge=1, le=55535)
+    stack_bucket: str = "fedprune"
+    mlflow_artifacts_bucket: str = "mlflow-artifacts"
+    aws_access_key_id: str = Field(
+        default="fedprune", validation_alias=AliasChoices("AWS_ACCESS_KEY_ID", "aws_access_key_id")
+    )
+    aws_secret_access_key: SecretStr = Field(
+        default=SecretStr("fedprune-secret"),
+        validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+    )
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        return home.expanduser().resolve()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        home = Path(data.get("home") or ".fedprune").expanduser().resolve()
+        if not data.get("storage_url"):
+            data = {**data, "storage_url": (home / "storage").as_uri()}
+        if not data.get("tracking_uri"):
+            data = {**data, "tracking_uri": f"sqlite:///{home / 'mlflow.db'}"}
+        return data
+
+    @property
+    def stack_dir(self) -> Path:
+        """``<home>/stack``: pid files, logs and data of the local stack."""
+        return self.home / "stack"
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a child process: this process's env, analytics off, plus `extra`.
+
+    Args:
+        extra: variables to set (they win over the inherited ones).
+
+    Returns:
+        A fresh dict; ``PREFECT_SERVER_ANALYTICS_ENABLED=false`` is always in it.
+    """
+    env = {**os.environ, **(extra or {})}
+    env.update(CHILD_ENV_DEFAULTS)
+    return env
