@@ -220,7 +220,7 @@ def _build(defaults: Any, data: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(
-            f"unknown config key {prefix}{unknown[0]!r}: known keys here are {', '.join(sorted(fields))}"
+            f"unknown config key '{prefix}{unknown[0]}': known keys here are {', '.join(sorted(fields))}"
         )
     kwargs: dict[str, Any] = {}
     for key, value in data.items():

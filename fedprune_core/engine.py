@@ -77,6 +77,19 @@ class ServerState:
         """Inverse of `groups`."""
         return cls(round_num, **{k: dict(groups.get(k, {})) for k in ("weights", "masks", "scores", "momentum", "extra")})
 
+    def flat(self) -> StateDict:
+        """One flat tensor dict, "<group>/<name>" -> tensor (one storage object)."""
+        return {f"{g}/{n}": t for g, ts in self.groups().items() for n, t in ts.items()}
+
+    @classmethod
+    def from_flat(cls, round_num: int, flat: StateDict) -> ServerState:
+        """Inverse of `flat`."""
+        groups: dict[str, StateDict] = {}
+        for key, t in flat.items():
+            group, _, name = key.partition("/")
+            groups.setdefault(group, {})[name] = t
+        return cls.from_groups(round_num, groups)
+
 
 @dataclass(frozen=True)
 class ClientOutcome:
@@ -99,6 +112,25 @@ class ClientOutcome:
     bytes_down: int
     bytes_up: int
     grad_sq: Payload | None = None
+
+    @property
+    def stats(self) -> ClientStats:
+        """The loggable numbers of this outcome."""
+        return ClientStats(self.client_id, self.num_examples, self.mean_loss, self.wall_time_s,
+                           self.peak_memory_bytes, self.bytes_down, self.bytes_up)
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """The small, loggable part of a client's outcome."""
+
+    client_id: int
+    num_examples: int
+    mean_loss: float
+    wall_time_s: float
+    peak_memory_bytes: int
+    bytes_down: int
+    bytes_up: int
 
 
 class Strategy(Protocol):

@@ -13,7 +13,7 @@ from typing import Any
 
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import (
-    ClientOutcome,
+    ClientStats,
     ServerState,
     Strategy,
     Workload,
@@ -38,12 +38,11 @@ class SimulationResult:
 
 
 def round_metrics(
-    round_num: int, config: ExperimentConfig, strategy: Strategy, state: ServerState, outcomes: Sequence[ClientOutcome]
+    round_num: int, config: ExperimentConfig, strategy: Strategy, state: ServerState, outcomes: Sequence[ClientStats]
 ) -> dict[str, float]:
     """The per-round metrics every runner logs (the flow logs exactly these)."""
     examples = sum(o.num_examples for o in outcomes)
     return {
-        "round": float(round_num),
         "phase": float(PHASES.index(phase_at(round_num, config.schedule))),
         "sparsity": overall_sparsity(state.masks, strategy.specs),
         "train_loss": sum(o.mean_loss * o.num_examples for o in outcomes) / max(examples, 1),
@@ -95,10 +94,10 @@ def simulate(
             for c in sample_clients(len(client_data), config.federated.clients_per_round, config.seed, r)
         ]
         state = aggregate(strategy, config, state, scores, masks, outcomes, r)
-        metrics = round_metrics(r, config, strategy, state, outcomes)
+        metrics = round_metrics(r, config, strategy, state, [o.stats for o in outcomes])
         if eval_data is not None and should_evaluate(r, config):
             metrics.update({f"eval_{k}": v for k, v in evaluate(workload, state, eval_data).items()})
-        history.append(metrics)
+        history.append({"round": float(r), **metrics})
         if on_round is not None:
             on_round(state, metrics)
     return SimulationResult(state, history)

@@ -1,0 +1,173 @@
+"""The experiment flow: one federated pruning run, resumable, tracked, checkpointed.
+
+experiment (parent flow)
+  prepare: validate everything, create the run (config, round 0) or find where it stopped
+  rounds_segment (child flow run per `rounds_per_segment` rounds)
+    per round: score -> mask -> dispatch x clients -> client-train x clients (concurrent)
+               -> aggregate -> [evaluate] -> [log metrics, flush, checkpoint]
+  finalize: artifacts
+A run is identified by `run_id`; running the flow again with an existing run id resumes it from
+its last committed checkpoint into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from fedprune_core.presets import preset as make_preset
+from fedprune_core.rng import sample_clients
+from fedprune_core.simulate import should_evaluate
+from infra.checkpoint import CheckpointStore, validate_run_id
+from infra.runs import RunOptions, RunRef, open_run
+from infra.settings import Settings
+from infra.storage import check_reachable, open_storage
+from infra.tracking import Tracker, check_tracking_uri
+from infra.workloads import num_clients
+from tasks.aggregate import aggregate
+from tasks.checkpoint import checkpoint
+from tasks.client_train import client_train
+from tasks.dispatch import dispatch
+from tasks.evaluate import evaluate
+from tasks.finalize import finalize
+from tasks.initialize import initialize
+from tasks.mask import mask
+from tasks.score import score
+
+
+def make_task_runner(options: RunOptions) -> TaskRunner:
+    """Threads (default), processes, or a local Dask cluster (prefect-dask)."""
+    if options.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=options.max_workers)
+    if options.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=options.max_workers)
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(cluster_kwargs={"n_workers": options.max_workers, "processes": True})
+
+
+def prepare(
+    preset: str,
+    overrides: dict[str, Any] | None,
+    run_id: str | None,
+    experiment_name: str,
+    options: RunOptions,
+    settings: Settings,
+) -> tuple[RunRef, str | None, bool]:
+    """Validate all input, then create the run or find it.
+
+    Returns:
+        (ref, mlflow_run_id or None for a new run, whether the run already existed).
+
+    Raises:
+        ValueError and infra errors naming the bad value, before anything is written.
+    """
+    config = make_preset(preset, overrides)
+    clients = num_clients(config)
+    if config.federated.clients_per_round > clients:
+        raise ValueError(
+            f"clients_per_round={config.federated.clients_per_round} exceeds the {clients} clients of "
+            f"corpus {config.corpus!r}: lower federated.clients_per_round"
+        )
+    run_id = validate_run_id(run_id) if run_id else f"{config.name}-{uuid.uuid4().hex[:8]}"
+    storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
+    check_reachable(storage, create_bucket=True)
+    check_tracking_uri(settings.tracking_uri)
+    store = CheckpointStore(storage, experiment_name, run_id)
+    record = {"experiment": config.to_dict(), "options": options.__dict__, "preset": preset,
+              "overrides": overrides or {}}
+    existed = store.exists()
+    if existed:
+        _check_same_run(store.read_config(), record, run_id)
+    else:
+        store.write_config(record)
+    latest = store.latest_round() if existed else None
+    mlflow_run_id = store.load(latest).meta.get("mlflow_run_id") if latest is not None else None
+    ref = RunRef(settings.storage_url, settings.s3_endpoint_url, experiment_name, run_id,
+                 str(settings.home / "data"))
+    return ref, mlflow_run_id, existed
+
+
+def _check_same_run(stored: dict[str, Any], requested: dict[str, Any], run_id: str) -> None:
+    for section in ("experiment", "options"):
+        if stored[section] != requested[section]:
+            diff = sorted(k for k in requested[section] if stored[section].get(k) != requested[section][k])
+            raise ValueError(
+                f"run_id={run_id!r} exists with a different {section} ({', '.join(diff)} differ): resume it "
+                "with `fedprune resume RUN_ID` (which reuses its stored configuration) or pick a new run id"
+            )
+
+
+@flow(name="fedprune-rounds", persist_result=False)
+def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_uri: str, mlflow_run_id: str) -> str:
+    """Rounds `first`..`last` of a run; returns the key of the last committed state."""
+    run = open_run(ref)
+    cfg, options = run.config, run.options
+    tracker = Tracker(tracking_uri, ref.experiment, run_id=mlflow_run_id)
+    for r in range(first, last + 1):
+        scores_key = score(ref, r, state_key)
+        masks_key = mask(ref, r, state_key, scores_key)
+        clients = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
+        payloads = {c: dispatch.submit(ref, r, state_key, masks_key, c) for c in clients}
+        trained = [client_train.submit(ref, r, c, payloads[c]) for c in clients]
+        result = aggregate(ref, r, state_key, scores_key, masks_key, [t.result() for t in trained])
+        state_key, metrics = result["state_key"], result["metrics"]
+        if should_evaluate(r, cfg):
+            metrics |= evaluate(ref, r, state_key)
+        tracker.log_metrics(r, metrics)
+        if r % options.checkpoint_every == 0 or r == last:
+            tracker.flush()
+            state_key = checkpoint(ref, r, state_key, mlflow_run_id)
+    tracker.flush()
+    return state_key
+
+
+@flow(name="fedprune-experiment", persist_result=False)
+def experiment(
+    preset: str = "tiny",
+    overrides: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    experiment_name: str = "fedprune",
+    rounds_per_segment: int = 50,
+    checkpoint_every: int = 10,
+    keep_last: int = 3,
+    keep_every: int = 1000,
+    task_runner: str = "threads",
+    max_workers: int = 4,
+) -> dict[str, Any]:
+    """Run (or resume) one federated pruning experiment.
+
+    Args:
+        preset: a named configuration from `fedprune_core.presets` ("toy", "tiny", "small").
+        overrides: nested overrides of the preset, e.g. {"pruning": {"sparsity": 0.3}}.
+        run_id: the run to create or resume; a new id is made when None.
+        experiment_name: MLflow experiment and storage folder.
+        rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers:
+            see `infra.runs.RunOptions`.
+
+    Returns:
+        {"run_id", "mlflow_run_id", "storage_url", "rounds"}.
+    """
+    options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers)
+    settings = Settings()
+    ref, mlflow_run_id, existed = prepare(preset, overrides, run_id, experiment_name, options, settings)
+    tracker = Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id)
+    run = open_run(ref)
+    if mlflow_run_id is None:
+        tracker.log_params({"preset": preset, "run_id": ref.run_id, **run.config.to_dict(), "options": options.__dict__})
+        tracker.set_tags({"fedprune.run_id": ref.run_id, "fedprune.strategy": run.config.strategy})
+        state_key = initialize(ref, tracker.run_id)
+    latest = run.checkpoints.latest_round() or 0
+    state_key = run.checkpoint_key(latest)
+    total = run.config.schedule.num_rounds
+    for first in range(latest + 1, total + 1, options.rounds_per_segment):
+        last = min(first + options.rounds_per_segment - 1, total)
+        segment = rounds_segment.with_options(task_runner=make_task_runner(options), flow_run_name=f"{ref.run_id}-rounds-{first}-{last}")
+        state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
+    finalize(ref, state_key, settings.tracking_uri, tracker.run_id)
+    tracker.finish()
+    return {"run_id": ref.run_id, "mlflow_run_id": tracker.run_id, "storage_url": settings.storage_url,
+            "rounds": total, "resumed": existed}

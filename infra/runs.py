@@ -1,0 +1,115 @@
+"""A run's storage: its configuration, the per-round work objects tasks exchange by key, and
+its checkpoints. Tasks get a small `RunRef` and open everything else from it, once per process.
+
+Work objects live under `<experiment>/<run_id>/work/<round:06d>/` and are deleted once a
+checkpoint covers them; checkpoints are `infra.checkpoint`'s committed rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedprune_core.config import ExperimentConfig
+from fedprune_core.engine import ServerState, Strategy
+from fedprune_core.strategies import make_strategy
+from infra.checkpoint import CheckpointStore
+from infra.storage import CachingStorage, Storage, open_storage, tensors_from_bytes, tensors_to_bytes
+from infra.workloads import WorkloadData, load_for
+
+STATE_OBJECT = "state"
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Everything a task needs to find a run: small, JSON-friendly, safe to log (no credentials)."""
+
+    storage_url: str
+    s3_endpoint_url: str | None
+    experiment: str
+    run_id: str
+    data_dir: str
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is orchestrated (not part of the experiment's result).
+
+    Attributes:
+        rounds_per_segment: rounds per child flow run.
+        checkpoint_every: commit a checkpoint every this many rounds (and at each segment end).
+        keep_last, keep_every: checkpoint retention (the last K, and every M-th round).
+        task_runner: "threads", "processes" or "dask".
+        max_workers: concurrent client-train tasks.
+    """
+
+    rounds_per_segment: int = 50
+    checkpoint_every: int = 10
+    keep_last: int = 3
+    keep_every: int = 1000
+    task_runner: str = "threads"
+    max_workers: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("rounds_per_segment", "checkpoint_every", "keep_last", "keep_every", "max_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1: pass e.g. 10")
+        if self.task_runner not in ("threads", "processes", "dask"):
+            raise ValueError(
+                f"task_runner={self.task_runner!r} is not known: use 'threads', 'processes' or 'dask'"
+            )
+
+
+class Run:
+    """One run's storage, configuration, workload and strategy (open with `open_run`)."""
+
+    def __init__(self, ref: RunRef) -> None:
+        self.ref = ref
+        self.storage: Storage = CachingStorage(open_storage(ref.storage_url, ref.s3_endpoint_url))
+        self.checkpoints = CheckpointStore(self.storage, ref.experiment, ref.run_id)
+        stored = self.checkpoints.read_config()
+        self.config = ExperimentConfig.from_dict(stored["experiment"])
+        self.options = RunOptions(**stored["options"])
+        self.data: WorkloadData = load_for(self.config, Path(ref.data_dir))
+        self.strategy: Strategy = make_strategy(self.config, self._template())
+
+    def _template(self) -> nn.Module:
+        return self.data.workload.build_model()
+
+    def work_key(self, round_num: int, name: str) -> str:
+        return f"{self.ref.experiment}/{self.ref.run_id}/work/{round_num:06d}/{name}.safetensors"
+
+    def put(self, round_num: int, name: str, tensors: dict[str, torch.Tensor]) -> str:
+        """Store a work object and return its key."""
+        key = self.work_key(round_num, name)
+        self.storage.put_bytes(key, tensors_to_bytes(tensors))
+        return key
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        """A stored tensor object."""
+        return tensors_from_bytes(self.storage.get_bytes(key))
+
+    def state(self, key: str, round_num: int) -> ServerState:
+        """The server state after `round_num`, stored at `key` (work object or checkpoint)."""
+        return ServerState.from_flat(round_num, self.get(key))
+
+    def checkpoint_key(self, round_num: int) -> str:
+        return self.checkpoints.object_key(round_num, STATE_OBJECT)
+
+    def commit(self, state: ServerState, meta: dict[str, Any]) -> str:
+        """Commit `state` as a checkpoint, apply retention, drop covered work objects."""
+        self.checkpoints.commit(state.round_num, {STATE_OBJECT: state.flat()}, meta)
+        self.checkpoints.apply_retention(self.options.keep_last, self.options.keep_every)
+        self.storage.delete_prefix(f"{self.ref.experiment}/{self.ref.run_id}/work/")
+        return self.checkpoint_key(state.round_num)
+
+
+@functools.lru_cache(maxsize=8)
+def open_run(ref: RunRef) -> Run:
+    """The `Run` for `ref`, opened once per process."""
+    return Run(ref)

@@ -1,0 +1,36 @@
+"""Aggregate: masked FedAvg of the round's updates into the new server state, plus round metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from fedprune_core.engine import ClientOutcome, ClientStats, aggregate as aggregate_round
+from fedprune_core.simulate import round_metrics
+from infra.runs import RunRef, open_run
+from tasks.client_train import GRAD_SQ
+from tasks.options import IO_RETRIES
+
+
+def _outcome(upload: dict[str, Any], stats: ClientStats) -> ClientOutcome:
+    update = {k: v for k, v in upload.items() if not k.startswith(GRAD_SQ)}
+    grad_sq = {k.removeprefix(GRAD_SQ): v for k, v in upload.items() if k.startswith(GRAD_SQ)}
+    return ClientOutcome(stats.client_id, update, stats.num_examples, stats.mean_loss, stats.wall_time_s,
+                         stats.peak_memory_bytes, stats.bytes_down, stats.bytes_up, grad_sq or None)
+
+
+@task(name="aggregate", **IO_RETRIES)
+def aggregate(
+    ref: RunRef, round_num: int, state_key: str, scores_key: str, masks_key: str, clients: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Returns the key of the new state and the round's metrics."""
+    run = open_run(ref)
+    stats = [ClientStats(**{k: v for k, v in c.items() if k != "update_key"}) for c in clients]
+    outcomes = [_outcome(run.get(c["update_key"]), s) for c, s in zip(clients, stats, strict=True)]
+    state = aggregate_round(
+        run.strategy, run.config, run.state(state_key, round_num - 1), run.get(scores_key),
+        run.get(masks_key), outcomes, round_num,
+    )
+    metrics = round_metrics(round_num, run.config, run.strategy, state, stats)
+    return {"state_key": run.put(round_num, "state", state.flat()), "metrics": metrics}

@@ -1,0 +1,23 @@
+"""Checkpoint: commit a round's state atomically, apply retention, drop covered work objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from fedprune_core.schedule import phase_at
+from infra.runs import RunRef, open_run
+from tasks.options import IO_RETRIES
+
+
+@task(name="checkpoint", **IO_RETRIES)
+def checkpoint(ref: RunRef, round_num: int, state_key: str, mlflow_run_id: str) -> str:
+    """Returns the committed state's key (the next round reads from it)."""
+    run = open_run(ref)
+    meta: dict[str, Any] = {
+        "phase": phase_at(max(round_num, 1), run.config.schedule),
+        "seed": run.config.seed,
+        "mlflow_run_id": mlflow_run_id,
+    }
+    return run.commit(run.state(state_key, round_num), meta)
