@@ -1,0 +1,135 @@
+"""Real throwaway servers for integration tests: SeaweedFS S3 and MLflow on loopback, free ports.
+
+They are started with the same command-line builders and process runners as the local stack
+(`infra.stack`), in temporary directories, and stopped (process group, SIGTERM then SIGKILL) when
+the context exits. If the test process dies, Linux sends them SIGTERM (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import secrets
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infra.settings import LOOPBACK
+from infra.stack import (
+    GRPC_OFFSET,
+    SeaweedPorts,
+    ServiceSpec,
+    check_ports_free,
+    mlflow_spec,
+    seaweed_spec,
+    start_service,
+    stop_service,
+    wait_healthy,
+)
+from infra.storage import S3Storage, make_s3_client
+
+_PORT_RANGE = (10000, 22000)  # + GRPC_OFFSET stays below Linux's ephemeral range (32768+)
+_taken: set[int] = set()
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(with_grpc: bool = False) -> int:
+    """A free loopback port not handed out before in this process (and port + 10000 if `with_grpc`)."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(*_PORT_RANGE)
+        wanted = (port, port + GRPC_OFFSET) if with_grpc else (port,)
+        if not _taken.intersection(wanted) and all(_port_is_free(p) for p in wanted):
+            _taken.update(wanted)
+            return port
+    raise RuntimeError(f"no free port pair found in {_PORT_RANGE}: free some loopback ports and rerun")
+
+
+def free_seaweed_ports() -> SeaweedPorts:
+    """Five free HTTP ports for ``weed mini``, each with its gRPC port (+ 10000) free too."""
+    return SeaweedPorts(*(free_port(with_grpc=True) for _ in range(5)))
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3 endpoint and the credentials it accepts (the secret is not in repr)."""
+
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    bucket: str
+    region: str = "us-east-1"
+
+    @functools.cached_property
+    def client(self) -> Any:
+        """A boto3 S3 client for this server (built once; boto3 clients are thread-safe)."""
+        return make_s3_client(
+            self.endpoint_url, self.region, access_key_id=self.access_key_id, secret_access_key=self.secret_access_key
+        )
+
+    def storage(self, prefix: str = "") -> S3Storage:
+        """An `S3Storage` on this server's bucket under `prefix`."""
+        return S3Storage(self.bucket, prefix, endpoint_url=self.endpoint_url, client=self.client)
+
+    def env(self) -> dict[str, str]:
+        """Variables that point boto3 and FedPrune settings at this server (includes the secret)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "FEDPRUNE_S3_ENDPOINT_URL": self.endpoint_url,
+            "FEDPRUNE_STORAGE_URL": f"s3://{self.bucket}",
+        }
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A running MLflow tracking server (SQLite backend, artifacts in a local directory)."""
+
+    tracking_uri: str
+    artifacts_dir: Path
+    log_path: Path
+
+
+@contextmanager
+def running_service(spec: ServiceSpec, run_dir: Path, timeout_s: float = 60.0) -> Iterator[int]:
+    """Start `spec`, wait until it answers, yield its pid; stop it on exit."""
+    check_ports_free(spec)
+    pid = start_service(spec, run_dir, die_with_parent=True)
+    try:
+        wait_healthy(spec, pid, run_dir, timeout_s)
+        yield pid
+    finally:
+        stop_service(run_dir, spec.name)
+
+
+@contextmanager
+def running_seaweed(base: Path, bucket: str = "fedprune-test") -> Iterator[S3Server]:
+    """A ``weed mini`` S3 server under `base` with fresh random credentials and `bucket` created."""
+    ports = free_seaweed_ports()
+    server = S3Server(f"http://{LOOPBACK}:{ports.s3}", "fedprune-test", secrets.token_hex(16), bucket)
+    spec = seaweed_spec(base / "data", ports, (server.access_key_id, server.secret_access_key), (bucket,))
+    with running_service(spec, base):
+        server.storage().ensure_bucket()
+        yield server
+
+
+@contextmanager
+def running_mlflow(base: Path) -> Iterator[MlflowServer]:
+    """An ``mlflow server`` under `base`: SQLite backend, artifacts in ``base/artifacts``, 1 worker."""
+    port = free_port()
+    artifacts = base / "artifacts"
+    spec = mlflow_spec(base, port, f"sqlite:///{base / 'mlflow.db'}", str(artifacts), workers=1)
+    with running_service(spec, base):
+        yield MlflowServer(spec.url, artifacts, base / "mlflow.log")
