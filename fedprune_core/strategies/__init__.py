@@ -8,12 +8,16 @@ from torch import nn
 
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import Strategy
+from fedprune_core.strategies.fed_dropout import FedDropout
 from fedprune_core.strategies.fedavg import FedAvg
 from fedprune_core.strategies.fedprune import FedPrune
+from fedprune_core.strategies.prunefl import PruneFL
 
 STRATEGY_BUILDERS: dict[str, Callable[[ExperimentConfig, nn.Module], Strategy]] = {
     "fedprune": FedPrune.build,
     "fedavg": FedAvg.build,
+    "fed_dropout": FedDropout.build,
+    "prunefl": PruneFL.build,
 }
 
 

@@ -1,0 +1,337 @@
+"""PruneFL (Jiang, Wang, Valls, Ko, Lee, Leung, Tassiulas; IEEE TNNLS 2022, arXiv 1909.12326).
+
+Two stages. Initial pruning: before federated training, the server trains the full model on a
+small sample of one selected client's data and reconfigures the mask after every chunk of SGD
+steps, until the density settles. Adaptive pruning: during federated training the clients
+accumulate squared gradients, and every ΔR rounds the server reconfigures the (unstructured)
+mask to maximise
+
+    retained importance / modelled round time
+    = (Σ_kept g² + importance of the parameters never pruned) / (T0 + Σ_layers kept_l · c_l),
+
+with c_l = compute_l + comm_l seconds per kept weight of layer l. A reconfiguration
+(`reconfigure`) keeps the active weights except the lowest-|w| `removal_fraction` of each layer
+(the removal candidates, a fraction that halves every `removal_halflife` rounds), then adds
+candidates (removal candidates and every pruned weight) in decreasing g²/c order while adding
+one raises the objective; so a pruned weight can regrow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedprune_core.config import ExperimentConfig, PruneFLConfig
+from fedprune_core.engine import ServerState, Workload
+from fedprune_core.prunable import PrunableSpec, find_prunable
+from fedprune_core.rng import derive_seed, generator_for
+from fedprune_core.submodel import build_client_model, extract
+from fedprune_core.training import LocalTrainingConfig
+from fedprune_core.types import MaskDict, StateDict
+
+PATTERN = "unstructured"
+GSQ = "gsq/"
+"""Prefix of the `extra` tensors holding each prunable parameter's accumulated squared gradients."""
+GSQ_FIXED = "gsq_fixed"
+"""`extra` key of the accumulated squared gradients of the parameters never pruned, summed, shape (1,)."""
+
+
+def removal_fraction_at(round_num: int, removal_fraction: float, halflife: float) -> float:
+    """Share of each layer's active weights that are removal candidates in `round_num`.
+
+    `removal_fraction · 0.5 ** (round_num / halflife)`: the set of candidates shrinks over time.
+    """
+    return removal_fraction * 0.5 ** (round_num / halflife)
+
+
+def removal_candidates(weights: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The `int(fraction · active)` active entries of smallest |w|.
+
+    `int` rounds down, so a layer with active weights keeps at least one. Ties of |w|: the
+    higher index becomes a candidate first (the lower index is kept, as in `masks.rank_groups`).
+
+    Args:
+        weights: any shape.
+        mask: bool, same shape, True = active.
+        fraction: in [0, 1).
+
+    Returns:
+        bool, same shape, True = removal candidate.
+    """
+    active = mask.flatten().nonzero().flatten()
+    k = int(fraction * active.numel())
+    order = torch.sort(weights.flatten().abs()[active], descending=True, stable=True).indices
+    out = torch.zeros(mask.numel(), dtype=torch.bool)
+    out[active[order[active.numel() - k :]]] = True
+    return out.reshape(mask.shape)
+
+
+def modelled_round_time(masks: MaskDict, coeffs: dict[str, float], time_constant: float) -> float:
+    """T0 + Σ_layers (#kept weights of the layer) · (seconds per kept weight of the layer)."""
+    return time_constant + sum(coeffs[n] * int(m.sum()) for n, m in masks.items())
+
+
+def greedy_additions(gains: torch.Tensor, costs: torch.Tensor, importance: float, time: float) -> int:
+    """How many candidates, taken in the given order, each raise importance / time when added.
+
+    Adding candidate i raises the ratio iff gain_i / cost_i > importance / time so far; the
+    candidates come sorted by gain / cost, so the first one that does not raise it ends the search.
+    With time 0 so far, any positive gain raises it.
+
+    Args:
+        gains: (N,) float64 importance of each candidate (g²), sorted by gain / cost, descending.
+        costs: (N,) float64 modelled seconds of each candidate (> 0).
+        importance, time: the objective's numerator and denominator before any addition.
+
+    Returns:
+        the number of leading candidates to add.
+    """
+    zero = torch.zeros(1, dtype=torch.float64)
+    num = importance + torch.cat([zero, gains.cumsum(0)[:-1]])
+    den = time + torch.cat([zero, costs.cumsum(0)[:-1]])
+    raises = torch.where(den > 0, gains * den > num * costs, gains > 0)
+    stops = (~raises).nonzero()
+    return int(stops[0]) if stops.numel() else gains.numel()
+
+
+def _check_reconfigure(
+    masks: MaskDict, coeffs: dict[str, float], removal_fraction: float, time_constant: float
+) -> None:
+    if not 0.0 <= removal_fraction < 1.0:
+        raise ValueError(f"removal_fraction={removal_fraction} must be in [0, 1): pass e.g. 0.3")
+    if time_constant < 0:
+        raise ValueError(f"time_constant={time_constant} must be >= 0 seconds: pass e.g. 1.0")
+    for name in masks:
+        if not coeffs.get(name, 0.0) > 0:
+            raise ValueError(
+                f"coeffs[{name!r}]={coeffs.get(name)} must be > 0 seconds per kept weight: give every "
+                "masked parameter a positive compute + communication cost"
+            )
+
+
+def reconfigure(
+    weights: StateDict,
+    masks: MaskDict,
+    grad_sq: StateDict,
+    coeffs: dict[str, float],
+    removal_fraction: float,
+    time_constant: float,
+    fixed_importance: float = 0.0,
+) -> MaskDict:
+    """PruneFL's mask reconfiguration: maximise retained importance per modelled round time.
+
+    Args:
+        weights: full-shape weights of the masked parameters (other names are ignored).
+        masks: current bool masks, True = active; their names are the parameters reconfigured.
+        grad_sq: accumulated squared gradients, same shapes as `masks` (the importance of a weight).
+        coeffs: seconds per kept weight (compute + communication) of each masked parameter (> 0).
+        removal_fraction: share of each layer's active weights that may be removed, in [0, 1).
+        time_constant: the fixed part T0 of the modelled round time (>= 0).
+        fixed_importance: importance of the parameters never pruned (their summed g²).
+
+    Returns:
+        new masks, same names and shapes. Ties of g²/cost are added in parameter order, then
+        lower index first.
+
+    Raises:
+        ValueError: `removal_fraction`, `time_constant` or a coefficient is out of range.
+    """
+    _check_reconfigure(masks, coeffs, removal_fraction, time_constant)
+    names = list(masks)
+    kept = {n: masks[n] & ~removal_candidates(weights[n], masks[n], removal_fraction) for n in names}
+    importance = fixed_importance + sum(float(grad_sq[n][kept[n]].double().sum()) for n in names)
+    time = modelled_round_time(kept, coeffs, time_constant)
+    flat = torch.cat([kept[n].flatten() for n in names])
+    candidates = (~flat).nonzero().flatten()
+    gains = torch.cat([grad_sq[n].flatten().double() for n in names])[candidates]
+    per_weight = [torch.full((masks[n].numel(),), coeffs[n], dtype=torch.float64) for n in names]
+    costs = torch.cat(per_weight)[candidates]
+    order = torch.sort(gains / costs, descending=True, stable=True).indices
+    flat[candidates[order[: greedy_additions(gains[order], costs[order], importance, time)]]] = True
+    parts = flat.split([masks[n].numel() for n in names])
+    return {n: p.reshape(masks[n].shape).clone() for n, p in zip(names, parts, strict=True)}
+
+
+def layer_costs(specs: dict[str, PrunableSpec], config: PruneFLConfig) -> dict[str, float]:
+    """Seconds per kept weight of each prunable parameter: compute + comm, first matching glob wins.
+
+    Raises:
+        ValueError: a `layer_coeffs` glob matches no prunable parameter, or a layer's cost is 0.
+    """
+    for glob, _, _ in config.layer_coeffs:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in specs):
+            raise ValueError(
+                f"prunefl.layer_coeffs glob {glob!r} matches no prunable parameter: use globs over "
+                f"the parameters selected by pruning.prunable, such as {', '.join(list(specs)[:5])}"
+            )
+    costs = {}
+    for name in specs:
+        match = [(a, b) for g, a, b in config.layer_coeffs if fnmatch.fnmatchcase(name, g)]
+        compute, comm = match[0] if match else (config.compute_coeff, config.comm_coeff)
+        if not compute + comm > 0:
+            raise ValueError(
+                f"prunefl.layer_coeffs gives {name} compute + comm = {compute + comm}: it must be > 0 "
+                "seconds per kept weight; pass e.g. (glob, 1e-6, 1e-6)"
+            )
+        costs[name] = compute + comm
+    return costs
+
+
+def density(masks: MaskDict) -> float:
+    """Fraction of masked entries kept."""
+    return sum(int(m.sum()) for m in masks.values()) / max(sum(m.numel() for m in masks.values()), 1)
+
+
+def is_stable(densities: list[float], changes: int, tolerance: float) -> bool:
+    """Whether the last `changes` successive density ratios each moved by at most `tolerance`."""
+    moves = [abs(b / a - 1.0) <= tolerance for a, b in itertools.pairwise(densities)]
+    return len(moves) >= changes and all(moves[-changes:])
+
+
+def fixed_importance(grad_sq: StateDict, specs: dict[str, PrunableSpec]) -> float:
+    """Summed squared gradients of the parameters that are never pruned."""
+    return sum(float(g.double().sum()) for n, g in grad_sq.items() if n not in specs)
+
+
+def _full_masks(specs: dict[str, PrunableSpec]) -> MaskDict:
+    return {n: torch.ones(s.shape, dtype=torch.bool) for n, s in specs.items()}
+
+
+@dataclass(frozen=True)
+class PruneFL:
+    """The PruneFL strategy.
+
+    Attributes:
+        specs: the prunable parameters (unstructured masks).
+        config: PruneFL's parameters.
+        costs: seconds per kept weight of each prunable parameter (compute + communication).
+        local: clients' local training, the base of the initial-pruning training.
+        seed: the experiment seed.
+    """
+
+    specs: dict[str, PrunableSpec]
+    config: PruneFLConfig
+    costs: dict[str, float]
+    local: LocalTrainingConfig
+    seed: int
+    track_grad_sq: bool = True
+
+    @classmethod
+    def build(cls, config: ExperimentConfig, model: nn.Module) -> PruneFL:
+        """Prune `config.pruning.prunable` parameters of `model`, entry by entry."""
+        specs = find_prunable(model, config.pruning.prunable, PATTERN)
+        costs = layer_costs(specs, config.prunefl)
+        return cls(specs, config.prunefl, costs, config.federated.local, config.seed)
+
+    def reconfigures_at(self, round_num: int) -> bool:
+        """Masks change at the start of rounds ΔR + 1, 2ΔR + 1, ...: after every ΔR rounds of training."""
+        return round_num > 1 and (round_num - 1) % self.config.reconfig_every == 0
+
+    # --- initial pruning -------------------------------------------------------------------------
+
+    def initialize(
+        self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]
+    ) -> ServerState:
+        """Initial pruning on the first `initial_samples` examples of `initial_client`.
+
+        Train the masked full model in chunks of `initial_reconfig_every` SGD steps, reconfiguring
+        after each chunk (removal fraction not decayed), until `initial_max_steps` steps or until
+        the density has moved by at most `initial_tolerance` `initial_stable_changes` times in a row.
+
+        Raises:
+            ValueError: `initial_client` is not a client id.
+        """
+        cfg = self.config
+        if not cfg.initial_client < len(client_data):
+            raise ValueError(
+                f"prunefl.initial_client={cfg.initial_client} is not one of the {len(client_data)} clients: "
+                f"pass an id in [0, {len(client_data) - 1}]"
+            )
+        examples = client_data[cfg.initial_client][: cfg.initial_samples]
+        batches = generator_for(self.seed, 0, cfg.initial_client, "prunefl-init:batches")
+        weights, masks, done = state.weights, _full_masks(self.specs), 0
+        densities: list[float] = []
+        while done < cfg.initial_max_steps and not self._settled(densities):
+            steps = min(cfg.initial_reconfig_every, cfg.initial_max_steps - done)
+            weights, grad_sq = self._train_masked(workload, weights, masks, examples, steps, batches, done)
+            masks = reconfigure(
+                weights, masks, {n: grad_sq[n] for n in self.specs}, self.costs, cfg.removal_fraction,
+                cfg.time_constant, fixed_importance(grad_sq, self.specs),
+            )
+            densities.append(density(masks))
+            done += steps
+        pruned = {n: w * masks[n] if n in masks else w for n, w in weights.items()}
+        return ServerState(state.round_num, pruned, masks, state.scores, state.momentum, {})
+
+    def _settled(self, densities: list[float]) -> bool:
+        return is_stable(densities, self.config.initial_stable_changes, self.config.initial_tolerance)
+
+    def _train_masked(
+        self,
+        workload: Workload,
+        weights: StateDict,
+        masks: MaskDict,
+        examples: Sequence[Any],
+        steps: int,
+        batches: torch.Generator,
+        step_offset: int,
+    ) -> tuple[StateDict, StateDict]:
+        """`steps` SGD steps of the masked full model; returns (weights, squared gradients), full shape.
+
+        The squared gradients cover pruned entries too (the masked model is a dense tensor).
+        """
+        local = dataclasses.replace(self.local, steps=steps, track_grad_sq=True)
+        client = self.config.initial_client
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, 0, client, f"prunefl-init:{step_offset}"))
+            payload = extract(weights, masks, self.specs)
+            model = build_client_model(workload.build_model(), payload, self.specs)
+            result = workload.train_client(model.module, examples, local, batches, model.project)
+        assert result.grad_sq is not None
+        return result.state, result.grad_sq
+
+    # --- federated rounds ------------------------------------------------------------------------
+
+    def score(self, state: ServerState, round_num: int) -> StateDict:
+        return {}
+
+    def mask(self, state: ServerState, scores: StateDict, round_num: int) -> MaskDict:
+        """The masks in force, reconfigured from the accumulated squared gradients when due."""
+        current = state.masks or _full_masks(self.specs)
+        if not self.reconfigures_at(round_num):
+            return current
+        cfg = self.config
+        grad_sq = {n: state.extra.get(GSQ + n, torch.zeros(s.shape)) for n, s in self.specs.items()}
+        fixed = float(state.extra[GSQ_FIXED].sum()) if GSQ_FIXED in state.extra else 0.0
+        fraction = removal_fraction_at(round_num, cfg.removal_fraction, cfg.removal_halflife)
+        return reconfigure(state.weights, current, grad_sq, self.costs, fraction, cfg.time_constant, fixed)
+
+    def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
+        return masks
+
+    def observe(
+        self,
+        state: ServerState,
+        masks: MaskDict,
+        grads: StateDict,
+        trained: MaskDict,
+        grad_sq: StateDict | None,
+    ) -> StateDict:
+        """Add the round's squared gradients to the accumulators, reset by a reconfiguration."""
+        reset = self.reconfigures_at(state.round_num + 1)
+        extra: StateDict = {}
+        for name, spec in self.specs.items():
+            zero = torch.zeros(spec.shape)
+            previous = zero if reset else state.extra.get(GSQ + name, zero)
+            extra[GSQ + name] = previous + (grad_sq[name] if grad_sq is not None else 0.0)
+        fixed = 0.0 if reset or GSQ_FIXED not in state.extra else float(state.extra[GSQ_FIXED].sum())
+        now = fixed_importance(grad_sq, self.specs) if grad_sq is not None else 0.0
+        extra[GSQ_FIXED] = torch.tensor([fixed + now], dtype=torch.float64)
+        return extra
