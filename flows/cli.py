@@ -1,0 +1,220 @@
+"""`fedprune`: run, resume and inspect federated pruning experiments, and manage the local stack.
+
+Every command validates its input first; bad input prints one clear line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+stack_app = typer.Typer(help="The local stack on 127.0.0.1: Prefect server + UI, MLflow server + UI, SeaweedFS S3.",
+                        no_args_is_help=True)
+data_app = typer.Typer(help="Speech corpora.", no_args_is_help=True)
+runs_app = typer.Typer(help="Runs in storage.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(data_app, name="data")
+app.add_typer(runs_app, name="runs")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _settings() -> Any:
+    from infra.settings import Settings
+
+    return Settings()
+
+
+def parse_overrides(pairs: list[str], config_file: Path | None) -> dict[str, Any]:
+    """`--set a.b=value` pairs (values parsed as JSON when they parse) over an optional JSON file."""
+    overrides: dict[str, Any] = json.loads(config_file.read_text()) if config_file else {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r} must look like section.key=value, e.g. pruning.sparsity=0.3")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = overrides
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return overrides
+
+
+def _run_flow(**params: Any) -> dict[str, Any]:
+    from infra.prefect_api import ensure_prefect_api
+
+    settings = _settings()
+    api = ensure_prefect_api(settings)
+    from flows.experiment import experiment
+
+    result: dict[str, Any] = experiment(**params)
+    ui = api.removesuffix("/api")
+    typer.echo(json.dumps(result, indent=2))
+    typer.echo(f"Prefect UI: {ui}  (flow runs)")
+    typer.echo(f"MLflow: {settings.tracking_uri}  (browse: `mlflow ui --backend-store-uri {settings.tracking_uri}`"
+               " or the stack's MLflow UI)")
+    return result
+
+
+@app.command()
+def run(
+    preset: Annotated[str, typer.Option(help="Named configuration: toy, tiny or small.")] = "tiny",
+    set_: Annotated[list[str], typer.Option("--set", help="Override, e.g. --set pruning.sparsity=0.3")] = [],  # noqa: B006
+    config: Annotated[Path | None, typer.Option(help="JSON file of nested overrides.", exists=True)] = None,
+    run_id: Annotated[str | None, typer.Option(help="Run id (letters, digits, - and _); new if omitted.")] = None,
+    experiment_name: Annotated[str, typer.Option("--experiment", help="MLflow experiment and storage folder.")]
+    = "fedprune",
+    rounds_per_segment: Annotated[int, typer.Option(help="Rounds per child flow run.")] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="Commit a checkpoint every N rounds.")] = 10,
+    keep_last: Annotated[int, typer.Option(help="Retention: keep the last K checkpoints ...")] = 3,
+    keep_every: Annotated[int, typer.Option(help="... and every M-th round.")] = 1000,
+    task_runner: Annotated[str, typer.Option(help="threads, processes or dask.")] = "threads",
+    max_workers: Annotated[int, typer.Option(help="Concurrent client-train tasks.")] = 4,
+) -> None:
+    """Run a federated pruning experiment (or resume it, if RUN_ID exists with the same configuration)."""
+    try:
+        overrides = parse_overrides(set_, config)
+        _validate_run(preset, overrides, run_id, rounds_per_segment, checkpoint_every, keep_last, keep_every,
+                      task_runner, max_workers)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    _run_flow(preset=preset, overrides=overrides, run_id=run_id, experiment_name=experiment_name,
+              rounds_per_segment=rounds_per_segment, checkpoint_every=checkpoint_every, keep_last=keep_last,
+              keep_every=keep_every, task_runner=task_runner, max_workers=max_workers)
+
+
+def _validate_run(preset: str, overrides: dict[str, Any], run_id: str | None, *numbers: Any) -> None:
+    """Everything that can be checked without side effects, before Prefect starts."""
+    from fedprune_core.presets import preset as make_preset
+    from infra.checkpoint import validate_run_id
+    from infra.runs import RunOptions
+    from infra.workloads import num_clients
+
+    config = make_preset(preset, overrides)
+    RunOptions(*numbers)
+    if run_id is not None:
+        validate_run_id(run_id)
+    clients = num_clients(config)
+    if config.federated.clients_per_round > clients:
+        raise ValueError(
+            f"federated.clients_per_round={config.federated.clients_per_round} exceeds the {clients} clients "
+            f"available: lower it to at most {clients}"
+        )
+    _check_services()
+
+
+def _check_services() -> None:
+    from infra.storage import check_reachable, open_storage
+    from infra.tracking import check_tracking_uri
+
+    settings = _settings()
+    check_reachable(open_storage(settings.storage_url, settings.s3_endpoint_url), create_bucket=True)
+    check_tracking_uri(settings.tracking_uri)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="The run to resume.")],
+    experiment_name: Annotated[str | None, typer.Option("--experiment", help="Its experiment, if ambiguous.")]
+    = None,
+) -> None:
+    """Resume a run from its last committed checkpoint into the same MLflow run."""
+    from infra.checkpoint import CheckpointStore, list_runs, validate_run_id
+    from infra.errors import InfraError
+    from infra.storage import open_storage
+
+    try:
+        validate_run_id(run_id)
+        _check_services()
+        settings = _settings()
+        storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
+        found = [r for r in list_runs(storage, experiment_name) if r.run_id == run_id]
+        if not found:
+            raise ValueError(f"run_id={run_id!r} does not exist in {settings.storage_url}: see `fedprune runs list`")
+        if len(found) > 1:
+            raise ValueError(f"run_id={run_id!r} exists in several experiments: pass --experiment")
+        stored = CheckpointStore(storage, found[0].experiment, run_id).read_config()
+    except (ValueError, InfraError) as e:
+        _fail(str(e))
+    _run_flow(preset=stored["preset"], overrides=stored["overrides"], run_id=run_id,
+              experiment_name=found[0].experiment, **stored["options"])
+
+
+@runs_app.command("list")
+def runs_list(experiment_name: Annotated[str | None, typer.Option("--experiment")] = None) -> None:
+    """List runs in storage with their last committed round."""
+    from infra.checkpoint import list_runs
+    from infra.storage import open_storage
+
+    settings = _settings()
+    for r in list_runs(open_storage(settings.storage_url, settings.s3_endpoint_url), experiment_name):
+        typer.echo(f"{r.experiment}\t{r.run_id}\tlatest round {r.latest_round}")
+
+
+@stack_app.command("up")
+def stack_up_cmd() -> None:
+    """Start Prefect, MLflow and SeaweedFS on 127.0.0.1 and write an env file to source."""
+    from infra.errors import InfraError
+    from infra.stack import describe, stack_up, write_stack_env
+
+    settings = _settings()
+    try:
+        statuses = stack_up(settings)
+    except InfraError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(describe(statuses), indent=2))
+    typer.echo(f"To use it: source {write_stack_env(settings)}")
+
+
+@stack_app.command("down")
+def stack_down_cmd() -> None:
+    """Stop the local stack."""
+    from infra.stack import stack_down
+
+    typer.echo(f"stopped: {', '.join(stack_down(_settings())) or 'nothing was running'}")
+
+
+@stack_app.command("status")
+def stack_status_cmd() -> None:
+    """Show each service: running, healthy, pid, URL, log file."""
+    from infra.stack import describe, stack_status
+
+    typer.echo(json.dumps(describe(stack_status(_settings())), indent=2))
+
+
+@data_app.command("generate")
+def data_generate(corpus: Annotated[str, typer.Option(help="Corpus preset: test or bench.")] = "test") -> None:
+    """Synthesize a speech corpus with eSpeak NG into the cache (once; reused afterwards)."""
+    from infra.speech_data import corpus_config, generate_corpus
+
+    try:
+        config = corpus_config(corpus)
+    except ValueError as e:
+        _fail(str(e))
+    path = generate_corpus(config, _settings().home / "data")
+    typer.echo(f"corpus {corpus!r} at {path}")
+
+
+def main() -> None:
+    """Console entry point."""
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
