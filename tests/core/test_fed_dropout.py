@@ -16,6 +16,7 @@ from fedprune_core.submodel import build_client_model, client_update, expand
 from fedprune_core.toy import ToyWorkload
 
 TOY = ToyWorkload()  # Linear(16, 32) -> Linear(32, 32) -> Linear(32, 4)
+LOCAL = {"steps": 2, "batch_size": 8, "lr": 0.1}
 
 
 def _config(**fed_dropout: object) -> ExperimentConfig:
@@ -23,7 +24,7 @@ def _config(**fed_dropout: object) -> ExperimentConfig:
         "strategy": "fed_dropout",
         "fed_dropout": fed_dropout,
         "schedule": {"num_rounds": 4, "sparsify_rounds": 1, "refine_rounds": 0},
-        "federated": {"clients_per_round": 2, "eval_every": 2, "local": {"steps": 2, "batch_size": 8, "lr": 0.1}},
+        "federated": {"clients_per_round": 2, "eval_every": 2, "local": LOCAL},
     })
 
 
