@@ -144,6 +144,8 @@ def reconfigure(
         ValueError: `removal_fraction`, `time_constant` or a coefficient is out of range.
     """
     _check_reconfigure(masks, coeffs, removal_fraction, time_constant)
+    if not masks:
+        return {}
     names = list(masks)
     kept = {n: masks[n] & ~removal_candidates(weights[n], masks[n], removal_fraction) for n in names}
     importance = fixed_importance + sum(float(grad_sq[n][kept[n]].double().sum()) for n in names)
@@ -185,8 +187,9 @@ def layer_costs(specs: dict[str, PrunableSpec], config: PruneFLConfig) -> dict[s
 
 
 def density(masks: MaskDict) -> float:
-    """Fraction of masked entries kept."""
-    return sum(int(m.sum()) for m in masks.values()) / max(sum(m.numel() for m in masks.values()), 1)
+    """Fraction of masked entries kept (1 without masked entries)."""
+    total = sum(m.numel() for m in masks.values())
+    return sum(int(m.sum()) for m in masks.values()) / total if total else 1.0
 
 
 def is_stable(densities: list[float], changes: int, tolerance: float) -> bool:

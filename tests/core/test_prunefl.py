@@ -85,6 +85,10 @@ def test_reconfigure_counts_the_importance_of_parameters_never_pruned() -> None:
     assert {n: m.tolist() for n, m in masks.items()} == {"a": [T, F, T, T], "b": [T, F]}
 
 
+def test_reconfigure_without_masked_parameters_returns_no_masks() -> None:
+    assert reconfigure({}, {}, {}, {}, 0.3, 1.0) == {}
+
+
 def test_greedy_additions_on_sorted_candidates() -> None:
     gains = torch.tensor([6.0, 10.0, 1.0], dtype=torch.float64)
     costs = torch.tensor([1.0, 4.0, 1.0], dtype=torch.float64)
