@@ -75,7 +75,10 @@ class S3Server:
     def client(self) -> Any:
         """A boto3 S3 client for this server (built once; boto3 clients are thread-safe)."""
         return make_s3_client(
-            self.endpoint_url, self.region, access_key_id=self.access_key_id, secret_access_key=self.secret_access_key
+            self.endpoint_url,
+            self.region,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
         )
 
     def storage(self, prefix: str = "") -> S3Storage:

@@ -89,7 +89,11 @@ def test_config_is_written_once_and_never_changed(ckpt: CheckpointStore) -> None
     ckpt.write_config(config)
     ckpt.write_config(config)  # the same config again is fine (resume)
     assert ckpt.exists()
-    assert ckpt.read_config() == {"seed": 1, "prune": {"sparsity": 0.5, "pattern": "unstructured"}, "rounds": [1, 2]}
+    assert ckpt.read_config() == {
+        "seed": 1,
+        "prune": {"sparsity": 0.5, "pattern": "unstructured"},
+        "rounds": [1, 2],
+    }
     with pytest.raises(ValueError, match=r"different config .*\['prune'\]"):
         ckpt.write_config({**config, "prune": {"sparsity": 0.9}})
 
@@ -131,7 +135,9 @@ def test_commits_only_move_forward_and_an_identical_recommit_is_a_no_op(ckpt: Ch
 
 
 @pytest.mark.parametrize("crash_before", ["masks.safetensors", "manifest.json", "LATEST"])
-def test_a_crash_during_commit_leaves_the_previous_checkpoint(ckpt: CheckpointStore, crash_before: str) -> None:
+def test_a_crash_during_commit_leaves_the_previous_checkpoint(
+    ckpt: CheckpointStore, crash_before: str
+) -> None:
     ckpt.commit(1, _tensors(1), _meta(1))
     crashing = CheckpointStore(CrashAt(ckpt.storage, crash_before), "exp", "run-1")  # type: ignore[arg-type]
     with pytest.raises(OSError, match="simulated crash"):

@@ -94,7 +94,10 @@ def test_invalid_keys_are_refused_naming_the_key(store: Storage, key: str) -> No
 def test_json_helpers_write_stable_sorted_json(store: Storage) -> None:
     put_json(store, "c.json", {"b": 1, "a": {"d": [1, 2], "c": None}})
     assert get_json(store, "c.json") == {"a": {"c": None, "d": [1, 2]}, "b": 1}
-    assert store.get_bytes("c.json") == b'{\n  "a": {\n    "c": null,\n    "d": [\n      1,\n      2\n    ]\n  },\n  "b": 1\n}\n'
+    assert (
+        store.get_bytes("c.json")
+        == b'{\n  "a": {\n    "c": null,\n    "d": [\n      1,\n      2\n    ]\n  },\n  "b": 1\n}\n'
+    )
 
 
 def test_safetensors_objects_roundtrip_through_storage(store: Storage) -> None:
@@ -112,7 +115,14 @@ def test_safetensors_objects_roundtrip_through_storage(store: Storage) -> None:
 def test_tensors_to_bytes_handles_views_non_contiguous_and_empty() -> None:
     fused = torch.arange(12.0).reshape(6, 2)  # e.g. a fused q/k/v projection
     q, k, v = fused.split(2)
-    tensors = {"q": q, "k": k, "v": v, "t": fused.t(), "e": torch.empty(0, 3), "i": torch.tensor([7], dtype=torch.int64)}
+    tensors = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "t": fused.t(),
+        "e": torch.empty(0, 3),
+        "i": torch.tensor([7], dtype=torch.int64),
+    }
     loaded = tensors_from_bytes(tensors_to_bytes(tensors))
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name], tensor), name
@@ -162,7 +172,9 @@ _segment = st.text(alphabet="abcXYZ019_-.", min_size=1, max_size=8).filter(
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(_segment, min_size=1, max_size=4))
-def test_any_valid_key_roundtrips_locally(tmp_path_factory: pytest.TempPathFactory, segments: list[str]) -> None:
+def test_any_valid_key_roundtrips_locally(
+    tmp_path_factory: pytest.TempPathFactory, segments: list[str]
+) -> None:
     store = LocalStorage(tmp_path_factory.mktemp("prop"))
     key = "/".join(segments)
     store.put_bytes(key, key.encode())
@@ -213,7 +225,8 @@ def test_open_storage_understands_file_urls_paths_and_s3(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    ("url", "rule"), [("gs://b/p", "unsupported scheme"), ("s3:///p", "no bucket"), ("s3://B_ad/p", "valid name")]
+    ("url", "rule"),
+    [("gs://b/p", "unsupported scheme"), ("s3:///p", "no bucket"), ("s3://B_ad/p", "valid name")],
 )
 def test_open_storage_rejects_bad_urls(url: str, rule: str) -> None:
     with pytest.raises(ValueError, match=rule):
@@ -275,7 +288,9 @@ def test_check_reachable_names_a_missing_bucket_and_can_create_it(seaweed_s3: S3
 @pytest.mark.integration
 def test_check_reachable_reports_rejected_credentials_without_the_secret(seaweed_s3: S3Server) -> None:
     wrong = "wrong-secret-value-42"
-    client = make_s3_client(seaweed_s3.endpoint_url, access_key_id=seaweed_s3.access_key_id, secret_access_key=wrong)
+    client = make_s3_client(
+        seaweed_s3.endpoint_url, access_key_id=seaweed_s3.access_key_id, secret_access_key=wrong
+    )
     store = S3Storage(seaweed_s3.bucket, endpoint_url=seaweed_s3.endpoint_url, client=client)
     with pytest.raises(StorageUnreachableError, match="rejected the credentials") as info:
         check_reachable(store)
