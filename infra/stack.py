@@ -486,15 +486,19 @@ def stack_up(settings: Settings, timeout_s: float = 120.0) -> dict[str, ServiceS
     """
     run_dir = settings.stack_dir
     specs = stack_specs(settings)
-    pids = {name: read_pid(run_dir, name) for name in specs}
+    pids = {name: _running_or_started(spec, run_dir) for name, spec in specs.items()}
     for name, spec in specs.items():
-        if pids[name] is None:
-            check_ports_free(spec)
-            pids[name] = start_service(spec, run_dir)
-    for name, spec in specs.items():
-        wait_healthy(spec, pids[name] or 0, run_dir, timeout_s)
+        wait_healthy(spec, pids[name], run_dir, timeout_s)
     _ensure_buckets(settings)
     return stack_status(settings)
+
+
+def _running_or_started(spec: ServiceSpec, run_dir: Path) -> int:
+    pid = read_pid(run_dir, spec.name)
+    if pid is not None:
+        return pid
+    check_ports_free(spec)
+    return start_service(spec, run_dir)
 
 
 def _ensure_buckets(settings: Settings) -> None:
