@@ -6,6 +6,7 @@ Both call these same functions, so the flow can be checked against the reference
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,14 @@ from fedprune_core.aggregate import ClientContribution, masked_fedavg, server_st
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.prunable import PrunableSpec
 from fedprune_core.rng import derive_seed, generator_for
-from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
+from fedprune_core.submodel import (
+    build_client_model,
+    client_update,
+    expand,
+    extract,
+    is_sliced,
+    payload_nbytes,
+)
 from fedprune_core.training import ClientResult, LocalTrainingConfig
 from fedprune_core.types import MaskDict, Payload, StateDict
 
@@ -136,8 +144,15 @@ class ClientStats:
 class Strategy(Protocol):
     """A federated method: how the server scores, masks, dispatches and learns from a round."""
 
-    specs: dict[str, PrunableSpec]
-    track_grad_sq: bool
+    @property
+    def specs(self) -> dict[str, PrunableSpec]:
+        """The parameters this strategy prunes or slices."""
+        ...
+
+    @property
+    def track_grad_sq(self) -> bool:
+        """Whether clients must accumulate squared gradients."""
+        ...
 
     def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:
         """Before round 1 (PruneFL's initial pruning); most strategies return `state`."""
@@ -196,7 +211,10 @@ def train_client(
             client.module, examples, local, generator_for(seed, round_num, client_id, "batches"), client.project
         )
     update = client_update(client, strategy.specs)
-    grad_sq = None if result.grad_sq is None else client_update(client, strategy.specs, result.grad_sq)
+    # Squared gradients of masked (not sliced) parameters travel dense: pruned entries have
+    # gradients too, and PruneFL needs them to let pruned weights regrow.
+    dense_masks = dataclasses.replace(client, masks={})
+    grad_sq = None if result.grad_sq is None else client_update(dense_masks, strategy.specs, result.grad_sq)
     return ClientOutcome(
         client_id, update, result.num_examples, result.mean_loss, result.wall_time_s,
         result.peak_memory_bytes, payload_nbytes(payload), payload_nbytes(update), grad_sq,
@@ -204,8 +222,6 @@ def train_client(
 
 
 def _with_grad_sq(local: LocalTrainingConfig) -> LocalTrainingConfig:
-    import dataclasses
-
     return dataclasses.replace(local, track_grad_sq=True)
 
 
@@ -227,7 +243,8 @@ def aggregate(
         values, held = expand(o.update, cmasks, strategy.specs, shapes)
         contributions.append(ClientContribution(values, held, o.num_examples))
         if o.grad_sq is not None:
-            grad_sq_parts.append(expand(o.grad_sq, cmasks, strategy.specs, shapes)[0])
+            sliced = {n: m for n, m in cmasks.items() if is_sliced(strategy.specs[n])}
+            grad_sq_parts.append(expand(o.grad_sq, sliced, strategy.specs, shapes)[0])
     average, trained = masked_fedavg(state.weights, contributions)
     fed = config.federated
     weights, momentum, grads = server_step(

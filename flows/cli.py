@@ -88,11 +88,13 @@ def run(
     max_workers: Annotated[int, typer.Option(help="Concurrent client-train tasks.")] = 4,
 ) -> None:
     """Run a federated pruning experiment (or resume it, if RUN_ID exists with the same configuration)."""
+    from infra.errors import InfraError
+
     try:
         overrides = parse_overrides(set_, config)
         _validate_run(preset, overrides, run_id, rounds_per_segment, checkpoint_every, keep_last, keep_every,
                       task_runner, max_workers)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
     _run_flow(preset=preset, overrides=overrides, run_id=run_id, experiment_name=experiment_name,
               rounds_per_segment=rounds_per_segment, checkpoint_every=checkpoint_every, keep_last=keep_last,

@@ -12,6 +12,7 @@ its last committed checkpoint into the same MLflow run.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -92,6 +93,7 @@ def prepare(
 
 
 def _check_same_run(stored: dict[str, Any], requested: dict[str, Any], run_id: str) -> None:
+    requested = json.loads(json.dumps(requested))  # as stored: tuples become lists
     for section in ("experiment", "options"):
         if stored[section] != requested[section]:
             diff = sorted(k for k in requested[section] if stored[section].get(k) != requested[section][k])

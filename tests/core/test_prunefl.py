@@ -229,11 +229,6 @@ def test_simulate_is_deterministic_and_resumes_bit_for_bit() -> None:
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.train_client uploads grad_sq only at kept coordinates (client_update encodes it with the "
-    "client's masks), so pruned weights have g² = 0 in federated rounds and cannot regrow there",
-)
 def test_federated_rounds_see_squared_gradients_of_pruned_weights() -> None:
     clients = TOY.make_clients(3, 16, seed=0)
     state = simulate(TOY, clients, _config().replace({"schedule": {"num_rounds": 1}})).state
