@@ -109,8 +109,11 @@ def groups_of(mask: torch.Tensor, pattern: str) -> torch.Tensor:
 
 
 def num_pruned(num_groups: int, sparsity: float) -> int:
-    """Groups to prune: sparsity × groups rounded half up, so realized sparsity is within one group."""
-    return min(num_groups, int(sparsity * num_groups + 0.5))
+    """Groups to prune: sparsity × groups rounded half up, so realized sparsity is within one group.
+
+    At least one group is always kept: sparsity < 1 never empties a layer (0.9 of 4 groups prunes 3).
+    """
+    return max(0, min(num_groups - 1, int(sparsity * num_groups + 0.5)))
 
 
 def rank_groups(
