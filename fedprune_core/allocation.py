@@ -3,7 +3,9 @@
 Adaptive: layer importance I_l = mean per-entry score of the layer; a layer gets sparsity
 s_l = clip(c * I_mean / I_l, min_sparsity, max_sparsity), c found by bisection so that the
 parameter-weighted mean of the s_l equals the target S. Less important layers get more sparsity,
-and `max_sparsity` < 1 keeps every layer from being emptied.
+and `max_sparsity` < 1 keeps every layer from being emptied. A layer whose importance is 0 (or
+below `IMPORTANCE_FLOOR` of the largest) gets the most sparsity; when no layer has any importance
+(e.g. gradient scores before any update) every layer gets S.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from fedprune_core.masks import validate_sparsity
 from fedprune_core.prunable import PrunableSpec
 
 ALLOCATIONS: tuple[str, ...] = ("uniform", "adaptive")
+
+IMPORTANCE_FLOOR = 1e-12
+"""Layer importances below this fraction of the largest count as this fraction (e.g. all-zero layers)."""
 
 
 def uniform(specs: dict[str, PrunableSpec], sparsity: float) -> dict[str, float]:
@@ -44,8 +49,11 @@ def adaptive(
     if sparsity == 0.0 or not names:
         return {n: 0.0 for n in names}
     importance = torch.tensor([float(scores[n].double().mean()) for n in names], dtype=torch.float64)
+    if not float(importance.max()) > 0.0:  # no layer has any importance yet: nothing to tell them apart
+        return uniform(specs, sparsity)
     sizes = torch.tensor([specs[n].numel for n in names], dtype=torch.float64)
-    ratio = _weighted_mean(importance, sizes) / importance.clamp_min(1e-30)
+    # A relative floor bounds the ratios' range, so 100 bisection steps resolve every layer's sparsity.
+    ratio = _weighted_mean(importance, sizes) / importance.clamp_min(IMPORTANCE_FLOOR * float(importance.max()))
 
     def alloc(c: float) -> torch.Tensor:
         return (c * ratio).clamp(min_sparsity, max_sparsity)
