@@ -49,9 +49,15 @@ class FedPrune:
     def _needs_gradient(self) -> bool:
         return self.pruning.score_source != "weight"
 
+    def _warmup_done(self, round_num: int) -> bool:
+        # Gradient-based scores have no evidence before the first aggregation: round 1 trains dense
+        # and round 2 makes the first masks, whatever its phase.
+        return self._needs_gradient and round_num == 2
+
     def score(self, state: ServerState, round_num: int) -> StateDict:
         """Scores of all prunable entries; unchanged once masks are frozen."""
-        if phase_at(round_num, self.schedule) == "finetune" and state.scores:
+        frozen = phase_at(round_num, self.schedule) == "finetune" and not self._warmup_done(round_num)
+        if frozen and state.scores:
             return state.scores
         p, scores = self.pruning, {}
         for name in self.specs:
@@ -65,15 +71,14 @@ class FedPrune:
         return scores
 
     def _target(self, round_num: int) -> float:
-        # Gradient-based scores have no evidence before the first aggregation: round 1 trains dense.
         if self._needs_gradient and round_num == 1:
             return 0.0
         return sparsity_at(round_num, self.schedule, self.pruning.sparsity)
 
     def mask(self, state: ServerState, scores: StateDict, round_num: int) -> MaskDict:
         """Masks for `round_num`: recomputed when the schedule says so, else the ones in force."""
-        warmup_done = self._needs_gradient and round_num == 2
-        if state.masks and not (masks_change_at(round_num, self.schedule, self.pruning.sparsity) or warmup_done):
+        change = masks_change_at(round_num, self.schedule, self.pruning.sparsity) or self._warmup_done(round_num)
+        if state.masks and not change:
             return state.masks
         target = self._target(round_num)
         layer = self._allocate(scores, target)
