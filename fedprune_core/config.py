@@ -215,7 +215,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _build(defaults: Any, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix or '<root>'!r}={data!r} must be a mapping of keys to values")
+        section = prefix.rstrip(".") or "<root>"
+        raise ValueError(
+            f"config section {section!r}={data!r} must be a mapping of keys to values: pass {{}} for defaults"
+        )
     fields = {f.name: f for f in dataclasses.fields(defaults)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -225,10 +228,25 @@ def _build(defaults: Any, data: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         current = getattr(defaults, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+        if dataclasses.is_dataclass(current):
             kwargs[key] = _build(current, value, f"{prefix}{key}.")
-        elif isinstance(current, tuple) and isinstance(value, list):
+            continue
+        _check_type(f"{prefix}{key}", current, value)
+        if isinstance(current, tuple) and isinstance(value, list):
             kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         else:
             kwargs[key] = value
     return dataclasses.replace(defaults, **kwargs)
+
+
+def _check_type(key: str, default: Any, value: Any) -> None:
+    """A value has its default's type (an int may stand for a float; a list for a tuple)."""
+    if default is None:  # optional fields: their own validation decides
+        return
+    kind = type(default)
+    allowed: tuple[type, ...] = {float: (int, float), tuple: (list, tuple)}.get(kind, (kind,))
+    if not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool):
+        example = list(default) if isinstance(default, tuple) else default
+        raise ValueError(
+            f"config key {key!r}={value!r} must be of type {kind.__name__}: pass e.g. {example!r}"
+        )
