@@ -53,7 +53,8 @@ def adaptive(
         return uniform(specs, sparsity)
     sizes = torch.tensor([specs[n].numel for n in names], dtype=torch.float64)
     # A relative floor bounds the ratios' range, so 100 bisection steps resolve every layer's sparsity.
-    ratio = _weighted_mean(importance, sizes) / importance.clamp_min(IMPORTANCE_FLOOR * float(importance.max()))
+    floor = IMPORTANCE_FLOOR * float(importance.max())
+    ratio = _weighted_mean(importance, sizes) / importance.clamp_min(floor)
 
     def alloc(c: float) -> torch.Tensor:
         return (c * ratio).clamp(min_sparsity, max_sparsity)

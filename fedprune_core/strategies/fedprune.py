@@ -77,8 +77,8 @@ class FedPrune:
 
     def mask(self, state: ServerState, scores: StateDict, round_num: int) -> MaskDict:
         """Masks for `round_num`: recomputed when the schedule says so, else the ones in force."""
-        change = masks_change_at(round_num, self.schedule, self.pruning.sparsity) or self._warmup_done(round_num)
-        if state.masks and not change:
+        scheduled = masks_change_at(round_num, self.schedule, self.pruning.sparsity)
+        if state.masks and not (scheduled or self._warmup_done(round_num)):
             return state.masks
         target = self._target(round_num)
         layer = self._allocate(scores, target)
