@@ -11,7 +11,9 @@ Pruned entries get no update, so the server keeps their last score:
   fall below it.
 - gradient-based scores accumulate over the rounds an entry was trained. A pruned entry's
   accumulated score is frozen while every kept entry's can only grow, so it never overtakes a
-  kept entry: with gradient-based scores refinement can never bring a pruned entry back.
+  kept entry: with gradient-based scores refinement can never bring a pruned entry back at a fixed
+  layer sparsity (uniform allocation). Adaptive allocation re-divides S among layers at each
+  re-ranking; a layer whose share drops takes back its best-scoring pruned groups.
 """
 
 from __future__ import annotations
