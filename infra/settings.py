@@ -36,6 +36,7 @@ class Settings(BaseSettings):
         tracking_uri: MLflow tracking URI (default ``sqlite:///<home>/mlflow.db``).
         prefect_api_url: Prefect API; None uses Prefect's embedded ephemeral API.
         prefect_port / mlflow_port / s3_port: local stack ports on 127.0.0.1.
+        worker_port: health endpoint of the local stack's Prefect process worker.
         seaweed_master_port / seaweed_volume_port / seaweed_filer_port / seaweed_admin_port: the
             SeaweedFS internals of the local stack; each also uses port + 10000 for gRPC.
         stack_bucket: bucket the local stack creates for checkpoints.
@@ -54,6 +55,7 @@ class Settings(BaseSettings):
     prefect_api_url: str | None = None
     prefect_port: int = Field(default=4200, ge=1, le=65535)
     mlflow_port: int = Field(default=5000, ge=1, le=65535)
+    worker_port: int = Field(default=4210, ge=1, le=65535)
     s3_port: int = Field(default=8333, ge=1, le=55535)
     seaweed_master_port: int = Field(default=9333, ge=1, le=55535)
     seaweed_volume_port: int = Field(default=9340, ge=1, le=55535)

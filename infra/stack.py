@@ -451,7 +451,7 @@ def seaweed_ports(settings: Settings) -> SeaweedPorts:
 
 
 def stack_specs(settings: Settings) -> dict[str, ServiceSpec]:
-    """The three services of the local stack, in start order: seaweed, mlflow, prefect."""
+    """The services of the local stack, in start order: seaweed, mlflow, prefect, worker."""
     stack = settings.stack_dir
     s3_url = f"http://{LOOPBACK}:{settings.s3_port}"
     buckets = (settings.stack_bucket, settings.mlflow_artifacts_bucket)
@@ -467,7 +467,39 @@ def stack_specs(settings: Settings) -> dict[str, ServiceSpec]:
             workers=2,
         ),
         "prefect": prefect_spec(settings.home / "prefect", settings.prefect_port),
+        "worker": worker_spec(settings),
     }
+
+
+WORK_POOL = "fedprune-process"
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+def ensure_work_pool(worker: ServiceSpec) -> None:
+    """Create the process work pool (no-op if it exists), so `prefect deploy` finds it at once."""
+    argv = (_venv_tool("prefect"), "work-pool", "create", WORK_POOL, "--type", "process")
+    done = subprocess.run(argv, env=child_env(dict(worker.env)), capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 and "already exists" not in done.stdout + done.stderr:
+        raise StackError(f"could not create work pool {WORK_POOL!r}: {done.stdout[-300:]} {done.stderr[-300:]}")
+
+
+def worker_spec(settings: Settings) -> ServiceSpec:
+    """A Prefect process worker on the `fedprune-process` pool, pointed at the whole stack.
+
+    It runs deployments from this checkout (prefect.yaml's pull step reads FEDPRUNE_REPO_DIR)
+    with the stack's S3 storage and MLflow server.
+    """
+    env = {
+        **stack_env(settings),
+        "PREFECT_HOME": str(settings.home / "prefect"),
+        "PREFECT_WORKER_WEBSERVER_HOST": LOOPBACK,
+        "PREFECT_WORKER_WEBSERVER_PORT": str(settings.worker_port),
+        "FEDPRUNE_REPO_DIR": str(REPO_DIR),
+    }
+    argv = (_venv_tool("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process", "--with-healthcheck")
+    url = f"http://{LOOPBACK}:{settings.worker_port}"
+    _, secret = _credentials(settings)
+    return ServiceSpec("worker", argv, env, url, f"{url}/health", REPO_DIR, (settings.worker_port,), (secret,))
 
 
 def stack_status(settings: Settings) -> dict[str, ServiceStatus]:
