@@ -75,3 +75,19 @@ class ToyWorkload:
             xs = centers[labels] + torch.randn(per_client, self.in_dim, generator=g)
             clients.append([(xs[i], int(labels[i])) for i in range(per_client)])
         return clients
+
+
+@dataclass(frozen=True)
+class NoopWorkload(ToyWorkload):
+    """The toy model with clients that train nothing: isolates orchestration cost in benchmarks."""
+
+    def train_client(
+        self,
+        model: nn.Module,
+        examples: Sequence[Example],
+        config: LocalTrainingConfig,
+        generator: torch.Generator,
+        after_step: Callable[[], None] | None = None,
+    ) -> ClientResult:
+        state = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return ClientResult(state, len(examples), 0.0, 0.0, 0, None)

@@ -80,7 +80,7 @@ def run(
     run_id: Annotated[str | None, typer.Option(help="Run id (letters, digits, - and _); new if omitted.")] = None,
     experiment_name: Annotated[str, typer.Option("--experiment", help="MLflow experiment and storage folder.")]
     = "fedprune",
-    rounds_per_segment: Annotated[int, typer.Option(help="Rounds per child flow run.")] = 50,
+    rounds_per_segment: Annotated[int, typer.Option(help="Rounds per child flow run.")] = 100,
     checkpoint_every: Annotated[int, typer.Option(help="Commit a checkpoint every N rounds.")] = 10,
     keep_last: Annotated[int, typer.Option(help="Retention: keep the last K checkpoints ...")] = 3,
     keep_every: Annotated[int, typer.Option(help="... and every M-th round.")] = 1000,

@@ -3,7 +3,7 @@
 experiment (parent flow)
   prepare: validate everything, create the run (config, round 0) or find where it stopped
   rounds_segment (child flow run per `rounds_per_segment` rounds)
-    per round: score -> mask -> dispatch x clients -> client-train x clients (concurrent)
+    per round: score -> mask -> dispatch -> client-train x clients (concurrent)
                -> aggregate -> [evaluate] -> [log metrics, flush, checkpoint]
   finalize: artifacts
 A run is identified by `run_id`; running the flow again with an existing run id resumes it from
@@ -113,7 +113,7 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
         scores_key = score(ref, r, state_key)
         masks_key = mask(ref, r, state_key, scores_key)
         clients = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
-        payloads = {c: dispatch.submit(ref, r, state_key, masks_key, c) for c in clients}
+        payloads = dispatch(ref, r, state_key, masks_key, clients)
         trained = [client_train.submit(ref, r, c, payloads[c]) for c in clients]
         result = aggregate(ref, r, state_key, scores_key, masks_key, [t.result() for t in trained])
         state_key, metrics = result["state_key"], result["metrics"]
@@ -133,7 +133,7 @@ def experiment(
     overrides: dict[str, Any] | None = None,
     run_id: str | None = None,
     experiment_name: str = "fedprune",
-    rounds_per_segment: int = 50,
+    rounds_per_segment: int = 100,
     checkpoint_every: int = 10,
     keep_last: int = 3,
     keep_every: int = 1000,

@@ -2,7 +2,11 @@
 its checkpoints. Tasks get a small `RunRef` and open everything else from it, once per process.
 
 Work objects live under `<experiment>/<run_id>/work/<round:06d>/` and are deleted once a
-checkpoint covers them; checkpoints are `infra.checkpoint`'s committed rounds.
+checkpoint covers them; checkpoints are `infra.checkpoint`'s committed rounds. Work objects are
+scratch: a crash loses them and the run recomputes them from the last checkpoint. With the
+thread task runner every task of a run shares one process, so they stay in memory
+(`MemoryStorage`); with processes or Dask they go to the run's storage, where other processes
+can read them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import ServerState, Strategy
 from fedprune_core.strategies import make_strategy
 from infra.checkpoint import CheckpointStore
-from infra.storage import CachingStorage, Storage, open_storage, tensors_from_bytes, tensors_to_bytes
+from infra.storage import (
+    CachingStorage,
+    MemoryStorage,
+    Storage,
+    open_storage,
+    tensors_from_bytes,
+    tensors_to_bytes,
+)
 from infra.workloads import WorkloadData, load_for
 
 STATE_OBJECT = "state"
@@ -48,7 +59,7 @@ class RunOptions:
         max_workers: concurrent client-train tasks.
     """
 
-    rounds_per_segment: int = 50
+    rounds_per_segment: int = 100
     checkpoint_every: int = 10
     keep_last: int = 3
     keep_every: int = 1000
@@ -75,6 +86,7 @@ class Run:
         stored = self.checkpoints.read_config()
         self.config = ExperimentConfig.from_dict(stored["experiment"])
         self.options = RunOptions(**stored["options"])
+        self.scratch: Storage = MemoryStorage() if self.options.task_runner == "threads" else self.storage
         self.data: WorkloadData = load_for(self.config, Path(ref.data_dir))
         self.strategy: Strategy = make_strategy(self.config, self._template())
 
@@ -87,12 +99,13 @@ class Run:
     def put(self, round_num: int, name: str, tensors: dict[str, torch.Tensor]) -> str:
         """Store a work object and return its key."""
         key = self.work_key(round_num, name)
-        self.storage.put_bytes(key, tensors_to_bytes(tensors))
+        self.scratch.put_bytes(key, tensors_to_bytes(tensors))
         return key
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        """A stored tensor object."""
-        return tensors_from_bytes(self.storage.get_bytes(key))
+        """A work object or a checkpoint object."""
+        store = self.scratch if "/work/" in key else self.storage
+        return tensors_from_bytes(store.get_bytes(key))
 
     def state(self, key: str, round_num: int) -> ServerState:
         """The server state after `round_num`, stored at `key` (work object or checkpoint)."""
@@ -105,7 +118,7 @@ class Run:
         """Commit `state` as a checkpoint, apply retention, drop covered work objects."""
         self.checkpoints.commit(state.round_num, {STATE_OBJECT: state.flat()}, meta)
         self.checkpoints.apply_retention(self.options.keep_last, self.options.keep_every)
-        self.storage.delete_prefix(f"{self.ref.experiment}/{self.ref.run_id}/work/")
+        self.scratch.delete_prefix(f"{self.ref.experiment}/{self.ref.run_id}/work/")
         return self.checkpoint_key(state.round_num)
 
 

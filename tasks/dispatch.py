@@ -1,4 +1,4 @@
-"""Dispatch: the payload one client downloads (the pruned submodel)."""
+"""Dispatch: the payloads the round's clients download (their pruned submodels)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from tasks.options import IO_RETRIES
 
 
 @task(name="dispatch", **IO_RETRIES)
-def dispatch(ref: RunRef, round_num: int, state_key: str, masks_key: str, client_id: int) -> str:
-    """Returns the key of the client's payload."""
+def dispatch(ref: RunRef, round_num: int, state_key: str, masks_key: str, clients: list[int]) -> dict[int, str]:
+    """Returns the key of each client's payload."""
     run = open_run(ref)
-    state = run.state(state_key, round_num - 1)
-    payload = make_payload(run.strategy, state, run.get(masks_key), round_num, client_id)
-    return run.put(round_num, f"payload-{client_id:06d}", payload)
+    state, masks = run.state(state_key, round_num - 1), run.get(masks_key)
+    return {
+        c: run.put(round_num, f"payload-{c:06d}", make_payload(run.strategy, state, masks, round_num, c))
+        for c in clients
+    }

@@ -1,0 +1,116 @@
+"""Orchestration cost: the Prefect flow against `fedprune_core.simulate`, side by side in one run.
+
+1. No-op workload (clients train nothing): the flow's overhead per round, from the slope between
+   a short and a long run of each (fixed start-up costs cancel). Target: <= 50 ms per round.
+2. A real workload (default: the `small` preset): flow time / simulate time over the same rounds,
+   both per round (slope) and in total. Target: <= 1.10.
+
+    .venv/bin/python bench/bench_orchestration.py                      # both parts
+    .venv/bin/python bench/bench_orchestration.py --preset tiny --rounds 4 8
+
+Runs against a local Prefect server it starts on loopback (in a temporary FEDPRUNE_HOME).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+import time
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("FEDPRUNE_HOME", tempfile.mkdtemp(prefix="fedprune-bench-"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+os.environ.setdefault("FEDPRUNE_PREFECT_PORT", str(_free_port()))
+
+
+def timed_simulate(preset_name: str, overrides: dict[str, Any]) -> float:
+    from fedprune_core.presets import preset
+    from fedprune_core.simulate import simulate
+    from infra.settings import Settings
+    from infra.workloads import load_for
+
+    config = preset(preset_name, overrides)
+    data = load_for(config, Settings().home / "data")
+    start = time.perf_counter()
+    simulate(data.workload, data.clients, config, data.eval_examples)
+    return time.perf_counter() - start
+
+
+def timed_flow(preset_name: str, overrides: dict[str, Any], run_id: str) -> float:
+    from flows.experiment import experiment
+
+    start = time.perf_counter()
+    experiment(preset=preset_name, overrides=overrides, run_id=run_id, rounds_per_segment=100, checkpoint_every=10)
+    return time.perf_counter() - start
+
+
+def compare(preset_name: str, base: dict[str, Any], short: int, long: int, tag: str) -> dict[str, float]:
+    """Times of simulate and the flow at `short` and `long` rounds of the same configuration."""
+    times: dict[str, float] = {}
+    for rounds in (short, long):
+        over = {**base, "schedule": {**base.get("schedule", {}), "num_rounds": rounds}}
+        times[f"sim{rounds}"] = timed_simulate(preset_name, over)
+        times[f"flow{rounds}"] = timed_flow(preset_name, over, f"bench-{tag}-{rounds}-{int(time.time())}")
+        print(f"  {tag} {rounds:>4} rounds: simulate {times[f'sim{rounds}']:.2f} s, flow {times[f'flow{rounds}']:.2f} s",
+              flush=True)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", help="real-workload preset (default small)")
+    parser.add_argument("--rounds", nargs=2, type=int, default=[3, 9], help="short and long round counts")
+    parser.add_argument("--noop-rounds", nargs=2, type=int, default=[20, 120])
+    parser.add_argument("--skip-real", action="store_true")
+    args = parser.parse_args()
+
+    from infra.prefect_api import ensure_prefect_api
+    from infra.settings import Settings
+    from infra.stack import stop_service
+
+    settings = Settings()
+    print(f"Prefect API: {ensure_prefect_api(settings)}", flush=True)
+    try:
+        run_benchmarks(args)
+    finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()
+        stop_service(settings.stack_dir, "prefect")
+
+
+def run_benchmarks(args: argparse.Namespace) -> None:
+    """Both parts; prints a Markdown table."""
+    noop = {"model": "noop", "schedule": {"sparsify_rounds": 5, "refine_rounds": 5, "refine_every": 5},
+            "federated": {"eval_every": 10_000}}
+    s, l = args.noop_rounds
+    compare("toy", noop, 10, 11, "warm-up")  # imports, MLflow tables, Prefect client: not per-round costs
+    t = compare("toy", noop, s, l, "noop")
+    per_round = ((t[f"flow{l}"] - t[f"flow{s}"]) - (t[f"sim{l}"] - t[f"sim{s}"])) / (l - s)
+    rows = [("no-op workload: flow overhead per round", f"{per_round * 1000:.1f} ms", "<= 50 ms",
+             f"{per_round * 1000 / 50:.2f}")]
+    if not args.skip_real:
+        s, l = args.rounds
+        t = compare(args.preset, {}, s, l, args.preset)
+        slope = (t[f"flow{l}"] - t[f"flow{s}"]) / (t[f"sim{l}"] - t[f"sim{s}"])
+        total = t[f"flow{l}"] / t[f"sim{l}"]
+        rows.append((f"{args.preset}: flow / simulate per round (slope {s}->{l} rounds)", f"{slope:.3f}", "<= 1.10",
+                     f"{slope / 1.10:.2f}"))
+        rows.append((f"{args.preset}: flow / simulate in total ({l} rounds, incl. start-up)", f"{total:.3f}", "-", "-"))
+    print("\n| measure | value | target | value / target |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
