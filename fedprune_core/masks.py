@@ -17,6 +17,7 @@ Ties are broken stably: groups in `favored` (e.g. currently kept) first, then lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -130,17 +131,85 @@ def rank_groups(
     return order
 
 
+SELECT_SAMPLE = 1 << 14
+"""Entries sampled to bracket the k-th largest score of a large layer before selecting exactly."""
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of 1-D `values` (1 <= k <= numel), exactly, without a full sort.
+
+    Large inputs: quantiles of a strided sample bracket the answer, and the exact selection runs
+    only over the entries inside the bracket; when the bracket misses, over all of them.
+    """
+    n = values.numel()
+    if n <= 8 * SELECT_SAMPLE:
+        return torch.kthvalue(values, n - k + 1).values
+    sample = values[:: n // SELECT_SAMPLE].sort().values
+    m = sample.numel()
+    q = (n - k + 1) / n  # the answer's quantile
+    at, margin = q * m, 4.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
+    lo, hi = sample[max(0, int(at - margin))], sample[min(m - 1, int(at + margin))]
+    need = k - int(torch.count_nonzero(values > hi))  # rank of the answer among the values <= hi
+    inside = values[(values >= lo).logical_and_(values <= hi)]
+    if 0 < need <= inside.numel():
+        return torch.kthvalue(inside, inside.numel() - need + 1).values
+    return torch.kthvalue(values, n - k + 1).values
+
+
+def _top_k(
+    values: torch.Tensor, k: int, favored: torch.Tensor | None, eligible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool mask of the k best `eligible` entries of 1-D `values`: higher value, then favored, then
+    lower index (the order of `rank_groups`).
+
+    Everything above the k-th largest value is kept; the places left go to the entries tied at it,
+    in (favored, index) order.
+    """
+    n = values.numel()
+    count = n if eligible is None else int(torch.count_nonzero(eligible))
+    if k <= 0 or k >= count:
+        full = torch.ones(n, dtype=torch.bool) if eligible is None else eligible.clone()
+        return full if k > 0 else torch.zeros(n, dtype=torch.bool)
+    v = values if eligible is None else values.masked_fill(~eligible, -math.inf)
+    threshold = _kth_largest(v, k)
+    if eligible is not None and threshold == -math.inf:  # eligible -inf scores: select among them only
+        index = eligible.nonzero().flatten()
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[index[_top_k(values[index], k, None if favored is None else favored[index])]] = True
+        return keep
+    keep = v >= threshold
+    if int(torch.count_nonzero(keep)) == k:  # no tie to break
+        return keep
+    keep = v > threshold
+    ties = (v == threshold).nonzero().flatten()
+    if favored is not None:
+        ties = ties[torch.sort((~favored[ties]).to(torch.int8), stable=True).indices]
+    keep[ties[: k - int(torch.count_nonzero(keep))]] = True
+    return keep
+
+
 def make_group_mask(
     group_scores: torch.Tensor,
     sparsity: float,
     favored: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Keep the best (1 - sparsity) share of groups; same shape as `group_scores`."""
-    n = group_scores.numel()
+    """Keep the best (1 - sparsity) share of groups; same shape as `group_scores`.
+
+    The same groups as the first `n_keep` of `rank_groups`, found by selection (O(n)), not sorting.
+    """
+    flat = group_scores.flatten()
+    n = flat.numel()
     n_keep = n - num_pruned(n, sparsity)
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[rank_groups(group_scores, favored, allowed)[:n_keep]] = True
+    fav = None if favored is None else favored.flatten()
+    if allowed is None:
+        return _top_k(flat, n_keep, fav).reshape(group_scores.shape)
+    allow = allowed.flatten()
+    n_allowed = int(torch.count_nonzero(allow))
+    if n_keep <= n_allowed:  # only allowed groups survive
+        keep = _top_k(flat, n_keep, fav, allow)
+    else:  # every allowed group survives; the others compete for the places left
+        keep = _top_k(flat, n_keep - n_allowed, fav, ~allow).logical_or_(allow)
     return keep.reshape(group_scores.shape)
 
 
@@ -178,7 +247,7 @@ def make_mask(
     grid = GROUP_SCORES[pattern](scores)
     fav = None if favored is None else groups_of(favored, pattern)
     allow = None if allowed is None else groups_of(allowed, pattern)
-    return expand_groups(make_group_mask(grid, sparsity, fav, allow), pattern, shape).clone()
+    return expand_groups(make_group_mask(grid, sparsity, fav, allow), pattern, shape).contiguous()
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,7 @@ def update_scores(
     fresh = NORMS[norm](signal(source, weight, gradient, momentum)).to(torch.float32)
     if previous is None:
         return fresh
+    # in place on `fresh` (a new tensor): at the paper's size each avoided copy is ~0.5 GB
     if source == "weight":
-        return torch.where(trained, fresh, previous)
-    return previous + torch.where(trained, fresh, torch.zeros_like(fresh))
+        return torch.where(trained, fresh, previous, out=fresh)
+    return torch.where(trained, fresh, fresh.new_zeros(()), out=fresh).add_(previous)

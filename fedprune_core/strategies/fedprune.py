@@ -62,11 +62,13 @@ class FedPrune:
         p, scores = self.pruning, {}
         for name in self.specs:
             w = state.weights[name]
-            zero = torch.zeros_like(w)
+            # broadcast views stand in for missing tensors: no full-size allocation
+            zero = w.new_zeros(()).expand(w.shape)
+            grad, momentum = state.extra.get(f"grad/{name}", zero), state.extra.get(f"momentum/{name}", zero)
+            trained = state.masks.get(name)
             scores[name] = update_scores(
-                state.scores.get(name), p.score_source, p.score_norm, w,
-                state.extra.get(f"grad/{name}", zero), state.extra.get(f"momentum/{name}", zero),
-                state.masks.get(name, torch.ones_like(w, dtype=torch.bool)),
+                state.scores.get(name), p.score_source, p.score_norm, w, grad, momentum,
+                torch.ones((), dtype=torch.bool).expand(w.shape) if trained is None else trained,
             )
         return scores
 
@@ -101,7 +103,7 @@ class FedPrune:
             make_mask(s, sparsity, spec.pattern, favored=c, allowed=c if nested else None)
             for s, c in zip(matrices(scores, spec), cur, strict=True)
         ]
-        return from_matrices(parts, spec)
+        return parts[0].reshape(spec.shape) if spec.splits == 1 else from_matrices(parts, spec)
 
     def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
         return masks
