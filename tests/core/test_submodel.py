@@ -1,0 +1,213 @@
+"""Submodels: what a client downloads, trains and uploads, and how it is scattered back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fedprune_core.masks import PATTERNS, make_mask
+from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices, matrices
+from fedprune_core.submodel import (
+    SlicedLinear,
+    build_client_model,
+    client_update,
+    expand,
+    extract,
+    groups_to_mask,
+    mask_to_groups,
+    pack_bits,
+    payload_nbytes,
+    unpack_bits,
+)
+from fedprune_core.types import MaskDict
+
+STRUCTURED = [p for p in PATTERNS if p != "unstructured"]
+
+
+def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for p in module.parameters():
+            nn.init.normal_(p)
+    return module
+
+
+class Net(nn.Module):
+    """Linear layers (sliced), a conv (masked) and attention (fused in_proj, raw out_proj: masked)."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.conv = nn.Conv1d(1, 2, kernel_size=2)
+        self.attn = nn.MultiheadAttention(2 * width, 2)
+        self.fc2 = nn.Linear(2 * width, 2)
+
+
+def _masks(
+    weights: dict[str, torch.Tensor], specs: dict[str, PrunableSpec], sparsity: float, seed: int
+) -> MaskDict:
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, spec in specs.items():
+        parts = [
+            make_mask(torch.rand(m.shape, generator=g), sparsity, spec.pattern)
+            for m in matrices(weights[name], spec)
+        ]
+        masks[name] = from_matrices(parts, spec)
+    return masks
+
+
+# --- exact payload bytes -----------------------------------------------------------------------
+
+
+def test_payload_bytes_of_a_sliced_linear_by_hand() -> None:
+    fc = nn.Sequential(nn.Linear(4, 6))
+    specs = find_prunable(fc, ("0.weight",), "column")
+    weights = {n: p.detach() for n, p in fc.named_parameters()}
+    mask = torch.tensor([True, False, True, False])[None, :].expand(6, 4)
+    payload = extract(weights, {"0.weight": mask}, specs)
+    shapes = {k: tuple(v.shape) for k, v in payload.items()}
+    assert shapes == {"0.weight|w0": (6, 2), "0.weight|c0": (2,), "0.bias": (6,)}
+    assert payload["0.weight|c0"].dtype == torch.int32 and payload["0.weight|c0"].tolist() == [0, 2]
+    # down: kept block 6 x 2 float32 (48) + 2 int32 column ids (8) + dense bias 6 float32 (24)
+    assert payload_nbytes(payload) == 48 + 8 + 24
+    client = build_client_model(nn.Sequential(nn.Linear(4, 6)), payload, specs)
+    assert payload_nbytes(client_update(client, specs)) == 48 + 24  # up: values only
+    assert payload_nbytes(weights) == 96 + 24  # dense
+
+
+def test_payload_bytes_of_half_row_and_of_row_by_hand() -> None:
+    fc = nn.Sequential(nn.Linear(4, 6))
+    specs = find_prunable(fc, ("0.weight",), "half_row")
+    weights = {n: p.detach() for n, p in fc.named_parameters()}
+    keep = torch.tensor(
+        [[True, False], [True, True], [False, False], [False, True], [True, False], [False, False]]
+    )
+    mask = keep[:, :, None].expand(6, 2, 2).reshape(6, 4)
+    payload = extract(weights, {"0.weight": mask}, specs)
+    # left half: rows 0, 1, 4 x columns 0-1; right half: rows 1, 3 x columns 2-3
+    assert payload["0.weight|w0"].shape == (3, 2) and payload["0.weight|r0"].tolist() == [0, 1, 4]
+    assert payload["0.weight|w1"].shape == (2, 2) and payload["0.weight|c1"].tolist() == [2, 3]
+    assert payload_nbytes(payload) == (6 + 4) * 4 + (3 + 2 + 2 + 2) * 4 + 24
+    row_specs = find_prunable(fc, ("0.weight",), "row")
+    row_payload = extract(weights, {"0.weight": keep[:, :1].expand(6, 4)}, row_specs)
+    assert payload_nbytes(row_payload) == 3 * 4 * 4 + 3 * 4 + 24  # rows 0, 1, 4
+
+
+def test_payload_bytes_of_masked_parameters_by_hand() -> None:
+    conv = nn.Conv1d(1, 4, kernel_size=3, bias=False)  # (4, 1, 3) viewed as (4, 3)
+    weights = {"weight": conv.weight.detach()}
+    unstructured = find_prunable(conv, ("weight",), "unstructured")
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1], [0, 0, 0], [0, 1, 0]], dtype=torch.bool).reshape(4, 1, 3)
+    payload = extract(weights, {"weight": mask}, unstructured)
+    # 6 kept float32 values (24) + 12 bits packed into 2 bytes
+    assert payload["weight|b"].tolist() == [0b00111101, 0b00000100] and payload_nbytes(payload) == 24 + 2
+    column = find_prunable(conv, ("weight",), "column")
+    mask = torch.tensor([True, False, True])[None, :].expand(4, 3).reshape(4, 1, 3)
+    payload = extract(weights, {"weight": mask}, column)
+    assert payload["weight|g"].tolist() == [0, 2] and payload_nbytes(payload) == 8 * 4 + 2 * 4
+
+
+# --- extract -> train nothing -> expand --------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(PATTERNS), st.floats(0.0, 0.9), st.integers(0, 2**16), st.sampled_from([2, 4]))
+def test_extract_then_expand_without_training_is_the_identity(
+    pattern: str, sparsity: float, seed: int, width: int
+) -> None:
+    model = _seeded(Net(width), seed)
+    specs = find_prunable(model, ("*weight",), pattern)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = _masks(weights, specs, sparsity, seed)
+    payload = extract(weights, masks, specs)
+    client = build_client_model(_seeded(Net(width), seed + 1), payload, specs)
+    update = client_update(client, specs)
+    values, held = expand(update, masks, specs, {n: w.shape for n, w in weights.items()})
+    assert set(held) == set(masks)
+    for name, w in weights.items():
+        if name in masks:
+            assert torch.equal(held[name], masks[name])
+            assert torch.equal(values[name], w * masks[name])
+        else:
+            assert torch.equal(values[name], w)
+    sliced = [n for n, s in specs.items() if s.linear]
+    assert (pattern != "unstructured") == all(
+        isinstance(client.module.get_submodule(n.removesuffix(".weight")), SlicedLinear) for n in sliced
+    )
+
+
+def test_masked_parameters_are_zero_where_pruned_and_projected_after_steps() -> None:
+    model = _seeded(Net())
+    specs = find_prunable(model, ("conv.weight", "attn.*"), "column")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = _masks(weights, specs, 0.5, 1)
+    client = build_client_model(_seeded(Net(), 5), extract(weights, masks, specs), specs)
+    params = dict(client.module.named_parameters())
+    assert torch.equal(params["conv.weight"], weights["conv.weight"] * masks["conv.weight"])
+    with torch.no_grad():
+        params["conv.weight"].add_(1.0)
+    client.project()
+    assert not params["conv.weight"][~masks["conv.weight"]].any()
+
+
+def test_group_ids_and_bits_round_trip() -> None:
+    spec = PrunableSpec("attn.in_proj_weight", (6, 4), 3, False, "column")
+    mask = torch.tensor([[1, 0, 1, 0]] * 2 + [[0, 0, 0, 1]] * 2 + [[1, 1, 0, 0]] * 2, dtype=torch.bool)
+    ids = mask_to_groups(mask, spec)
+    assert ids.dtype == torch.int32 and ids.tolist() == [0, 2, 7, 8, 9]  # 4 columns per block
+    assert torch.equal(groups_to_mask(ids, spec), mask)
+    bits = torch.rand(3, 5, 7) < 0.5
+    assert torch.equal(unpack_bits(pack_bits(bits), (3, 5, 7)), bits)
+    assert pack_bits(bits).numel() == (105 + 7) // 8
+
+
+# --- SlicedLinear ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", STRUCTURED)
+@pytest.mark.parametrize("bias", [True, False])
+def test_sliced_linear_equals_the_masked_dense_linear(pattern: str, bias: bool) -> None:
+    dense = _seeded(nn.Sequential(nn.Linear(6, 8, bias=bias)), 3)
+    specs = find_prunable(dense, ("0.weight",), pattern)
+    mask = make_mask(torch.rand(8, 6, generator=torch.Generator().manual_seed(7)), 0.5, pattern)
+    weights = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    payload = extract(weights, {"0.weight": mask}, specs)
+    client = build_client_model(_seeded(nn.Sequential(nn.Linear(6, 8, bias=bias)), 4), payload, specs)
+    sliced = client.module.get_submodule("0")
+    assert isinstance(sliced, SlicedLinear)
+    weight_params = [p for n, p in sliced.named_parameters() if n != "bias"]
+    assert sum(p.numel() for p in weight_params) == int(mask.sum())  # physically smaller
+
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(8))
+    masked_weight = (weights["0.weight"] * mask).requires_grad_()
+    expected = nn.functional.linear(x, masked_weight, weights.get("0.bias"))
+    y = sliced(x)
+    assert torch.allclose(y, expected, atol=1e-6)
+
+    # gradients flow into the kept blocks and equal the dense gradient at the kept entries
+    target = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(9))
+    ((y - target) ** 2).sum().backward()
+    ((expected - target) ** 2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weight_params)
+    grads = {n: p.grad for n, p in client.module.named_parameters() if p.grad is not None}
+    shapes = {n: w.shape for n, w in weights.items()}
+    values, _ = expand(client_update(client, specs, grads), {"0.weight": mask}, specs, shapes)
+    assert masked_weight.grad is not None
+    assert torch.allclose(values["0.weight"], masked_weight.grad * mask, atol=1e-5)
+
+
+def test_sliced_linear_keeps_working_with_everything_or_nothing_kept() -> None:
+    dense = _seeded(nn.Sequential(nn.Linear(4, 2)), 1)
+    specs = find_prunable(dense, ("0.weight",), "column")
+    weights = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    x = torch.randn(3, 4)
+    for kept in (torch.ones(2, 4, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)):
+        payload = extract(weights, {"0.weight": kept}, specs)
+        assert ("0.weight|c0" in payload) == (not kept.all())  # indices omitted when all columns are kept
+        client = build_client_model(nn.Sequential(nn.Linear(4, 2)), payload, specs)
+        expected = nn.functional.linear(x, weights["0.weight"] * kept, weights["0.bias"])
+        assert torch.allclose(client.module(x), expected, atol=1e-6)
