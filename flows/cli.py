@@ -203,7 +203,8 @@ def stack_status_cmd() -> None:
 @data_app.command("generate")
 def data_generate(corpus: Annotated[str, typer.Option(help="Corpus preset: test or bench.")] = "test") -> None:
     """Synthesize a speech corpus with eSpeak NG into the cache (once; reused afterwards)."""
-    from infra.speech_data import corpus_config, generate_corpus
+    from infra.speech_data import generate_corpus
+    from infra.workloads import corpus_config
 
     try:
         config = corpus_config(corpus)

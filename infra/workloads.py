@@ -15,7 +15,10 @@ from typing import Any
 
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import Workload
+from fedprune_core.speech.corpus import CORPUS_PRESETS, CorpusConfig
+from fedprune_core.speech.workload import SpeechWorkload
 from fedprune_core.toy import NoopWorkload, ToyWorkload
+from infra.speech_data import generate_corpus, load_split
 
 SYNTHETIC: dict[str, type[ToyWorkload]] = {"toy": ToyWorkload, "noop": NoopWorkload}
 TOY_CLIENTS = 8
@@ -35,8 +38,6 @@ def num_clients(config: ExperimentConfig) -> int:
     """Number of training clients the configuration's data has, without loading any audio."""
     if config.model in SYNTHETIC:
         return TOY_CLIENTS
-    from infra.speech_data import corpus_config
-
     return corpus_config(config.corpus).num_clients
 
 
@@ -48,9 +49,26 @@ def load(model: str, corpus: str, seed: int, data_dir: str) -> WorkloadData:
         clients = toy.make_clients(TOY_CLIENTS, TOY_EXAMPLES_PER_CLIENT, seed)
         held_out = toy.make_clients(2, 50, seed + 1)
         return WorkloadData(toy, clients, [e for c in held_out for e in c])
-    from infra.speech_data import load_federated_speech
+    return load_speech(model, corpus, Path(data_dir))
 
-    return load_federated_speech(model, corpus, Path(data_dir))
+
+def corpus_config(name: str) -> CorpusConfig:
+    """The speech corpus preset `name` ("test" or "bench")."""
+    if name not in CORPUS_PRESETS:
+        raise ValueError(f"corpus={name!r} is not a corpus preset: use one of {', '.join(CORPUS_PRESETS)}")
+    return CORPUS_PRESETS[name]
+
+
+def load_speech(model: str, corpus: str, data_dir: Path) -> WorkloadData:
+    """The speech workload: one client per synthetic training speaker, evaluated on held-out speakers.
+
+    The corpus is synthesized into `data_dir` on first use (with a progress bar) and reused after.
+    """
+    root = generate_corpus(corpus_config(corpus), data_dir, progress=True)
+    train = load_split(root, "train")
+    held_out = load_split(root, "test_speakers")
+    return WorkloadData(SpeechWorkload(model=model), list(train.values()),
+                        [u for utterances in held_out.values() for u in utterances])
 
 
 def load_for(config: ExperimentConfig, data_dir: Path) -> WorkloadData:

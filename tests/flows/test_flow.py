@@ -51,3 +51,38 @@ def test_flow_logs_every_round_once_with_artifacts(cli: Cli) -> None:
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.params["pruning.pattern"] == "column"
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("runner", ["processes", "dask"])
+def test_other_task_runners_give_the_same_weights(cli: Cli, runner: str) -> None:
+    done = cli("run", "--preset", "toy", "--run-id", runner, "--task-runner", runner, "--max-workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert weights_hash(final_state(cli.home, runner).weights) == weights_hash(reference({}))
+
+
+def test_flow_on_seaweedfs_s3_and_an_mlflow_server(cli: Cli, seaweed_s3, mlflow_server) -> None:  # type: ignore[no-untyped-def]
+    env = {**cli.env, **seaweed_s3.env(), "FEDPRUNE_STORAGE_URL": f"s3://{seaweed_s3.bucket}/flows",
+           "FEDPRUNE_TRACKING_URI": mlflow_server.tracking_uri}
+    done = Cli(cli.home, env)("run", "--preset", "toy", "--run-id", "on-s3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = final_state(seaweed_s3.storage(prefix="flows"), "on-s3")
+    assert weights_hash(state.weights) == weights_hash(reference({}))
+    assert not (cli.home / "storage").exists()
+    client = MlflowClient(mlflow_server.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("fedprune").experiment_id],
+                             "tags.`fedprune.run_id` = 'on-s3'")[0]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, preset("toy").schedule.num_rounds + 1))
+
+
+def test_tiny_speech_preset_runs_end_to_end(cli: Cli) -> None:
+    """The embedded default of `make run`: speech corpus synthesized, Conformer-Transducer pruned, WER logged."""
+    done = cli("run", "--preset", "tiny", "--run-id", "speech")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    state = final_state(cli.home, "speech")
+    assert state.round_num == preset("tiny").schedule.num_rounds
+    client = MlflowClient(f"sqlite:///{cli.home / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("fedprune").experiment_id])[0]
+    assert 0.0 <= run.data.metrics["eval_wer"] and "eval_cer" in run.data.metrics
+    assert abs(run.data.metrics["sparsity"] - preset("tiny").pruning.sparsity) < 0.01
