@@ -47,7 +47,7 @@ def _settings(home: Path, **ports: int) -> Settings:
 
 
 def _free_stack_ports() -> dict[str, int]:
-    ports = {"prefect_port": free_port(), "mlflow_port": free_port()}
+    ports = {"prefect_port": free_port(), "mlflow_port": free_port(), "worker_port": free_port()}
     for name in (
         "s3_port",
         "seaweed_master_port",
@@ -103,7 +103,12 @@ def test_children_always_get_prefect_analytics_off(monkeypatch: pytest.MonkeyPat
 
 def test_stack_services_bind_loopback_and_keep_secrets_out_of_argv_and_repr(tmp_path: Path) -> None:
     specs = stack_specs(_settings(tmp_path))
-    assert list(specs) == ["seaweed", "mlflow", "prefect"]
+    assert list(specs) == ["seaweed", "mlflow", "prefect", "worker"]
+    worker = specs["worker"]
+    assert worker.argv[1:5] == ("worker", "start", "--pool", "fedprune-process")
+    assert worker.env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert worker.env["FEDPRUNE_STORAGE_URL"] == "s3://fedprune"
+    assert "stack-test-secret" not in repr(worker) and "stack-test-secret" not in " ".join(worker.argv)
     weed = specs["seaweed"].argv
     assert weed[1] == "mini" and "-ip.bind=127.0.0.1" in weed and "-s3.port=8333" in weed
     assert {"-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"} <= set(weed)
@@ -193,6 +198,7 @@ def test_status_of_a_stack_that_never_ran(tmp_path: Path) -> None:
         "seaweed": (False, None),
         "mlflow": (False, None),
         "prefect": (False, None),
+        "worker": (False, None),
     }
     assert stack_down(_settings(tmp_path)) == []
 
@@ -214,7 +220,7 @@ def test_stack_up_status_use_and_down(tmp_path: Path) -> None:
         _use_the_stack(settings)
     finally:
         stopped = stack_down(settings)
-    assert sorted(stopped) == ["mlflow", "prefect", "seaweed"]
+    assert sorted(stopped) == ["mlflow", "prefect", "seaweed", "worker"]
     assert not any(s.running for s in stack_status(settings).values())
     for spec in stack_specs(settings).values():
         check_ports_free(spec)
