@@ -27,9 +27,12 @@ import torch
 from torch import nn
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
-    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, betas=(c.momentum or 0.9, 0.999),
-                                               weight_decay=c.weight_decay),  # fmt: skip
+    "sgd": lambda params, c: torch.optim.SGD(
+        params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
+    ),
+    "adam": lambda params, c: torch.optim.Adam(
+        params, lr=c.lr, betas=(c.momentum or 0.9, 0.999), weight_decay=c.weight_decay
+    ),
 }
 
 
@@ -107,7 +110,9 @@ def make_optimizer(model: nn.Module, config: LocalTrainingConfig) -> torch.optim
     return OPTIMIZERS[config.optimizer]([p for p in model.parameters() if p.requires_grad], config)
 
 
-def batch_indices(num_examples: int, config: LocalTrainingConfig, generator: torch.Generator) -> Iterator[list[int]]:
+def batch_indices(
+    num_examples: int, config: LocalTrainingConfig, generator: torch.Generator
+) -> Iterator[list[int]]:
     """Yield ``config.steps`` batches of example indices, reshuffling with ``generator`` each pass."""
     produced = 0
     while True:
@@ -173,10 +178,6 @@ class _SavedTensorMeter:
         self.peak = max(self.peak, sum(self._storages.values()))
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def train_local(
     model: nn.Module,
     examples: Sequence[Any],
@@ -204,8 +205,10 @@ def train_local(
         ValueError: ``examples`` is empty.
     """
     if len(examples) == 0:
-        raise ValueError("examples is empty: a client needs at least one example to train; skip empty clients")
-    device = _device(model)
+        raise ValueError(
+            "examples is empty: a client needs at least one example to train; skip empty clients"
+        )
+    device = next(model.parameters()).device
     was_training = model.training
     model.train()
     optimizer = make_optimizer(model, config)
@@ -220,17 +223,26 @@ def train_local(
             loss = loss_fn(model, collate([examples[i] for i in indices]))
         optimizer_step(model, optimizer, loss, config.max_grad_norm)
         if grad_sq is not None:
-            for name, p in model.named_parameters():
-                if p.grad is not None:
-                    grad_sq[name] += p.grad.detach() ** 2
+            _add_grad_sq(grad_sq, model)
         if after_step is not None:
             after_step()
         losses.append(float(loss.detach()))
     wall = time.perf_counter() - start
-    if device.type == "cuda":
-        peak = int(torch.cuda.max_memory_allocated(device))
-    else:
-        peak = tensor_bytes(list(_state_tensors(model, optimizer))) + meter.peak
     model.train(was_training)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peak = _peak_memory(device, model, optimizer, meter)
     return ClientResult(state, len(examples), sum(losses) / len(losses), wall, peak, grad_sq)
+
+
+def _add_grad_sq(grad_sq: dict[str, torch.Tensor], model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            grad_sq[name] += p.grad.detach() ** 2
+
+
+def _peak_memory(
+    device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer, meter: _SavedTensorMeter
+) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return tensor_bytes(list(_state_tensors(model, optimizer))) + meter.peak

@@ -20,17 +20,23 @@ from dataclasses import dataclass
 
 import torch
 
+from fedprune_core.rng import generator_for
 from fedprune_core.speech.synth import NOISE_KINDS, Noise, Voice, mix_noise, synthesize
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.words import TOPICS, WORDS
 
-ACCENTS: tuple[str, ...] = (
-    "en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc", "en-029",
-)  # fmt: skip
-VARIANTS: tuple[str, ...] = (
-    "", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
-    "klatt", "klatt2", "klatt3", "croak", "Andy", "Annie", "david", "john", "linda", "steph",
-)  # fmt: skip
+ACCENTS: tuple[str, ...] = tuple(
+    "en-us en en-gb-scotland en-gb-x-rp en-gb-x-gbclan en-gb-x-gbcwmd en-us-nyc en-029".split()
+)
+"""eSpeak NG English accents (US, British, Scottish, received pronunciation, Lancaster, West
+Midlands, New York City, Caribbean)."""
+VARIANTS: tuple[str, ...] = ("",) + tuple(
+    "m1 m2 m3 m4 m5 m6 m7 m8 f1 f4 klatt klatt2 klatt3 klatt4 croak Andy Annie david john linda steph "
+    "belinda aunty".split()
+)
+"""eSpeak NG voice variants of the speakers. Variants with a ``breath`` setting (f2, f3, f5, victor,
+...) are left out: their breath noise is not reproducible across processes (measured), and the
+corpus must be the same bytes for the same seed."""
 SPLITS: tuple[str, ...] = ("train", "test_speakers", "test_sentences")
 
 
@@ -70,22 +76,35 @@ def _check(ok: bool, message: str) -> None:
 def validate_corpus_config(c: CorpusConfig) -> None:
     """Raise ``ValueError`` naming the field, the rule and a fix when ``c`` is inconsistent."""
     _check(c.num_clients >= 1, f"num_clients={c.num_clients} must be >= 1")
-    _check(c.min_client_utterances >= 1, f"min_client_utterances={c.min_client_utterances} must be >= 1: "
-           "a client with no data cannot train")  # fmt: skip
-    _check(c.train_utterances >= c.num_clients * c.min_client_utterances,
-           f"train_utterances={c.train_utterances} must be >= num_clients * min_client_utterances = "
-           f"{c.num_clients * c.min_client_utterances}: raise it or lower min_client_utterances")  # fmt: skip
+    _check(
+        c.min_client_utterances >= 1,
+        f"min_client_utterances={c.min_client_utterances} must be >= 1: a client with no data cannot train",
+    )
+    _check(
+        c.train_utterances >= c.num_clients * c.min_client_utterances,
+        f"train_utterances={c.train_utterances} must be >= num_clients * min_client_utterances = "
+        f"{c.num_clients * c.min_client_utterances}: raise it or lower min_client_utterances",
+    )
     _check(c.size_skew >= 0, f"size_skew={c.size_skew} must be >= 0 (0 gives equal client sizes)")
-    _check(1 <= c.topics_per_client <= len(TOPICS), f"topics_per_client={c.topics_per_client} must be in "
-           f"[1, {len(TOPICS)}]")  # fmt: skip
+    _check(
+        1 <= c.topics_per_client <= len(TOPICS),
+        f"topics_per_client={c.topics_per_client} must be in [1, {len(TOPICS)}]",
+    )
     _check(0 <= c.topic_focus <= 1, f"topic_focus={c.topic_focus} must be in [0, 1] (0 = IID vocabulary)")
-    _check(min(c.num_test_speakers, c.test_speaker_utterances, c.test_sentences) >= 0,
-           "num_test_speakers, test_speaker_utterances and test_sentences must be >= 0")  # fmt: skip
-    _check(1 <= c.min_words <= c.max_words, f"min_words={c.min_words}, max_words={c.max_words} must satisfy "
-           "1 <= min_words <= max_words")  # fmt: skip
+    _check(
+        min(c.num_test_speakers, c.test_speaker_utterances, c.test_sentences) >= 0,
+        "num_test_speakers, test_speaker_utterances and test_sentences must be >= 0",
+    )
+    _check(
+        1 <= c.min_words <= c.max_words,
+        f"min_words={c.min_words}, max_words={c.max_words} must satisfy 1 <= min_words <= max_words",
+    )
     voices = len(ACCENTS) * len(VARIANTS)
-    _check(c.num_clients + c.num_test_speakers <= voices, f"num_clients + num_test_speakers = "
-           f"{c.num_clients + c.num_test_speakers} must be <= {voices} distinct (accent, variant) voices")  # fmt: skip
+    _check(
+        c.num_clients + c.num_test_speakers <= voices,
+        f"num_clients + num_test_speakers = "
+        f"{c.num_clients + c.num_test_speakers} must be <= {voices} distinct (accent, variant) voices",
+    )
     for name in ("pitch_range", "rate_range", "snr_db_range", "level_dbfs_range"):
         low, high = getattr(c, name)
         _check(low <= high, f"{name}=({low}, {high}) must have low <= high")
@@ -96,11 +115,23 @@ def validate_corpus_config(c: CorpusConfig) -> None:
 
 CORPUS_PRESETS: dict[str, CorpusConfig] = {
     # Seconds to render: unit and integration tests.
-    "test": CorpusConfig(num_clients=4, train_utterances=16, min_client_utterances=2, num_test_speakers=2,
-                         test_speaker_utterances=3, test_sentences=4),  # fmt: skip
+    "test": CorpusConfig(
+        num_clients=4,
+        train_utterances=16,
+        min_client_utterances=2,
+        num_test_speakers=2,
+        test_speaker_utterances=3,
+        test_sentences=4,
+    ),
     # A few minutes to render: the CPU learning benchmark and federated simulations.
-    "bench": CorpusConfig(num_clients=64, train_utterances=12_000, min_client_utterances=20,
-                          num_test_speakers=8, test_speaker_utterances=50, test_sentences=400),  # fmt: skip
+    "bench": CorpusConfig(
+        num_clients=64,
+        train_utterances=12_000,
+        min_client_utterances=20,
+        num_test_speakers=8,
+        test_speaker_utterances=50,
+        test_sentences=400,
+    ),
 }
 
 
@@ -182,7 +213,7 @@ def _speaker(speaker_id: str, accent: str, variant: str, c: CorpusConfig, g: tor
 def _speakers(c: CorpusConfig, g: torch.Generator) -> list[Speaker]:
     pairs = [(a, v) for a in ACCENTS for v in VARIANTS]
     order = torch.randperm(len(pairs), generator=g)[: c.num_clients + c.num_test_speakers].tolist()
-    return [_speaker(f"spk{i:03d}", *pairs[j], c, g) for i, j in enumerate(order)]
+    return [_speaker(f"spk{i:03d}", pairs[j][0], pairs[j][1], c, g) for i, j in enumerate(order)]
 
 
 def sample_sentence(topic_words: list[tuple[str, ...]], c: CorpusConfig, g: torch.Generator) -> str:
@@ -225,7 +256,7 @@ def plan_corpus(c: CorpusConfig) -> CorpusPlan:
     Returns:
         The plan; :func:`render_utterance` turns an entry into audio.
     """
-    g = torch.Generator().manual_seed(c.seed)
+    g = generator_for(c.seed, 0, stream="speech-corpus")
     speakers = _speakers(c, g)
     train_speakers, test_speakers = speakers[: c.num_clients], speakers[c.num_clients :]
     sizes = client_sizes(c.train_utterances, c.num_clients, c.min_client_utterances, c.size_skew)
@@ -246,7 +277,11 @@ def plan_corpus(c: CorpusConfig) -> CorpusPlan:
         for i, s in enumerate(train_speakers)
         if held_out[i :: len(train_speakers)]
     ]
-    splits = {"train": tuple(train), "test_speakers": tuple(by_speakers), "test_sentences": tuple(by_sentences)}
+    splits = {
+        "train": tuple(train),
+        "test_speakers": tuple(by_speakers),
+        "test_sentences": tuple(by_sentences),
+    }
     return CorpusPlan(c, splits)
 
 

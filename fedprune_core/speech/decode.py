@@ -55,7 +55,10 @@ def greedy_decode(
                 break
             new_out, new_state = _predict(model, best, state)
             pred_out = _select(active, new_out, pred_out)
-            state = [[_select(active, n, o) for n, o in zip(ns, os, strict=True)] for ns, os in zip(new_state, state, strict=True)]
+            state = [
+                [_select(active, n, o) for n, o in zip(ns, os, strict=True)]
+                for ns, os in zip(new_state, state, strict=True)
+            ]
             for b in active.nonzero().view(-1).tolist():
                 hyps[b].append(int(best[b]))
     return hyps

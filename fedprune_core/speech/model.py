@@ -74,11 +74,29 @@ class ModelConfig:
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(subsampling_channels=8, d_model=32, num_blocks=1, num_heads=2, ffn_dim=64, conv_kernel=7,
-                        pred_embedding_dim=32, pred_hidden_dim=64, joint_dim=64),  # fmt: skip
+    "tiny": ModelConfig(
+        subsampling_channels=8,
+        d_model=32,
+        num_blocks=1,
+        num_heads=2,
+        ffn_dim=64,
+        conv_kernel=7,
+        pred_embedding_dim=32,
+        pred_hidden_dim=64,
+        joint_dim=64,
+    ),
     "small": ModelConfig(),
-    "paper": ModelConfig(subsampling_channels=512, d_model=512, num_blocks=17, num_heads=8, ffn_dim=2048,
-                         conv_kernel=31, pred_embedding_dim=640, pred_hidden_dim=640, joint_dim=2048),  # fmt: skip
+    "paper": ModelConfig(
+        subsampling_channels=512,
+        d_model=512,
+        num_blocks=17,
+        num_heads=8,
+        ffn_dim=2048,
+        conv_kernel=31,
+        pred_embedding_dim=640,
+        pred_hidden_dim=640,
+        joint_dim=2048,
+    ),
 }
 
 

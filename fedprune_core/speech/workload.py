@@ -14,10 +14,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torchaudio.functional as AF
 from torch import nn
+from torchaudio.models import RNNT
 
 from fedprune_core.speech.decode import beam_decode, greedy_decode
 from fedprune_core.speech.features import FeatureConfig, SpecAugmentConfig, log_mel, spec_augment
@@ -50,7 +52,11 @@ class SpeechBatch:
         """The same batch with its tensors on ``device``."""
         move = functools.partial(torch.Tensor.to, device=device)
         return SpeechBatch(
-            move(self.features), move(self.feature_lengths), move(self.targets), move(self.target_lengths), self.texts
+            move(self.features),
+            move(self.feature_lengths),
+            move(self.targets),
+            move(self.target_lengths),
+            self.texts,
         )
 
 
@@ -86,7 +92,9 @@ class SpeechWorkload:
                 "(characters + blank): build the ModelConfig with num_symbols=vocabulary.size"
             )
         if config.n_mels != self.features.n_mels:
-            raise ValueError(f"model n_mels={config.n_mels} must equal features n_mels={self.features.n_mels}")
+            raise ValueError(
+                f"model n_mels={config.n_mels} must equal features n_mels={self.features.n_mels}"
+            )
 
     @property
     def model_config(self) -> ModelConfig:
@@ -122,20 +130,29 @@ class SpeechWorkload:
             model: A :class:`~fedprune_core.speech.model.ConformerTransducer` (or a submodel of one).
             batch: From :meth:`collate`.
         """
+        transducer = cast(RNNT, model)
         b = batch.to(next(model.parameters()).device)
         blank_first = nn.functional.pad(b.targets, (1, 0), value=self.vocabulary.blank)  # (B, U + 1)
-        encodings, frames = model.transcribe(b.features, b.feature_lengths)  # (B, T', D)
-        predictions, _, _ = model.predict(blank_first, b.target_lengths + 1, None)  # (B, U + 1, D)
-        total = encodings.new_zeros(())
+        encodings, frames = transducer.transcribe(b.features, b.feature_lengths)  # (B, T', D)
+        predictions, _, _ = transducer.predict(blank_first, b.target_lengths + 1, None)  # (B, U + 1, D)
         # The joint tensor is (T', U + 1, D) per utterance; joining each one at its own size
         # instead of the padded (B, T'max, Umax + 1, D) halves the cost of the joint and the loss.
-        for i, (t, u) in enumerate(zip(frames.tolist(), b.target_lengths.tolist(), strict=True)):
-            one = torch.ones(1, dtype=torch.int32, device=encodings.device)
-            logits, _, _ = model.join(encodings[i : i + 1, :t], one * t, predictions[i : i + 1, : u + 1], one * u)
-            total = total + AF.rnnt_loss(
-                logits, b.targets[i : i + 1, :u], one * t, one * u, blank=self.vocabulary.blank, reduction="sum"
-            )
-        return total / b.target_lengths.sum()
+        losses = [
+            self._utterance_loss(transducer, encodings[i, :t], predictions[i, : u + 1], b.targets[i, :u])
+            for i, (t, u) in enumerate(zip(frames.tolist(), b.target_lengths.tolist(), strict=True))
+        ]
+        return torch.stack(losses).sum() / b.target_lengths.sum()
+
+    def _utterance_loss(
+        self, model: RNNT, encoding: torch.Tensor, prediction: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """RNN-T loss of one utterance: ``(T', D)`` encoding, ``(U + 1, D)`` prediction, ``(U,)`` target."""
+        frames = torch.tensor([encoding.shape[0]], dtype=torch.int32, device=encoding.device)
+        symbols = torch.tensor([target.shape[0]], dtype=torch.int32, device=encoding.device)
+        logits, _, _ = model.join(encoding[None], frames, prediction[None], symbols)  # (1, T', U + 1, V)
+        return AF.rnnt_loss(
+            logits, target[None], frames, symbols, blank=self.vocabulary.blank, reduction="sum"
+        )
 
     def train_client(
         self,
@@ -160,7 +177,9 @@ class SpeechWorkload:
     def _decode(self, model: nn.Module, batch: SpeechBatch, beam_width: int | None) -> list[str]:
         blank = self.vocabulary.blank
         if beam_width is None:
-            tokens = greedy_decode(model, batch.features, batch.feature_lengths, blank, self.max_symbols_per_frame)
+            tokens = greedy_decode(
+                model, batch.features, batch.feature_lengths, blank, self.max_symbols_per_frame
+            )
         else:
             tokens = beam_decode(model, batch.features, batch.feature_lengths, blank, beam_width)
         return [self.vocabulary.decode(t) for t in tokens]
@@ -184,7 +203,11 @@ class SpeechWorkload:
         return hypotheses, total / chars
 
     def transcribe(
-        self, model: nn.Module, utterances: Sequence[Utterance], batch_size: int = 16, beam_width: int | None = None
+        self,
+        model: nn.Module,
+        utterances: Sequence[Utterance],
+        batch_size: int = 16,
+        beam_width: int | None = None,
     ) -> list[str]:
         """Decode ``utterances`` greedily, or by beam search when ``beam_width`` is given.
 
@@ -194,7 +217,11 @@ class SpeechWorkload:
         return self._run(model, utterances, batch_size, beam_width)[0]
 
     def evaluate(
-        self, model: nn.Module, utterances: Sequence[Utterance], batch_size: int = 16, beam_width: int | None = None
+        self,
+        model: nn.Module,
+        utterances: Sequence[Utterance],
+        batch_size: int = 16,
+        beam_width: int | None = None,
     ) -> dict[str, float]:
         """Corpus WER and CER of the decoded hypotheses, and the loss (nats per character).
 
