@@ -201,6 +201,10 @@ def make_group_mask(
     flat = group_scores.flatten()
     n = flat.numel()
     n_keep = n - num_pruned(n, sparsity)
+    if bool(torch.isnan(flat).any()):  # NaN ranks first, as in a descending sort: use the sort
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[rank_groups(group_scores, favored, allowed)[:n_keep]] = True
+        return keep.reshape(group_scores.shape)
     fav = None if favored is None else favored.flatten()
     if allowed is None:
         return _top_k(flat, n_keep, fav).reshape(group_scores.shape)
