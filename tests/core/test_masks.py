@@ -248,13 +248,13 @@ def _large_scores(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
         return (torch.arange(n) % (n // SELECT_SAMPLE) == 0).float()
     if kind == "sorted":
         return torch.arange(n, dtype=torch.float32)
-    scores = torch.rand(n, generator=g)  # "minus_inf": -inf scores among the allowed ones
-    scores[torch.rand(n, generator=g) < 0.6] = -torch.inf
+    scores = torch.rand(n, generator=g)  # -inf scores among the allowed ones, or NaN (diverged training)
+    scores[torch.rand(n, generator=g) < 0.6] = -torch.inf if kind == "minus_inf" else torch.nan
     return scores
 
 
 @pytest.mark.parametrize(
-    "kind", ["continuous", "few_values", "sampled_stride_sees_one_value", "sorted", "minus_inf"]
+    "kind", ["continuous", "few_values", "sampled_stride_sees_one_value", "sorted", "minus_inf", "nan"]
 )
 def test_selection_on_large_layers_equals_the_full_stable_ranking(kind: str) -> None:
     # above 8 * SELECT_SAMPLE groups the k-th largest score is bracketed from a sample first
