@@ -2,7 +2,7 @@
 
 Cache layout, written once per corpus configuration::
 
-    <cache_dir>/synth-<sha256 of the config, 12 hex>/
+    <cache_dir>/synth-<sha256 of the corpus plan, 12 hex>/
       index.json                                   config, speakers, utterance counts; written last
       <split>/<speaker_id>/manifest.jsonl          one JSON object per utterance (see `_manifest_line`)
       <split>/<speaker_id>/<utterance_id>.wav      16 kHz, 16-bit PCM, mono

@@ -75,16 +75,17 @@ class CharVocabulary:
                 "normalise whitespace with ' '.join(text.split())"
             )
 
-    def encode(self, text: str) -> torch.Tensor:
+    def encode(self, text: str, where: str = "text") -> torch.Tensor:
         """Map a transcript to indices.
 
         Args:
-            text: A transcript that passes :meth:`validate`.
+            text: A transcript that passes :meth:`validate` (else ``ValueError`` naming ``where``).
+            where: Where the text came from, for the error message.
 
         Returns:
             ``(U,)`` int32 tensor of symbol indices, ``U = len(text)``.
         """
-        self.validate(text)
+        self.validate(text, where)
         return torch.tensor([self._index[c] for c in text], dtype=torch.int32)
 
     def decode(self, indices: Sequence[int] | torch.Tensor) -> str:

@@ -115,10 +115,7 @@ class SpeechWorkload:
         feats, frames = log_mel(audio, lengths, self.features)
         if generator is not None and self.spec_augment is not None:
             feats = spec_augment(feats, frames, self.spec_augment, generator)
-        targets = []
-        for u in utterances:
-            self.vocabulary.validate(u.text, where=f"utterance {u.utterance_id}")
-            targets.append(self.vocabulary.encode(u.text))
+        targets = [self.vocabulary.encode(u.text, where=f"utterance {u.utterance_id}") for u in utterances]
         target_lengths = torch.tensor([t.numel() for t in targets], dtype=torch.int32)
         padded = nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=self.vocabulary.blank)
         return SpeechBatch(feats, frames, padded, target_lengths, tuple(u.text for u in utterances))
