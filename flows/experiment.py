@@ -16,7 +16,7 @@ import json
 import uuid
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from fedprune_core.presets import preset as make_preset
@@ -103,12 +103,20 @@ def _check_same_run(stored: dict[str, Any], requested: dict[str, Any], run_id: s
             )
 
 
+def progress_line(round_num: int, total: int, metrics: dict[str, float]) -> str:
+    """One line per round: where the run is and how it is doing."""
+    shown = ("train_loss", "sparsity", "eval_wer", "eval_accuracy", "bytes_down", "client_time_s_max")
+    parts = [f"{k}={metrics[k]:.4g}" for k in shown if k in metrics]
+    return f"round {round_num}/{total} ({100 * round_num / total:.1f}%) " + " ".join(parts)
+
+
 @flow(name="fedprune-rounds", persist_result=False)
 def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_uri: str, mlflow_run_id: str) -> str:
     """Rounds `first`..`last` of a run; returns the key of the last committed state."""
     run = open_run(ref)
     cfg, options = run.config, run.options
     tracker = Tracker(tracking_uri, ref.experiment, run_id=mlflow_run_id)
+    logger = get_run_logger()
     for r in range(first, last + 1):
         scores_key = score(ref, r, state_key)
         masks_key = mask(ref, r, state_key, scores_key)
@@ -120,6 +128,7 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
         if should_evaluate(r, cfg):
             metrics |= evaluate(ref, r, state_key)
         tracker.log_metrics(r, metrics)
+        logger.info(progress_line(r, cfg.schedule.num_rounds, metrics))
         if r % options.checkpoint_every == 0 or r == last:
             tracker.flush()
             state_key = checkpoint(ref, r, state_key, mlflow_run_id)
