@@ -61,7 +61,8 @@ def compare(preset_name: str, base: dict[str, Any], short: int, long: int, tag: 
         over = {**base, "schedule": {**base.get("schedule", {}), "num_rounds": rounds}}
         times[f"sim{rounds}"] = timed_simulate(preset_name, over)
         times[f"flow{rounds}"] = timed_flow(preset_name, over, f"bench-{tag}-{rounds}-{int(time.time())}")
-        print(f"  {tag} {rounds:>4} rounds: simulate {times[f'sim{rounds}']:.2f} s, flow {times[f'flow{rounds}']:.2f} s",
+        sim, flow = times[f"sim{rounds}"], times[f"flow{rounds}"]
+        print(f"  {tag} {rounds:>4} rounds: simulate {sim:.2f} s, flow {flow:.2f} s",
               flush=True)
     return times
 
@@ -93,20 +94,20 @@ def run_benchmarks(args: argparse.Namespace) -> None:
     """Both parts; prints a Markdown table."""
     noop = {"model": "noop", "schedule": {"sparsify_rounds": 5, "refine_rounds": 5, "refine_every": 5},
             "federated": {"eval_every": 10_000}}
-    s, l = args.noop_rounds
+    s, n = args.noop_rounds
     compare("toy", noop, 10, 11, "warm-up")  # imports, MLflow tables, Prefect client: not per-round costs
-    t = compare("toy", noop, s, l, "noop")
-    per_round = ((t[f"flow{l}"] - t[f"flow{s}"]) - (t[f"sim{l}"] - t[f"sim{s}"])) / (l - s)
+    t = compare("toy", noop, s, n, "noop")
+    per_round = ((t[f"flow{n}"] - t[f"flow{s}"]) - (t[f"sim{n}"] - t[f"sim{s}"])) / (n - s)
     rows = [("no-op workload: flow overhead per round", f"{per_round * 1000:.1f} ms", "<= 50 ms",
              f"{per_round * 1000 / 50:.2f}")]
     if not args.skip_real:
-        s, l = args.rounds
-        t = compare(args.preset, {}, s, l, args.preset)
-        slope = (t[f"flow{l}"] - t[f"flow{s}"]) / (t[f"sim{l}"] - t[f"sim{s}"])
-        total = t[f"flow{l}"] / t[f"sim{l}"]
-        rows.append((f"{args.preset}: flow / simulate per round (slope {s}->{l} rounds)", f"{slope:.3f}", "<= 1.10",
+        s, n = args.rounds
+        t = compare(args.preset, {}, s, n, args.preset)
+        slope = (t[f"flow{n}"] - t[f"flow{s}"]) / (t[f"sim{n}"] - t[f"sim{s}"])
+        total = t[f"flow{n}"] / t[f"sim{n}"]
+        rows.append((f"{args.preset}: flow / simulate per round (slope {s}->{n} rounds)", f"{slope:.3f}", "<= 1.10",
                      f"{slope / 1.10:.2f}"))
-        rows.append((f"{args.preset}: flow / simulate in total ({l} rounds, incl. start-up)", f"{total:.3f}", "-", "-"))
+        rows.append((f"{args.preset}: flow / simulate in total ({n} rounds, incl. start-up)", f"{total:.3f}", "-", "-"))
     print("\n| measure | value | target | value / target |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

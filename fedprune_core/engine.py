@@ -83,7 +83,8 @@ class ServerState:
     @classmethod
     def from_groups(cls, round_num: int, groups: dict[str, StateDict]) -> ServerState:
         """Inverse of `groups`."""
-        return cls(round_num, **{k: dict(groups.get(k, {})) for k in ("weights", "masks", "scores", "momentum", "extra")})
+        names = ("weights", "masks", "scores", "momentum", "extra")
+        return cls(round_num, **{k: dict(groups.get(k, {})) for k in names})
 
     def flat(self) -> StateDict:
         """One flat tensor dict, "<group>/<name>" -> tensor (one storage object)."""

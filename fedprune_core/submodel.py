@@ -2,11 +2,12 @@
 
 A payload is a flat dict of tensors, encoded per parameter:
 
-| kind    | when                                             | down (server -> client)                          | up          |
-|---------|--------------------------------------------------|--------------------------------------------------|-------------|
-| dense   | not pruned                                       | `name`                                           | `name`      |
-| sliced  | `nn.Linear` weight, structured pattern           | `name|w{i}` kept block, `name|r{i}`/`name|c{i}` kept row/column indices (int32, omitted when all) | `name|w{i}` |
-| masked  | anything else pruned                             | `name|v` kept values, plus `name|g` kept group ids (int32) or, unstructured, `name|b` packed bit mask | `name|v` |
+- dense (not pruned): down `name`, up `name`.
+- sliced (an `nn.Linear` weight under a structured pattern): down `name|w{i}` for each kept block,
+  with `name|r{i}` / `name|c{i}` its kept row / column indices (int32, omitted when all are kept);
+  up `name|w{i}`.
+- masked (anything else pruned): down `name|v`, the kept values, plus `name|g`, the kept group ids
+  (int32), or for unstructured masks `name|b`, a packed bit mask (one bit per entry); up `name|v`.
 
 A sliced Linear is trained by `SlicedLinear` as physically smaller dense blocks, so the client's
 parameters, gradients, optimizer state and matmul work shrink with sparsity. `payload_nbytes`

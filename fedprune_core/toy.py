@@ -64,7 +64,8 @@ class ToyWorkload:
     def make_clients(self, num_clients: int, per_client: int, seed: int) -> list[list[Example]]:
         """Seeded non-IID client datasets (client c favours classes c and c + 1); the class centers
         depend on `center_seed` only, so sets drawn with other seeds share one task."""
-        centers = torch.randn(self.classes, self.in_dim, generator=generator_for(self.center_seed, 0, -1, "toy-centers")) * 2
+        g_centers = generator_for(self.center_seed, 0, -1, "toy-centers")
+        centers = torch.randn(self.classes, self.in_dim, generator=g_centers) * 2
         clients = []
         for c in range(num_clients):
             g = generator_for(seed, 0, c, "toy-data")

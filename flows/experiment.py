@@ -39,7 +39,7 @@ from tasks.mask import mask
 from tasks.score import score
 
 
-def make_task_runner(options: RunOptions) -> TaskRunner:
+def make_task_runner(options: RunOptions) -> TaskRunner[Any]:
     """Threads (default), processes, or a local Dask cluster (prefect-dask)."""
     if options.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=options.max_workers)
@@ -168,7 +168,8 @@ def experiment(
     tracker = Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id)
     run = open_run(ref)
     if mlflow_run_id is None:
-        tracker.log_params({"preset": preset, "run_id": ref.run_id, **run.config.to_dict(), "options": options.__dict__})
+        params = {"preset": preset, "run_id": ref.run_id, **run.config.to_dict(), "options": options.__dict__}
+        tracker.log_params(params)
         tracker.set_tags({"fedprune.run_id": ref.run_id, "fedprune.strategy": run.config.strategy})
         state_key = initialize(ref, tracker.run_id)
     latest = run.checkpoints.latest_round() or 0
@@ -176,7 +177,9 @@ def experiment(
     total = run.config.schedule.num_rounds
     for first in range(latest + 1, total + 1, options.rounds_per_segment):
         last = min(first + options.rounds_per_segment - 1, total)
-        segment = rounds_segment.with_options(task_runner=make_task_runner(options), flow_run_name=f"{ref.run_id}-rounds-{first}-{last}")
+        segment = rounds_segment.with_options(
+            task_runner=make_task_runner(options), flow_run_name=f"{ref.run_id}-rounds-{first}-{last}"
+        )
         state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
     finalize(ref, state_key, settings.tracking_uri, tracker.run_id)
     tracker.finish()

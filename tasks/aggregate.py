@@ -6,7 +6,8 @@ from typing import Any
 
 from prefect import task
 
-from fedprune_core.engine import ClientOutcome, ClientStats, aggregate as aggregate_round
+from fedprune_core.engine import ClientOutcome, ClientStats
+from fedprune_core.engine import aggregate as aggregate_round
 from fedprune_core.simulate import round_metrics
 from infra.runs import RunRef, open_run
 from tasks.client_train import GRAD_SQ
