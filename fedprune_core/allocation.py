@@ -48,7 +48,9 @@ def adaptive(
     names = list(specs)
     if sparsity == 0.0 or not names:
         return {n: 0.0 for n in names}
-    importance = torch.tensor([float(scores[n].double().mean()) for n in names], dtype=torch.float64)
+    # accumulated in float64 without a float64 copy of every score tensor
+    means = [float(scores[n].mean(dtype=torch.float64)) for n in names]
+    importance = torch.tensor(means, dtype=torch.float64)
     if not float(importance.max()) > 0.0:  # no layer has any importance yet: nothing to tell them apart
         return uniform(specs, sparsity)
     sizes = torch.tensor([specs[n].numel for n in names], dtype=torch.float64)
