@@ -144,11 +144,12 @@ def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     n = values.numel()
     if n <= 8 * SELECT_SAMPLE:
         return torch.kthvalue(values, n - k + 1).values
-    sample = values[:: n // SELECT_SAMPLE].sort().values
+    sample = values[:: n // SELECT_SAMPLE].contiguous()
     m = sample.numel()
     q = (n - k + 1) / n  # the answer's quantile
     at, margin = q * m, 4.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
-    lo, hi = sample[max(0, int(at - margin))], sample[min(m - 1, int(at + margin))]
+    lo = torch.kthvalue(sample, max(1, int(at - margin))).values
+    hi = torch.kthvalue(sample, min(m, int(at + margin) + 1)).values
     need = k - int(torch.count_nonzero(values > hi))  # rank of the answer among the values <= hi
     inside = values[(values >= lo).logical_and_(values <= hi)]
     if 0 < need <= inside.numel():
@@ -201,7 +202,7 @@ def make_group_mask(
     flat = group_scores.flatten()
     n = flat.numel()
     n_keep = n - num_pruned(n, sparsity)
-    if bool(torch.isnan(flat).any()):  # NaN ranks first, as in a descending sort: use the sort
+    if math.isnan(float(flat.sum())) and bool(flat.isnan().any()):  # NaN ranks first, as in a sort
         keep = torch.zeros(n, dtype=torch.bool)
         keep[rank_groups(group_scores, favored, allowed)[:n_keep]] = True
         return keep.reshape(group_scores.shape)
