@@ -17,6 +17,8 @@ run: setup
 	.venv/bin/fedprune run --config tiny
 
 test: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
 	$(PY) -m pytest
 
 lint: setup
