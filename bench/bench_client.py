@@ -1,0 +1,512 @@
+"""Client cost of Federated Pruning: training step time and peak training memory, pruned vs dense.
+
+A client of Federated Pruning (Lin et al., Interspeech 2022) trains the pruned model the server
+sends. For the `small` and `paper` Conformer-Transducers this trains, side by side in one process,
+the client model of a dense payload (dense FedAvg) and that of a 50% column-pruned payload
+(FedPrune one-shot masks, uniform allocation: every weight of rank >= 2 at 50%). Both go through
+the real client path: `extract` -> `build_client_model` -> `train_local` with the speech workload's
+loss and collate (log-mel + SpecAugment), Adam, `after_step=project`, on the same synthetic batch
+(noise audio of a fixed length with a random transcript: cost does not depend on the content).
+Batch: the `small` preset's 16; 2 for `paper` (116M parameters) to keep CPU steps to seconds.
+One torch thread by default: on cores shared with other jobs, 2 OpenMP threads waiting on each
+other made steps several times slower and erratic.
+
+Reported per variant (repetitions interleaved dense/pruned, the order alternating):
+- step s: median wall time and median process CPU time of a training step after the first
+  (batch features included; CPU time does not count the time other jobs hold the core), and the
+  CPU time without building the batch (log-mel, SpecAugment).
+- peak MB: `train_local`'s peak tensor memory (parameters + gradients + optimiser state + the
+  tensors saved for backward in one step); RSS MB: the process's peak resident memory during
+  training above its resident memory before it (Linux VmHWM after resetting it).
+Then, unless --no-analysis, where the pruned model's cost goes: parameter bytes by kind of layer
+(shrunk or kept at full size), bytes saved for backward by kind of layer, the peak if the masked
+dense kinds were sliced too, forward FLOPs by kind of layer (`torch.utils.flop_counter`) and CPU
+time by kind of operation (`torch.profiler`, median of interleaved profiled steps).
+
+    .venv/bin/python bench/bench_client.py                          # small (batch 16) and paper (batch 2)
+    .venv/bin/python bench/bench_client.py --models small --reps 6 --no-analysis
+
+Issue 6 target: pruned / dense <= 0.6 for both figures. The table is a printed figure, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import os
+import statistics
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from bench_communication import one_shot_masks
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedprune_core.prunable import PrunableSpec, find_prunable
+from fedprune_core.speech.model import build_model
+from fedprune_core.speech.utterance import Utterance
+from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
+from fedprune_core.submodel import ClientModel, build_client_model, extract, is_sliced
+from fedprune_core.training import LocalTrainingConfig, train_local
+from fedprune_core.types import Payload
+
+TARGET = 0.6
+"""Issue 6: pruned / dense <= 0.6 for step time and peak training memory."""
+
+BATCH = {"tiny": 8, "small": 16, "paper": 2}
+CHARS_PER_SECOND = 14
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Run:
+    """One local training of one variant.
+
+    Attributes:
+        step_s: per timed step, wall seconds.
+        cpu_s, model_cpu_s: per timed step, CPU seconds of the process, and the same without
+            building the batch (log-mel, SpecAugment).
+        peak_bytes: `train_local`'s peak tensor memory.
+        rss_bytes: peak resident memory during training above the resident memory before it.
+    """
+
+    step_s: list[float]
+    cpu_s: list[float]
+    model_cpu_s: list[float]
+    peak_bytes: int
+    rss_bytes: int
+
+
+# --- data and payloads ---------------------------------------------------------------------------
+
+
+def synthetic_batch(workload: SpeechWorkload, size: int, seconds: float, seed: int) -> list[Utterance]:
+    """`size` utterances of noise audio with random transcripts of a speaking rate's length."""
+    g = torch.Generator().manual_seed(seed)
+    symbols = workload.vocabulary.symbols
+    chars = int(seconds * CHARS_PER_SECOND)
+    out = []
+    for i in range(size):
+        audio = 0.05 * torch.randn(int(seconds * 16_000), generator=g)
+        picks = torch.randint(len(symbols), (chars,), generator=g).tolist()
+        text = "".join(symbols[j] for j in picks).strip()
+        out.append(Utterance(f"synthetic-{i:03d}", "synthetic", text or "a", audio))
+    return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a client is sent: the payload and the specs it was extracted with."""
+
+    name: str
+    specs: dict[str, PrunableSpec]
+    payload: Payload
+
+
+def variants(model_name: str, sparsity: float) -> list[Variant]:
+    """The dense client (dense FedAvg: no specs) and the column-pruned one, from the initial model."""
+    model = build_model(model_name)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    prunable = ("*weight",)
+    specs = find_prunable(model, prunable, "column")
+    masks = one_shot_masks(weights, specs, "column", sparsity, prunable)
+    return [Variant("dense", {}, extract(weights, {}, {})),
+            Variant("pruned", specs, extract(weights, masks, specs))]
+
+
+# --- one measured training ---------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss() -> int:
+    """Return freed heap to the OS, reset VmHWM to the current RSS (Linux) and return it in bytes."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return 1024 * _status_kb("VmRSS")
+
+
+def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utterance],
+               local: LocalTrainingConfig, seed: int) -> Run:
+    """Train the client model of `variant` for `local.steps` steps, timing each step."""
+    client = build_client_model(workload.build_model(), variant.payload, variant.specs)
+    generator = torch.Generator().manual_seed(seed)
+    collate_cpu: list[float] = []
+    marks: list[tuple[float, float]] = []
+
+    def collate(batch: list[Utterance]) -> SpeechBatch:
+        start = time.process_time()
+        out = workload.collate(batch, generator=generator)
+        collate_cpu.append(time.process_time() - start)
+        return out
+
+    def after_step() -> None:
+        client.project()
+        marks.append((time.perf_counter(), time.process_time()))
+
+    rss_before = _reset_peak_rss()
+    result = train_local(client.module, utterances, workload.loss_fn, collate, local, generator, after_step)
+    rss = 1024 * _status_kb("VmHWM") - rss_before
+    step_s = [b[0] - a[0] for a, b in zip(marks, marks[1:], strict=False)]
+    cpu_s = [b[1] - a[1] for a, b in zip(marks, marks[1:], strict=False)]
+    model_cpu_s = [s - c for s, c in zip(cpu_s, collate_cpu[1:], strict=True)]
+    return Run(step_s, cpu_s, model_cpu_s, result.peak_memory_bytes, rss)
+
+
+def compare(workload: SpeechWorkload, pair: list[Variant], utterances: list[Utterance],
+            local: LocalTrainingConfig, reps: int) -> dict[str, list[Run]]:
+    """`reps` trainings of each variant, interleaved, the order alternating."""
+    runs: dict[str, list[Run]] = {v.name: [] for v in pair}
+    for rep in range(reps):
+        for v in pair if rep % 2 == 0 else pair[::-1]:
+            runs[v.name].append(train_once(workload, v, utterances, local, seed=rep))
+    return runs
+
+
+def summary(runs: list[Run]) -> dict[str, float]:
+    """Medians of the step times and RSS, and the peak tensor memory (the same in every run)."""
+    steps, cpu = [s for r in runs for s in r.step_s], [s for r in runs for s in r.cpu_s]
+    return {
+        "step": statistics.median(steps),
+        "step_min": min(steps),
+        "step_max": max(steps),
+        "cpu": statistics.median(cpu),
+        "cpu_min": min(cpu),
+        "cpu_max": max(cpu),
+        "model_cpu": statistics.median(s for r in runs for s in r.model_cpu_s),
+        "peak": max(r.peak_bytes for r in runs),
+        "rss": statistics.median(r.rss_bytes for r in runs),
+    }
+
+
+# --- analysis: where the pruned model's cost goes -------------------------------------------------
+
+SLICED = "other Linear (sliced when pruned)"
+ATTENTION = "MHA fused in_proj + out_proj (masked dense)"
+JOINER = "joint output Linear (sliced when pruned)"
+OTHER = "other (joint sum, loss, reshapes)"
+
+
+def kind_of(path: str, module: nn.Module, sliced: set[str]) -> str:
+    """The kind of layer of the module at `path`, the same in the dense and the pruned model."""
+    if "self_attn" in path:
+        return ATTENTION
+    if path == "joiner.linear":
+        return JOINER
+    if path in sliced:
+        return SLICED
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (nn.Conv2d, "Conv2d subsampling (masked dense)"),
+        (nn.Embedding, "embedding (masked dense)"),
+        ((nn.LayerNorm, nn.BatchNorm1d), "norms (not pruned)"),
+        ((nn.SiLU, nn.ReLU, nn.GLU, nn.Tanh), "activation functions"),
+        (nn.Linear, "Linear, not sliced"),
+    ]
+    if isinstance(module, nn.Conv1d):
+        shape = "pointwise" if module.kernel_size == (1,) else "depthwise"
+        return f"Conv1d {shape} (masked dense)"
+    return next((label for cls, label in kinds if isinstance(module, cls)), OTHER)
+
+
+def sliced_paths(pair: list[Variant]) -> set[str]:
+    """Paths of the Linear modules the pruned client trains as `SlicedLinear`."""
+    return {n.removesuffix(".weight") for v in pair for n, s in v.specs.items() if is_sliced(s)}
+
+
+def is_unit(module: nn.Module) -> bool:
+    """Whether costs are attributed to `module` as a whole (leaves, and attention with its out_proj)."""
+    return not list(module.children()) or isinstance(module, nn.MultiheadAttention)
+
+
+def parameter_bytes(model: nn.Module, sliced: set[str]) -> dict[str, int]:
+    """Bytes of parameters by kind of layer; biases and other 1-D parameters apart."""
+    modules = dict(model.named_modules())
+    out: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        path = name.rpartition(".")[0]
+        label = kind_of(path, modules[path], sliced) if p.dim() >= 2 else "biases, norms (not pruned)"
+        out[label] += p.numel() * p.element_size()
+    return dict(out)
+
+
+def saved_bytes(
+    workload: SpeechWorkload, model: nn.Module, batch: SpeechBatch, sliced: set[str]
+) -> dict[str, int]:
+    """Bytes saved for backward in one forward, by the kind of the innermost module saving them.
+
+    Distinct storages, parameters excluded: what `train_local`'s meter counts.
+    """
+    stack: list[str] = [OTHER]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, tuple[str, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = (stack[-1], t.untyped_storage().nbytes())
+        return t
+
+    def enter(label: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            stack.append(label)
+
+        return hook
+
+    def leave(*_: Any) -> None:
+        stack.pop()
+
+    hooks = []
+    for path, m in model.named_modules():
+        if is_unit(m):
+            hooks.append(m.register_forward_pre_hook(enter(kind_of(path, m, sliced))))
+            hooks.append(m.register_forward_hook(leave))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        workload.loss_fn(model, batch)
+    for h in hooks:
+        h.remove()
+    out: dict[str, int] = defaultdict(int)
+    for label, nbytes in seen.values():
+        out[label] += nbytes
+    return dict(out)
+
+
+def forward_flops(
+    workload: SpeechWorkload, model: nn.Module, batch: SpeechBatch, sliced: set[str]
+) -> dict[str, int]:
+    """FLOPs of one forward (matmuls and convolutions, `torch.utils.flop_counter`) by kind of layer.
+
+    Forward only: the counter's attribution of backward FLOPs to modules is unreliable. The
+    backward of a matmul or convolution costs about twice its forward, dense or sliced alike.
+    """
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        workload.loss_fn(model, batch)
+    # the counter names a module by the class of the top-level module called, then its path
+    modules = {}
+    for child_name, child in model.named_children():
+        for sub, m in child.named_modules():
+            key = f"{type(child).__name__}.{sub}" if sub else type(child).__name__
+            modules[key] = (f"{child_name}.{sub}" if sub else child_name, m)
+    counts = counter.get_flop_counts()
+    out: dict[str, int] = defaultdict(int)
+    for key, ops in counts.items():
+        if key in modules and is_unit(modules[key][1]):
+            out[kind_of(*modules[key], sliced)] += sum(ops.values())
+    out[OTHER] += sum(counts["Global"].values()) - sum(out.values())
+    return dict(out)
+
+
+SCOPES: dict[str, str] = {
+    "Optimizer.step": "optimizer step (Adam)",
+    "Optimizer.zero_grad": "optimizer step (Adam)",
+    "project": "mask projection (after_step)",
+    "collate": "batch features (log-mel, SpecAugment)",
+}
+"""Profiler scopes (name prefixes) whose operations count as one kind, whatever they are."""
+
+OP_KINDS: list[tuple[str, tuple[str, ...]]] = [
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("convolution", ("conv",)),
+    ("scaled dot-product attention", ("scaled_dot_product",)),
+    ("gather / scatter of sliced Linear inputs", ("index", "scatter")),
+    ("rnnt loss", ("rnnt",)),
+    ("fill / copy / zero", ("aten::fill_", "aten::copy_", "aten::zero_", "aten::zeros", "aten::empty")),
+]
+
+
+def event_kind(event: Any) -> str:
+    """The kind of a profiler event: its enclosing scope's (`SCOPES`), else by its name (`OP_KINDS`:
+    exact aten:: names or substrings)."""
+    parent = event
+    while parent is not None:
+        scope = next((label for prefix, label in SCOPES.items() if parent.name.startswith(prefix)), None)
+        if scope is not None:
+            return scope
+        parent = parent.cpu_parent
+    for label, keys in OP_KINDS:
+        if any(event.name == k if k.startswith("aten::") else k in event.name.lower() for k in keys):
+            return label
+    return "other (elementwise, norms, activations, autograd)"
+
+
+def op_seconds(workload: SpeechWorkload, pair: list[Variant], utterances: list[Utterance],
+               local: LocalTrainingConfig, reps: int) -> dict[str, dict[str, float]]:
+    """Per variant, self CPU seconds of a profiled training step by kind of operation.
+
+    Each variant trains one warm-up step, then `reps` profiled steps interleaved with the other
+    variant's; per kind, the median over the profiled steps.
+    """
+    warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
+    one = dataclasses.replace(local, steps=1)
+    clients, steps = {}, {v.name: [] for v in pair}
+    for v in pair:
+        clients[v.name] = build_client_model(workload.build_model(), v.payload, v.specs)
+        _profiled_step(workload, clients[v.name], utterances, one)
+    for rep in range(reps):
+        for v in pair if rep % 2 == 0 else pair[::-1]:
+            steps[v.name].append(_profiled_step(workload, clients[v.name], utterances, one))
+    return {name: {k: statistics.median(s.get(k, 0.0) for s in runs) for k in {k for s in runs for k in s}}
+            for name, runs in steps.items()}
+
+
+def _profiled_step(workload: SpeechWorkload, client: ClientModel, utterances: list[Utterance],
+                   one: LocalTrainingConfig) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+
+    def collate(batch: list[Utterance]) -> SpeechBatch:
+        with record_function("collate"):
+            return workload.collate(batch, generator=generator)
+
+    def project() -> None:
+        with record_function("project"):
+            client.project()
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_local(client.module, utterances, workload.loss_fn, collate, one, generator, project)
+    out: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        out[event_kind(event)] += event.self_cpu_time_total / 1e6
+    return dict(out)
+
+
+def print_breakdown(
+    title: str, unit: str, scale: float, dense: dict[str, float], pruned: dict[str, float]
+) -> None:
+    """A Markdown table of two breakdowns side by side."""
+    total_d, total_p = sum(dense.values()), sum(pruned.values())
+    print(f"\n{title}\n\n| kind | dense {unit} | pruned {unit} | pruned / dense | share of dense "
+          f"| share of pruned | saving, share of dense |\n|---|---|---|---|---|---|---|")
+    for label in sorted(set(dense) | set(pruned), key=lambda k: -dense.get(k, 0)):
+        d, p = dense.get(label, 0), pruned.get(label, 0)
+        ratio = f"{p / d:.2f}" if d else "-"
+        print(f"| {label} | {d / scale:.1f} | {p / scale:.1f} | {ratio} | {d / total_d:.1%} "
+              f"| {p / total_p:.1%} "
+              f"| {(d - p) / total_d:+.1%} |")
+    print(f"| total | {total_d / scale:.1f} | {total_p / scale:.1f} | {total_p / total_d:.2f} | | | "
+          f"{(total_d - total_p) / total_d:+.1%} |", flush=True)
+
+
+MASKED_DENSE = (ATTENTION, "Conv1d pointwise (masked dense)", "Conv2d subsampling (masked dense)")
+
+
+def print_what_if(params: dict[str, dict[str, int]], saved: dict[str, dict[str, int]], copies: int,
+                  sparsity: float) -> None:
+    """Peak ratios of two changes, estimated from the measured parts.
+
+    Masked dense kinds sliced like Linear: their parameter copies shrink by `sparsity`, activations
+    as measured (column pruning keeps every layer's output width). Joint output Linear not pruned:
+    its parameters dense again and no gathered copy of the joint activations saved.
+    """
+    peak = {k: copies * sum(params[k].values()) + sum(saved[k].values()) for k in params}
+    print("\nPeak memory pruned / dense, estimated for changes to the pruned model:")
+    cumulative = 0.0
+    for label in MASKED_DENSE:
+        alone = copies * sparsity * params["pruned"].get(label, 0)
+        cumulative += alone
+        print(f"- {label} sliced: {(peak['pruned'] - alone) / peak['dense']:.2f} alone, "
+              f"{(peak['pruned'] - cumulative) / peak['dense']:.2f} with the ones above")
+    joint = saved["pruned"].get(JOINER, 0) - saved["dense"].get(JOINER, 0) - copies * (
+        params["dense"].get(JOINER, 0) - params["pruned"].get(JOINER, 0))
+    print(f"- joint output Linear not pruned: {(peak['pruned'] - joint) / peak['dense']:.2f} alone, "
+          f"{(peak['pruned'] - cumulative - joint) / peak['dense']:.2f} with the ones above")
+
+
+def analyse(workload: SpeechWorkload, pair: list[Variant], utterances: list[Utterance],
+            local: LocalTrainingConfig, reps: int, sparsity: float) -> None:
+    """Print where each variant's memory, FLOPs and time go."""
+    sliced = sliced_paths(pair)
+    models = {v.name: build_client_model(workload.build_model(), v.payload, v.specs).module for v in pair}
+    batch = workload.collate(utterances, generator=torch.Generator().manual_seed(0))
+    copies = 4 if local.optimizer == "adam" else 2 + (local.momentum > 0)
+    params = {k: parameter_bytes(m, sliced) for k, m in models.items()}
+    print_breakdown(f"Parameter bytes by kind of layer (one copy; training holds {copies}: parameters, "
+                    "gradients, optimiser state)", "MB", MB, params["dense"], params["pruned"])
+    saved = {k: saved_bytes(workload, m, batch, sliced) for k, m in models.items()}
+    print_breakdown("Bytes saved for backward in one step, by kind of layer saving them", "MB", MB,
+                    saved["dense"], saved["pruned"])
+    for k in models:
+        state, acts = copies * sum(params[k].values()), sum(saved[k].values())
+        print(f"{k}: {copies} x parameters {state / MB:.1f} MB + saved {acts / MB:.1f} MB = "
+              f"{(state + acts) / MB:.1f} MB (activations {acts / (state + acts):.0%})")
+    print_what_if(params, saved, copies, sparsity)
+    fl = {k: forward_flops(workload, m, batch, sliced) for k, m in models.items()}
+    print_breakdown("Forward FLOPs of one step by kind of layer", "GFLOP", 1e9, fl["dense"], fl["pruned"])
+    del models
+    gc.collect()
+    secs = op_seconds(workload, pair, utterances, local, reps)
+    print_breakdown("Self CPU time of one profiled training step by kind of operation", "ms", 1e-3,
+                    secs["dense"], secs["pruned"])
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["small", "paper"], choices=list(BATCH))
+    parser.add_argument("--batch", type=int, nargs="+", help=f"batch size per model (default: {BATCH})")
+    parser.add_argument("--seconds", type=float, default=2.5, help="audio per utterance")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per training, after a warm-up step")
+    parser.add_argument("--reps", type=int, default=4, help="trainings per variant, interleaved")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on shared cores, OpenMP threads that wait for each other "
+                             "make 2-thread timings mostly contention)")
+    parser.add_argument("--no-analysis", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; column pattern, sparsity "
+          f"{args.sparsity}, uniform; Adam; {args.seconds} s synthetic utterances; {args.reps} interleaved "
+          f"trainings x {args.steps} timed steps per variant (medians)")
+    rows = []
+    for i, model_name in enumerate(args.models):
+        batch = args.batch[i] if args.batch else BATCH[model_name]
+        workload = SpeechWorkload(model_name)
+        pair = variants(model_name, args.sparsity)
+        utterances = synthetic_batch(workload, batch, args.seconds, seed=0)
+        local = LocalTrainingConfig(steps=1 + args.steps, batch_size=batch, lr=1e-3, optimizer="adam")
+        runs = compare(workload, pair, utterances, local, args.reps)
+        rows.append((model_name, batch, summary(runs["dense"]), summary(runs["pruned"])))
+        if not args.no_analysis:
+            print(f"\n## {model_name}, batch {batch}")
+            analyse(workload, pair, utterances, local, args.reps, args.sparsity)
+    print("\n| model | batch | step wall s dense / pruned | wall ratio | step CPU s dense / pruned | CPU ratio "
+          "| CPU ratio without features | peak MB dense / pruned | peak ratio | RSS MB dense / pruned "
+          "| RSS ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for model_name, batch, d, p in rows:
+        print(f"| {model_name} | {batch} | {d['step']:.3f} / {p['step']:.3f} | {p['step'] / d['step']:.2f} "
+              f"| {d['cpu']:.3f} / {p['cpu']:.3f} | {p['cpu'] / d['cpu']:.2f} "
+              f"| {p['model_cpu'] / d['model_cpu']:.2f} | {d['peak'] / MB:.1f} / {p['peak'] / MB:.1f} "
+              f"| {p['peak'] / d['peak']:.2f} | {d['rss'] / MB:.1f} / {p['rss'] / MB:.1f} "
+              f"| {p['rss'] / d['rss']:.2f} |")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    for model_name, _, d, p in rows:
+        print(f"{model_name} step s, min-max: wall dense {d['step_min']:.3f}-{d['step_max']:.3f}, pruned "
+              f"{p['step_min']:.3f}-{p['step_max']:.3f}; CPU dense {d['cpu_min']:.3f}-{d['cpu_max']:.3f}, "
+              f"pruned {p['cpu_min']:.3f}-{p['cpu_max']:.3f}")
+        for figure in ("step", "cpu", "peak"):
+            ratio = p[figure] / d[figure]
+            met = "met" if ratio <= TARGET else "missed"
+            print(f"{model_name} {figure}: pruned / dense {ratio:.2f} ({met}: target <= {TARGET})")
+
+
+if __name__ == "__main__":
+    main()
