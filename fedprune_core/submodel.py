@@ -224,7 +224,7 @@ def build_client_model(model: nn.Module, payload: Payload, specs: dict[str, Prun
             masks[name] = _decode_mask(payload, name, specs[name])
             p.zero_()
             p[masks[name]] = payload[f"{name}{SEP}v"]
-    for name in (n for n in params if n in specs and is_sliced(specs[n])):
+    for name in (n for n in params if n in specs and is_sliced(specs[n]) and n not in payload):
         path = name.removesuffix(".weight")
         linear = model.get_submodule(path)
         assert isinstance(linear, nn.Linear)
