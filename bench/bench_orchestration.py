@@ -8,29 +8,24 @@
     .venv/bin/python bench/bench_orchestration.py                      # both parts
     .venv/bin/python bench/bench_orchestration.py --preset tiny --rounds 4 8
 
-Runs against a local Prefect server it starts on loopback (in a temporary FEDPRUNE_HOME).
+Runs against the local Prefect server (started on demand as the CLI does, stopped after if it
+started it); runs and tracking go to a scratch folder, the speech corpus cache is the CLI's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("FEDPRUNE_HOME", tempfile.mkdtemp(prefix="fedprune-bench-"))
+_SCRATCH = tempfile.mkdtemp(prefix="fedprune-bench-")
+# Runs and tracking in a scratch folder; the speech corpus cache stays shared with the CLI's (FEDPRUNE_HOME/data).
+os.environ.setdefault("FEDPRUNE_STORAGE_URL", f"file://{_SCRATCH}/storage")
+os.environ.setdefault("FEDPRUNE_TRACKING_URI", f"sqlite:///{_SCRATCH}/mlflow.db")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-os.environ.setdefault("FEDPRUNE_PREFECT_PORT", str(_free_port()))
 
 
 def timed_simulate(preset_name: str, overrides: dict[str, Any]) -> float:
@@ -70,16 +65,17 @@ def compare(preset_name: str, base: dict[str, Any], short: int, long: int, tag: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", help="real-workload preset (default small)")
-    parser.add_argument("--rounds", nargs=2, type=int, default=[3, 9], help="short and long round counts")
+    parser.add_argument("--rounds", nargs=2, type=int, default=[1, 3], help="short and long round counts")
     parser.add_argument("--noop-rounds", nargs=2, type=int, default=[20, 120])
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args()
 
     from infra.prefect_api import ensure_prefect_api
     from infra.settings import Settings
-    from infra.stack import stop_service
+    from infra.stack import read_pid, stop_service
 
     settings = Settings()
+    started = read_pid(settings.stack_dir, "prefect") is None and not os.environ.get("PREFECT_API_URL")
     print(f"Prefect API: {ensure_prefect_api(settings)}", flush=True)
     try:
         run_benchmarks(args)
@@ -87,7 +83,8 @@ def main() -> None:
         from prefect.logging.handlers import APILogHandler
 
         APILogHandler().flush()
-        stop_service(settings.stack_dir, "prefect")
+        if started:
+            stop_service(settings.stack_dir, "prefect")
 
 
 def run_benchmarks(args: argparse.Namespace) -> None:
