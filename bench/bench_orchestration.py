@@ -65,7 +65,7 @@ def compare(preset_name: str, base: dict[str, Any], short: int, long: int, tag: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", help="real-workload preset (default small)")
-    parser.add_argument("--rounds", nargs=2, type=int, default=[1, 3], help="short and long round counts")
+    parser.add_argument("--rounds", nargs=2, type=int, default=[2, 4], help="short and long round counts")
     parser.add_argument("--noop-rounds", nargs=2, type=int, default=[20, 120])
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args()
@@ -99,7 +99,8 @@ def run_benchmarks(args: argparse.Namespace) -> None:
              f"{per_round * 1000 / 50:.2f}")]
     if not args.skip_real:
         s, n = args.rounds
-        t = compare(args.preset, {}, s, n, args.preset)
+        short_schedule = {"schedule": {"sparsify_rounds": 1, "refine_rounds": 1, "refine_every": 1}}
+        t = compare(args.preset, short_schedule, s, n, args.preset)
         slope = (t[f"flow{n}"] - t[f"flow{s}"]) / (t[f"sim{n}"] - t[f"sim{s}"])
         total = t[f"flow{n}"] / t[f"sim{n}"]
         rows.append((f"{args.preset}: flow / simulate per round (slope {s}->{n} rounds)", f"{slope:.3f}", "<= 1.10",
