@@ -72,6 +72,7 @@ def _mel_transform(config: FeatureConfig) -> torchaudio.transforms.MelSpectrogra
         win_length=config.win_length,
         hop_length=config.hop_length,
         n_mels=config.n_mels,
+        pad_mode="constant",  # zero padding, as in a batch: features do not depend on batch padding
     )
 
 
