@@ -56,11 +56,7 @@ class Point:
 
 def lr_at(step: int, elapsed: float, budget: float, peak: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay over the time budget (floor 5% of peak)."""
-    return (
-        peak
-        * min(1.0, (step + 1) / warmup)
-        * max(0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget))))
-    )
+    return peak * min(1.0, (step + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget))))
 
 
 def _usage(cpu0: float) -> tuple[float, float]:
@@ -135,9 +131,7 @@ def write_curve(points: list[Point], out: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     """Command-line options; the defaults are the benchmark."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0, help="budget of training wall time")
     parser.add_argument("--corpus", default="bench", choices=sorted(CORPUS_PRESETS))
     parser.add_argument("--cache-dir", default=".fedprune/data", help="corpus cache (shared with the CLI)")
@@ -145,9 +139,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate")
     parser.add_argument("--warmup", type=int, default=300, help="warm-up steps")
-    parser.add_argument(
-        "--eval-every", type=float, default=180.0, help="training seconds between evaluations"
-    )
+    parser.add_argument("--eval-every", type=float, default=180.0, help="training seconds between evaluations")
     parser.add_argument("--eval-utterances", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (2 was 10x slower on a busy VM)")
@@ -179,9 +171,7 @@ def main() -> None:
     workload = SpeechWorkload(model=args.model)
     model = workload.build_model(seed=args.seed)
     print(f"model {args.model}: {count_parameters(model):,} parameters", flush=True)
-    config = LocalTrainingConfig(
-        steps=1, batch_size=args.batch_size, lr=args.lr, optimizer="adam", max_grad_norm=5.0
-    )
+    config = LocalTrainingConfig(steps=1, batch_size=args.batch_size, lr=args.lr, optimizer="adam", max_grad_norm=5.0)
     optimizer = make_optimizer(model, config)
     generator = generator_for(args.seed, 0, -1, "centralized")
     batches = length_bucketed_batches([u.audio.numel() for u in train], args.batch_size, generator)

@@ -27,9 +27,7 @@ import torch
 from torch import nn
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda params, c: torch.optim.SGD(
-        params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
-    ),
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
     "adam": lambda params, c: torch.optim.Adam(
         params, lr=c.lr, betas=(c.momentum or 0.9, 0.999), weight_decay=c.weight_decay
     ),
@@ -110,9 +108,7 @@ def make_optimizer(model: nn.Module, config: LocalTrainingConfig) -> torch.optim
     return OPTIMIZERS[config.optimizer]([p for p in model.parameters() if p.requires_grad], config)
 
 
-def batch_indices(
-    num_examples: int, config: LocalTrainingConfig, generator: torch.Generator
-) -> Iterator[list[int]]:
+def batch_indices(num_examples: int, config: LocalTrainingConfig, generator: torch.Generator) -> Iterator[list[int]]:
     """Yield ``config.steps`` batches of example indices, reshuffling with ``generator`` each pass."""
     produced = 0
     while True:
@@ -205,9 +201,7 @@ def train_local(
         ValueError: ``examples`` is empty.
     """
     if len(examples) == 0:
-        raise ValueError(
-            "examples is empty: a client needs at least one example to train; skip empty clients"
-        )
+        raise ValueError("examples is empty: a client needs at least one example to train; skip empty clients")
     device = next(model.parameters()).device
     was_training = model.training
     model.train()

@@ -88,9 +88,7 @@ def read_wav(path: Path) -> tuple[torch.Tensor, int]:
             )
             data = f.readframes(frames)
     except (wave.Error, EOFError) as e:
-        raise SpeechDataError(
-            f"audio file {path} is not a readable WAV ({e}): regenerate or replace it"
-        ) from e
+        raise SpeechDataError(f"audio file {path} is not a readable WAV ({e}): regenerate or replace it") from e
     if channels != 1 or width != 2:
         raise SpeechDataError(
             f"audio file {path} has {channels} channel(s) of {8 * width}-bit samples; "
@@ -174,13 +172,10 @@ def _index(plan: CorpusPlan) -> dict[str, Any]:
         "sample_rate": SAMPLE_RATE,
         "config": dataclasses.asdict(plan.config),
         "splits": {
-            split: {p.speaker.speaker_id: len(p.utterances) for p in plans}
-            for split, plans in plan.splits.items()
+            split: {p.speaker.speaker_id: len(p.utterances) for p in plans} for split, plans in plan.splits.items()
         },
         "speakers": {
-            p.speaker.speaker_id: dataclasses.asdict(p.speaker)
-            for plans in plan.splits.values()
-            for p in plans
+            p.speaker.speaker_id: dataclasses.asdict(p.speaker) for plans in plan.splits.values() for p in plans
         },
     }
 
@@ -259,9 +254,7 @@ def _parse_line(line: str, where: str) -> dict[str, Any]:
         raise SpeechDataError(f"{where}: not valid JSON ({e}): fix or delete the line") from e
     if not isinstance(record, dict):
         raise SpeechDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    missing = [
-        k for k in ("utterance_id", "speaker_id", "text", "audio") if not isinstance(record.get(k), str)
-    ]
+    missing = [k for k in ("utterance_id", "speaker_id", "text", "audio") if not isinstance(record.get(k), str)]
     if missing:
         raise SpeechDataError(
             f"{where}: fields {missing} are missing or not strings: each line needs "
@@ -351,9 +344,7 @@ def _chapter(folder: Path, vocabulary: CharVocabulary, resample: ResampleCounter
     speaker, chapter = folder.parent.name, folder.name
     transcript = folder / f"{speaker}-{chapter}.trans.txt"
     if not transcript.is_file():
-        raise SpeechDataError(
-            f"{transcript} does not exist: a LibriSpeech chapter folder needs its transcript"
-        )
+        raise SpeechDataError(f"{transcript} does not exist: a LibriSpeech chapter folder needs its transcript")
     utterances = []
     for number, line in enumerate(transcript.read_text().splitlines(), start=1):
         if not line.strip():
@@ -398,9 +389,7 @@ def read_librispeech(root: Path | str, split: str, vocabulary: CharVocabulary | 
         chapters = sorted((p for p in speaker.iterdir() if p.is_dir()), key=lambda p: p.name)
         utterances = [u for chapter in chapters for u in _chapter(chapter, vocabulary, resample)]
         if not utterances:
-            raise SpeechDataError(
-                f"speaker folder {speaker} holds no utterances: remove it or restore its chapters"
-            )
+            raise SpeechDataError(f"speaker folder {speaker} holds no utterances: remove it or restore its chapters")
         data[speaker.name] = utterances
     if not data:
         raise SpeechDataError(f"{folder} holds no speaker folders: check the LibriSpeech layout")

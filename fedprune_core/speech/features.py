@@ -81,9 +81,7 @@ def num_frames(num_samples: torch.Tensor, config: FeatureConfig) -> torch.Tensor
     return num_samples // config.hop_length + 1
 
 
-def log_mel(
-    audio: torch.Tensor, lengths: torch.Tensor, config: FeatureConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def log_mel(audio: torch.Tensor, lengths: torch.Tensor, config: FeatureConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-utterance normalised log-mel features.
 
     Each mel band is shifted and scaled to zero mean and unit variance over the utterance's
@@ -140,11 +138,7 @@ def spec_augment(
     batch, time, freq = features.shape
     lengths = lengths.to(torch.float32).cpu()
     freq_extent = torch.full((batch,), float(freq))
-    fmask = _band_masks(
-        config.freq_masks, torch.full((batch,), float(config.freq_width)), freq_extent, freq, generator
-    )
-    tmask = _band_masks(
-        config.time_masks, (lengths * config.time_width_ratio).floor(), lengths, time, generator
-    )
+    fmask = _band_masks(config.freq_masks, torch.full((batch,), float(config.freq_width)), freq_extent, freq, generator)
+    tmask = _band_masks(config.time_masks, (lengths * config.time_width_ratio).floor(), lengths, time, generator)
     keep = ~(fmask[:, None, :] | tmask[:, :, None])
     return features * keep.to(features.device, features.dtype)

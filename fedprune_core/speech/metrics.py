@@ -13,9 +13,7 @@ import jiwer
 
 def _check(references: Sequence[str], hypotheses: Sequence[str]) -> None:
     if len(references) != len(hypotheses):
-        raise ValueError(
-            f"{len(references)} references and {len(hypotheses)} hypotheses must pair up one to one"
-        )
+        raise ValueError(f"{len(references)} references and {len(hypotheses)} hypotheses must pair up one to one")
     if not references or any(not r.strip() for r in references):
         raise ValueError("references must be a non-empty list of non-empty strings: drop empty transcripts")
 

@@ -35,9 +35,7 @@ _CHARS_UTF8 = 1
 _PARAM_RATE = 1
 _PARAM_PITCH = 3
 _PHONEMES_IPA = 2
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
-)
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 _LOCK = threading.Lock()
 _dlclose = _ctypes.dlclose  # type: ignore[attr-defined]
 _LIBC = ctypes.CDLL(None)
@@ -191,9 +189,7 @@ def phonemes(text: str, accent: str = "en-us") -> str:
         pointer = ctypes.c_char_p(text.encode())
         parts = []
         while pointer.value:  # the call consumes one clause and advances the pointer
-            parts.append(
-                lib.espeak_TextToPhonemes(ctypes.byref(pointer), _CHARS_UTF8, _PHONEMES_IPA).decode()
-            )
+            parts.append(lib.espeak_TextToPhonemes(ctypes.byref(pointer), _CHARS_UTF8, _PHONEMES_IPA).decode())
         lib.espeak_Terminate()
     return " ".join(parts).replace("ˈ", "").replace("ˌ", "")
 

@@ -33,8 +33,7 @@ class CharVocabulary:
     def __post_init__(self) -> None:
         if len(set(self.symbols)) != len(self.symbols) or not self.symbols:
             raise ValueError(
-                f"symbols={self.symbols!r} must be non-empty with no repeated character: "
-                "list each character once"
+                f"symbols={self.symbols!r} must be non-empty with no repeated character: list each character once"
             )
         object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.symbols)})
 

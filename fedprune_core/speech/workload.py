@@ -92,9 +92,7 @@ class SpeechWorkload:
                 "(characters + blank): build the ModelConfig with num_symbols=vocabulary.size"
             )
         if config.n_mels != self.features.n_mels:
-            raise ValueError(
-                f"model n_mels={config.n_mels} must equal features n_mels={self.features.n_mels}"
-            )
+            raise ValueError(f"model n_mels={config.n_mels} must equal features n_mels={self.features.n_mels}")
 
     @property
     def model_config(self) -> ModelConfig:
@@ -147,9 +145,7 @@ class SpeechWorkload:
         frames = torch.tensor([encoding.shape[0]], dtype=torch.int32, device=encoding.device)
         symbols = torch.tensor([target.shape[0]], dtype=torch.int32, device=encoding.device)
         logits, _, _ = model.join(encoding[None], frames, prediction[None], symbols)  # (1, T', U + 1, V)
-        return AF.rnnt_loss(
-            logits, target[None], frames, symbols, blank=self.vocabulary.blank, reduction="sum"
-        )
+        return AF.rnnt_loss(logits, target[None], frames, symbols, blank=self.vocabulary.blank, reduction="sum")
 
     def train_client(
         self,
@@ -174,9 +170,7 @@ class SpeechWorkload:
     def _decode(self, model: nn.Module, batch: SpeechBatch, beam_width: int | None) -> list[str]:
         blank = self.vocabulary.blank
         if beam_width is None:
-            tokens = greedy_decode(
-                model, batch.features, batch.feature_lengths, blank, self.max_symbols_per_frame
-            )
+            tokens = greedy_decode(model, batch.features, batch.feature_lengths, blank, self.max_symbols_per_frame)
         else:
             tokens = beam_decode(model, batch.features, batch.feature_lengths, blank, beam_width)
         return [self.vocabulary.decode(t) for t in tokens]

@@ -102,9 +102,7 @@ def test_after_step_runs_after_every_step_and_can_reapply_a_mask():
 
 
 def test_grad_sq_sums_over_steps():
-    config = LocalTrainingConfig(
-        steps=3, batch_size=6, lr=1e-9, track_grad_sq=True
-    )  # lr ~ 0: same grad each step
+    config = LocalTrainingConfig(steps=3, batch_size=6, lr=1e-9, track_grad_sq=True)  # lr ~ 0: same grad each step
     result = train_local(_linear(), _data(), _mse, _collate, config, torch.Generator())
     single = train_local(
         _linear(),
@@ -146,10 +144,6 @@ def test_tensor_bytes_dedupes_shared_storage():
 def test_empty_client_is_an_error_and_mode_is_restored():
     model = _linear().eval()
     with pytest.raises(ValueError, match="examples is empty"):
-        train_local(
-            model, [], _mse, _collate, LocalTrainingConfig(steps=1, batch_size=1, lr=0.1), torch.Generator()
-        )
-    train_local(
-        model, _data(), _mse, _collate, LocalTrainingConfig(steps=1, batch_size=1, lr=0.1), torch.Generator()
-    )
+        train_local(model, [], _mse, _collate, LocalTrainingConfig(steps=1, batch_size=1, lr=0.1), torch.Generator())
+    train_local(model, _data(), _mse, _collate, LocalTrainingConfig(steps=1, batch_size=1, lr=0.1), torch.Generator())
     assert not model.training

@@ -202,20 +202,14 @@ def test_librispeech_errors_name_transcript_and_line(tmp_path):
     _librispeech_tree(tmp_path, {})
     transcript = tmp_path / "dev-clean" / "19" / "198" / "19-198.trans.txt"
     transcript.write_text("19-198-0000 HELLO WORLD\n19-198-0001 NUMBER 42\n")
-    with pytest.raises(
-        SpeechDataError, match=r"19-198.trans.txt:2: text 'number 42' has characters \['4', '2'\]"
-    ):
+    with pytest.raises(SpeechDataError, match=r"19-198.trans.txt:2: text 'number 42' has characters \['4', '2'\]"):
         read_librispeech(tmp_path, "dev-clean")
     transcript.write_text("19-198-0000 HELLO WORLD\n19-198-0009 MISSING AUDIO\n")
-    with pytest.raises(
-        SpeechDataError, match=r"19-198.trans.txt:2: audio file .*19-198-0009.flac does not exist"
-    ):
+    with pytest.raises(SpeechDataError, match=r"19-198.trans.txt:2: audio file .*19-198-0009.flac does not exist"):
         read_librispeech(tmp_path, "dev-clean")
     (tmp_path / "dev-clean" / "19" / "198" / "19-198-0000.flac").write_bytes(b"garbage")
     transcript.write_text("19-198-0000 HELLO WORLD\n")
-    with pytest.raises(
-        SpeechDataError, match=r"19-198.trans.txt:1: audio file .*19-198-0000.flac cannot be decoded"
-    ):
+    with pytest.raises(SpeechDataError, match=r"19-198.trans.txt:1: audio file .*19-198-0000.flac cannot be decoded"):
         read_librispeech(tmp_path, "dev-clean")
     with pytest.raises(SpeechDataError, match="is not a directory"):
         read_librispeech(tmp_path, "test-other")

@@ -51,9 +51,7 @@ def test_client_sizes_hand_example():
     minimum=st.integers(1, 20),
     skew=st.floats(0, 3),
 )
-def test_client_sizes_sum_exactly_are_long_tailed_and_respect_the_minimum(
-    total_extra, clients, minimum, skew
-):
+def test_client_sizes_sum_exactly_are_long_tailed_and_respect_the_minimum(total_extra, clients, minimum, skew):
     sizes = client_sizes(clients * minimum + total_extra, clients, minimum, skew)
     assert sum(sizes) == clients * minimum + total_extra
     assert min(sizes) >= minimum

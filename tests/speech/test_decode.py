@@ -18,8 +18,7 @@ def test_batched_greedy_equals_one_utterance_at_a_time():
     features, lengths = _inputs()[0], torch.tensor([40, 40, 40])
     batched = greedy_decode(model, features, lengths, BLANK)
     single = [
-        greedy_decode(model, features[i : i + 1, : int(n)], lengths[i : i + 1], BLANK)[0]
-        for i, n in enumerate(lengths)
+        greedy_decode(model, features[i : i + 1, : int(n)], lengths[i : i + 1], BLANK)[0] for i, n in enumerate(lengths)
     ]
     assert batched == single
     assert all(BLANK not in hyp for hyp in batched)

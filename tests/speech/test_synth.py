@@ -33,9 +33,7 @@ def test_unknown_voice_is_an_error():
         synthesize("hello", Voice("xx-nowhere", "", 50, 175))
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "rule"), [("pitch", 101, r"\[0, 100\]"), ("rate", 20, r"\[80, 450\]")]
-)
+@pytest.mark.parametrize(("field", "value", "rule"), [("pitch", 101, r"\[0, 100\]"), ("rate", 20, r"\[80, 450\]")])
 def test_voice_validation(field, value, rule):
     kwargs = {"accent": "en-us", "variant": "", "pitch": 50, "rate": 175, field: value}
     with pytest.raises(ValueError, match=rule):

@@ -26,9 +26,7 @@ def test_decode_drops_blanks_and_rejects_out_of_range():
 
 
 def test_out_of_vocabulary_error_names_the_place_and_characters():
-    with pytest.raises(
-        ValueError, match=r"manifest.jsonl:7: text 'Hello, world' has characters \['H', ','\]"
-    ):
+    with pytest.raises(ValueError, match=r"manifest.jsonl:7: text 'Hello, world' has characters \['H', ','\]"):
         CharVocabulary().validate("Hello, world", where="manifest.jsonl:7")
 
 

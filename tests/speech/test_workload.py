@@ -69,10 +69,7 @@ def test_loss_matches_the_padded_rnnt_loss(utterances):
 def test_train_client_is_reproducible_and_reports(utterances):
     w = SpeechWorkload()
     config = LocalTrainingConfig(steps=2, batch_size=2, lr=1e-3, optimizer="adam")
-    results = [
-        w.train_client(w.build_model(), utterances, config, torch.Generator().manual_seed(5))
-        for _ in range(2)
-    ]
+    results = [w.train_client(w.build_model(), utterances, config, torch.Generator().manual_seed(5)) for _ in range(2)]
     a, b = results
     assert isinstance(a, ClientResult) and a.num_examples == 4 and a.grad_sq is None
     assert a.mean_loss == b.mean_loss
