@@ -179,7 +179,7 @@ def main() -> None:
     step, eval_s, next_eval, start, cpu0 = 0, 0.0, args.eval_every, time.perf_counter(), time.process_time()
     lr = 0.0
 
-    def record(metrics: dict[str, float]) -> None:
+    def record(metrics: dict[str, float], wall_now: float) -> None:
         recent = sum(losses[-100:]) / len(losses[-100:])
         cpu, load = _usage(cpu0)
         trained, wall = wall_now - start - eval_s, wall_now - start
@@ -219,14 +219,14 @@ def main() -> None:
             next_eval += args.eval_every
             wall_now = time.perf_counter()
             metrics = evaluate_subset(workload, model, test_speakers, args.eval_utterances)
-            record(metrics)
+            record(metrics, wall_now)
             eval_s += time.perf_counter() - wall_now
     wall_now = time.perf_counter()
     final = {
         "test_speakers": workload.evaluate(model, test_speakers, batch_size=32),
         "test_sentences": workload.evaluate(model, test_sentences, batch_size=32),
     }
-    record(final["test_speakers"])
+    record(final["test_speakers"], wall_now)
     write_curve(points, out)
     summary = {
         "args": vars(args),
