@@ -271,6 +271,11 @@ def evaluate(workload: Workload, state: ServerState, examples: Sequence[Any]) ->
         return workload.evaluate(model, examples)
 
 
+def layer_sparsity(masks: MaskDict, specs: dict[str, PrunableSpec]) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """Per prunable parameter: (name, shape, entries, kept entries); unmasked ones are kept whole."""
+    return [(n, s.shape, s.numel, int(masks[n].count_nonzero()) if n in masks else s.numel) for n, s in specs.items()]
+
+
 def overall_sparsity(masks: MaskDict, specs: dict[str, PrunableSpec]) -> float:
     """Fraction of prunable entries pruned (0 without masks)."""
     total = sum(s.numel for s in specs.values())

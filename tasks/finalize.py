@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from prefect import task
 
+from fedprune_core.engine import layer_sparsity
 from fedprune_core.submodel import extract
 from infra.runs import RunRef, open_run
 from infra.storage import tensors_to_bytes
@@ -28,9 +29,8 @@ def sparsity_table(masks: dict, specs: dict) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["parameter", "shape", "entries", "kept", "sparsity"])
-    for name, spec in specs.items():
-        kept = int(masks[name].sum()) if name in masks else spec.numel
-        writer.writerow([name, "x".join(map(str, spec.shape)), spec.numel, kept, f"{1 - kept / spec.numel:.4f}"])
+    for name, shape, entries, kept in layer_sparsity(masks, specs):
+        writer.writerow([name, "x".join(map(str, shape)), entries, kept, f"{1 - kept / entries:.4f}"])
     return out.getvalue()
 
 
