@@ -204,7 +204,7 @@ def train_client(
     seed = config.seed
     local = config.federated.local
     if strategy.track_grad_sq and not local.track_grad_sq:
-        local = _with_grad_sq(local)
+        local = dataclasses.replace(local, track_grad_sq=True)
     with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, round_num, client_id, "train"))
         client = build_client_model(workload.build_model(), payload, strategy.specs)
@@ -220,10 +220,6 @@ def train_client(
         client_id, update, result.num_examples, result.mean_loss, result.wall_time_s,
         result.peak_memory_bytes, payload_nbytes(payload), payload_nbytes(update), grad_sq,
     )
-
-
-def _with_grad_sq(local: LocalTrainingConfig) -> LocalTrainingConfig:
-    return dataclasses.replace(local, track_grad_sq=True)
 
 
 def aggregate(
