@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +176,9 @@ class ExperimentConfig:
         strategy: one of `STRATEGIES`.
         model: the workload's model preset ("tiny", "small", "paper").
         corpus: the workload's corpus preset ("test", "bench").
+        init_from: warm start: "RUN_ID" (same experiment) or "EXPERIMENT/RUN_ID" of a run in the same
+            storage whose last committed weights become this run's round-0 weights (masks, scores and
+            optimizer state start fresh). Empty: the model's seeded initialization.
     """
 
     name: str = "tiny"
@@ -187,10 +191,17 @@ class ExperimentConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     fed_dropout: FedDropoutConfig = field(default_factory=FedDropoutConfig)
     prunefl: PruneFLConfig = field(default_factory=PruneFLConfig)
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not known: use one of {', '.join(STRATEGIES)}")
+        parts = self.init_from.split("/") if self.init_from else []
+        if len(parts) > 2 or not all(re.fullmatch(r"[A-Za-z0-9_-]{1,128}", p) for p in parts):
+            raise ValueError(
+                f"init_from={self.init_from!r} must be 'RUN_ID' or 'EXPERIMENT/RUN_ID' (letters, digits, - and _): "
+                "name a run listed by `fedprune runs list`, or leave it empty"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (tuples become lists)."""

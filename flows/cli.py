@@ -92,8 +92,8 @@ def run(
 
     try:
         overrides = parse_overrides(set_, config)
-        _validate_run(preset, overrides, run_id, rounds_per_segment, checkpoint_every, keep_last, keep_every,
-                      task_runner, max_workers)
+        _validate_run(preset, overrides, run_id, experiment_name, rounds_per_segment, checkpoint_every, keep_last,
+                      keep_every, task_runner, max_workers)
     except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
     _run_flow(preset=preset, overrides=overrides, run_id=run_id, experiment_name=experiment_name,
@@ -101,7 +101,9 @@ def run(
               keep_every=keep_every, task_runner=task_runner, max_workers=max_workers)
 
 
-def _validate_run(preset: str, overrides: dict[str, Any], run_id: str | None, *numbers: Any) -> None:
+def _validate_run(
+    preset: str, overrides: dict[str, Any], run_id: str | None, experiment_name: str, *numbers: Any
+) -> None:
     """Everything that can be checked without side effects, before Prefect starts."""
     from fedprune_core.presets import preset as make_preset
     from infra.checkpoint import validate_run_id
@@ -118,16 +120,23 @@ def _validate_run(preset: str, overrides: dict[str, Any], run_id: str | None, *n
             f"federated.clients_per_round={config.federated.clients_per_round} exceeds the {clients} clients "
             f"available: lower it to at most {clients}"
         )
-    _check_services()
+    storage = _check_services()
+    if config.init_from:
+        from infra.runs import warm_start_source
+
+        warm_start_source(storage, experiment_name, config.init_from)
 
 
-def _check_services() -> None:
+def _check_services() -> Any:
+    """The configured storage, once it and the tracking server answer."""
     from infra.storage import check_reachable, open_storage
     from infra.tracking import check_tracking_uri
 
     settings = _settings()
-    check_reachable(open_storage(settings.storage_url, settings.s3_endpoint_url), create_bucket=True)
+    storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
+    check_reachable(storage, create_bucket=True)
     check_tracking_uri(settings.tracking_uri)
+    return storage
 
 
 @app.command()
@@ -156,6 +165,48 @@ def resume(
         _fail(str(e))
     _run_flow(preset=stored["preset"], overrides=stored["overrides"], run_id=run_id,
               experiment_name=found[0].experiment, **stored["options"])
+
+
+@app.command()
+def sweep(
+    name: Annotated[str, typer.Option(help="Sweep name: MLflow experiment, storage folder, run-id prefix.")] = "paper",
+    warmup_rounds: Annotated[int, typer.Option(help="Rounds of the dense FedAvg warm-up.")] = 80,
+    rounds: Annotated[int, typer.Option(help="Rounds of each variant after the warm-up.")] = 28,
+    clients_per_round: Annotated[int, typer.Option(help="Clients sampled per round.")] = 4,
+    local_steps: Annotated[int, typer.Option(help="Local steps per client and round.")] = 5,
+    parallel: Annotated[int, typer.Option(help="Runs at once, one process each.")] = 2,
+    threads_per_run: Annotated[int, typer.Option(help="Torch threads per run.")] = 1,
+    out_dir: Annotated[Path, typer.Option(help="Where the table, CSV and plots go.")] = Path("docs/results"),
+    preset: Annotated[str, typer.Option(help="Configuration the runs override (small: the speech benchmark).")]
+    = "small",
+    only: Annotated[str, typer.Option(help="Comma-separated variant names to run (default: all).")] = "",
+) -> None:
+    """The paper's experiments on the speech benchmark (about two hours on 2 cores); skips finished runs."""
+    from fedprune_core.presets import preset as make_preset
+    from fedprune_core.sweep import paper_sweep
+    from infra.checkpoint import validate_run_id
+    from infra.errors import InfraError
+
+    try:
+        validate_run_id(name)
+        selected = tuple(v for v in only.split(",") if v)
+        plan = paper_sweep(name, warmup_rounds, rounds, clients_per_round, local_steps, preset=preset, only=selected)
+        for variant in (plan.warmup, *plan.variants):
+            make_preset(plan.preset, variant.overrides)
+        if parallel < 1 or threads_per_run < 1:
+            raise ValueError(f"--parallel {parallel} / --threads-per-run {threads_per_run} must be >= 1: pass 2 / 1")
+        _check_services()
+    except (ValueError, InfraError) as e:
+        _fail(str(e))
+    from infra.prefect_api import ensure_prefect_api
+
+    ensure_prefect_api(_settings())
+    from flows.sweep import sweep as sweep_flow
+
+    files = sweep_flow(name=name, warmup_rounds=warmup_rounds, rounds=rounds, clients_per_round=clients_per_round,
+                       local_steps=local_steps, parallel=parallel, threads_per_run=threads_per_run,
+                       out_dir=str(out_dir), preset=preset, only=list(selected))
+    typer.echo(json.dumps(files, indent=2))
 
 
 @runs_app.command("list")

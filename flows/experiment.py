@@ -23,7 +23,7 @@ from fedprune_core.presets import preset as make_preset
 from fedprune_core.rng import sample_clients
 from fedprune_core.simulate import should_evaluate
 from infra.checkpoint import CheckpointStore, validate_run_id
-from infra.runs import RunOptions, RunRef, open_run
+from infra.runs import RunOptions, RunRef, open_run, warm_start_source
 from infra.settings import Settings
 from infra.storage import check_reachable, open_storage
 from infra.tracking import Tracker, check_tracking_uri
@@ -77,6 +77,8 @@ def prepare(
     storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
     check_reachable(storage, create_bucket=True)
     check_tracking_uri(settings.tracking_uri)
+    if config.init_from:
+        warm_start_source(storage, experiment_name, config.init_from)
     store = CheckpointStore(storage, experiment_name, run_id)
     record = {"experiment": config.to_dict(), "options": options.__dict__, "preset": preset,
               "overrides": overrides or {}}

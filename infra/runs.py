@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fedprune_core.config import ExperimentConfig
-from fedprune_core.engine import ServerState, Strategy
+from fedprune_core.engine import ServerState, Strategy, init_state
 from fedprune_core.strategies import make_strategy
 from infra.checkpoint import CheckpointStore
 from infra.storage import (
@@ -114,12 +114,46 @@ class Run:
     def checkpoint_key(self, round_num: int) -> str:
         return self.checkpoints.object_key(round_num, STATE_OBJECT)
 
+    def initial_state(self) -> ServerState:
+        """Round 0 before the strategy's set-up: the seeded model, or `config.init_from`'s last weights."""
+        if not self.config.init_from:
+            return init_state(self.data.workload, self.config.seed)
+        source = warm_start_source(self.storage, self.ref.experiment, self.config.init_from)
+        weights = source.load().tensors[STATE_OBJECT]
+        weights = {k.partition("/")[2]: t for k, t in weights.items() if k.startswith("weights/")}
+        expected = {n: p.shape for n, p in self._template().named_parameters()}
+        got = {n: t.shape for n, t in weights.items()}
+        if got != expected:
+            diff = sorted(set(got) ^ set(expected)) or sorted(n for n in got if got[n] != expected[n])
+            raise ValueError(
+                f"init_from={self.config.init_from!r} holds a different model ({', '.join(diff[:3])} differ): "
+                f"warm-start from a run of model {self.config.model!r}"
+            )
+        return ServerState(0, weights)
+
     def commit(self, state: ServerState, meta: dict[str, Any]) -> str:
         """Commit `state` as a checkpoint, apply retention, drop covered work objects."""
         self.checkpoints.commit(state.round_num, {STATE_OBJECT: state.flat()}, meta)
         self.checkpoints.apply_retention(self.options.keep_last, self.options.keep_every)
         self.scratch.delete_prefix(f"{self.ref.experiment}/{self.ref.run_id}/work/")
         return self.checkpoint_key(state.round_num)
+
+
+def warm_start_source(storage: Storage, experiment: str, init_from: str) -> CheckpointStore:
+    """The run `init_from` ("RUN_ID" in `experiment`, or "EXPERIMENT/RUN_ID") names, checked to hold a
+    committed checkpoint.
+
+    Raises:
+        ValueError: naming the run when it does not exist or has nothing committed.
+    """
+    source_experiment, _, source_run = init_from.rpartition("/")
+    store = CheckpointStore(storage, source_experiment or experiment, source_run)
+    if store.latest_round() is None:
+        raise ValueError(
+            f"init_from={init_from!r}: no committed checkpoint of run {store.base!r} in {storage.url}: "
+            "finish (or resume) that run first, or name another from `fedprune runs list`"
+        )
+    return store
 
 
 @functools.lru_cache(maxsize=8)

@@ -20,6 +20,11 @@ CASES = [
     (("run", "--preset", "toy", "--checkpoint-every", "0"), "checkpoint_every=0"),
     (("resume", "no-such-run"), "run_id='no-such-run' does not exist"),
     (("resume", "a/b"), "run_id='a/b'"),
+    (("run", "--preset", "toy", "--set", "init_from=no-such-run"), "init_from='no-such-run': no committed checkpoint"),
+    (("run", "--preset", "toy", "--set", "init_from=a/b/c"), "init_from='a/b/c' must be"),
+    (("sweep", "--only", "fp-s99"), "only='fp-s99' is not a variant"),
+    (("sweep", "--parallel", "0"), "--parallel 0"),
+    (("sweep", "--rounds", "2"), "rounds=2"),
 ]
 
 

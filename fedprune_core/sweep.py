@@ -1,0 +1,127 @@
+"""The paper's experiments as data: a warm-up run and the variants that branch from it.
+
+`paper_sweep(...)` lists the runs of `flows/sweep.py` on the `small` preset (the speech benchmark):
+
+- warm-up: dense FedAvg from the seeded initialization. Every variant starts from its last weights
+  (`init_from`), so each variant's budget goes to what differs between methods, not to learning
+  the basics again; the sparsify phase still ramps 0 -> S inside each variant, as in the paper.
+- dense FedAvg; Federated Pruning (column, adaptive, weight L2, refined) at S = 0.1, 0.3, 0.5, 0.7;
+  at S = 0.5 each pattern, uniform allocation, no refinement, gradient and weight x gradient
+  scores; Federated Dropout and PruneFL at FP@0.5's client size; seeds 1 and 2 of FP@0.5 and dense.
+
+A variant's `groups` say which comparisons of the report it belongs to. Run ids are
+`<sweep name>-<variant name>`, so running the sweep again finds, skips or resumes each run.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedprune_core.config import _merge
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One run of a sweep.
+
+    Attributes:
+        name: short id, unique in the sweep (the run id's suffix).
+        label: how tables and plots name it.
+        groups: comparisons it takes part in ("sparsity", "pattern", "allocation", "refine", "score",
+            "baseline", "seed").
+        overrides: nested overrides of the `small` preset (see `ExperimentConfig`).
+    """
+
+    name: str
+    label: str
+    groups: tuple[str, ...]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A warm-up run and the variants that start from its weights."""
+
+    name: str
+    preset: str
+    warmup: Variant
+    variants: tuple[Variant, ...]
+
+    def run_id(self, variant: Variant) -> str:
+        return f"{self.name}-{variant.name}"
+
+
+FP_05: dict[str, Any] = {"sparsity": 0.5, "pattern": "column", "allocation": "adaptive", "score_source": "weight",
+                         "score_norm": "l2"}
+
+
+def paper_sweep(
+    name: str = "paper",
+    warmup_rounds: int = 80,
+    rounds: int = 28,
+    clients_per_round: int = 4,
+    local_steps: int = 5,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    preset: str = "small",
+    only: tuple[str, ...] = (),
+) -> Sweep:
+    """The runs of the paper's comparisons, sized by rounds (defaults: about two hours on 2 CPU cores).
+
+    A variant's `rounds` split as: sparsify rounds // 3 (cubic ramp), refine rounds // 3 (re-rank
+    every 2 rounds), fine-tune the rest; 4 evaluations on held-out speakers. `only`: keep just the
+    variants of these names (the warm-up always runs).
+
+    Raises:
+        ValueError: sizes too small, or a name in `only` that is not a variant.
+    """
+    if warmup_rounds < 1 or rounds < 6:
+        raise ValueError(f"warmup_rounds={warmup_rounds}, rounds={rounds}: need warmup_rounds >= 1 and rounds >= 6")
+    sparsify = rounds // 3
+    federated: dict[str, Any] = {"clients_per_round": clients_per_round, "eval_every": max(1, rounds // 4),
+                 "local": {"steps": local_steps, "batch_size": 16, "lr": 0.001, "optimizer": "adam"}}
+    schedule = {"num_rounds": rounds, "sparsify_rounds": sparsify, "ramp": "cubic", "refine_rounds": sparsify,
+                "refine_every": 2}
+    warmup = Variant("warmup", "dense FedAvg warm-up", (), {
+        "name": f"{name}-warmup", "strategy": "fedavg", "seed": 0,
+        "schedule": {"num_rounds": warmup_rounds, "sparsify_rounds": 1, "refine_rounds": 0},
+        "federated": {**federated, "eval_every": max(1, warmup_rounds // 4),
+                      "local": {**federated["local"], "steps": 2 * local_steps, "lr": 0.002}},
+    })
+    base = {"name": name, "init_from": f"{name}-warmup", "schedule": schedule, "federated": federated,
+            "pruning": FP_05}
+
+    def fp(vname: str, label: str, groups: tuple[str, ...], **over: Any) -> Variant:
+        return Variant(vname, label, groups, _merge(copy.deepcopy(base), over))
+
+    variants = [
+        fp("dense", "dense FedAvg", ("sparsity", "baseline", "seed"), strategy="fedavg", pruning={"sparsity": 0.0}),
+        *(fp(f"fp-s{int(s * 100):02d}", f"FP S={s}", ("sparsity",), pruning={"sparsity": s})
+          for s in (0.1, 0.3)),
+        fp("fp-s50", "FP S=0.5 (column, adaptive, weight L2, refined)",
+           ("sparsity", "pattern", "allocation", "refine", "score", "baseline", "seed")),
+        fp("fp-s70", "FP S=0.7", ("sparsity",), pruning={"sparsity": 0.7}),
+        *(fp(f"fp-{p.replace('_', '')}", f"FP S=0.5 {p}", ("pattern",), pruning={"pattern": p})
+          for p in ("row", "half_column", "half_row", "unstructured")),
+        fp("fp-uniform", "FP S=0.5 uniform", ("allocation",), pruning={"allocation": "uniform"}),
+        fp("fp-norefine", "FP S=0.5 no refinement", ("refine",),
+           schedule={"refine_rounds": 0}),
+        *(fp(f"fp-{s.replace('_', '')}", f"FP S=0.5 {s} score", ("score",), pruning={"score_source": s})
+          for s in ("gradient", "weight_x_gradient")),
+        fp("fd", "Federated Dropout (rate 0.5)", ("baseline",), strategy="fed_dropout",
+           fed_dropout={"rate": 0.5}),
+        fp("prunefl", "PruneFL", ("baseline",), strategy="prunefl",
+           prunefl={"reconfig_every": 4, "initial_samples": 64, "initial_max_steps": 40,
+                    "initial_reconfig_every": 10, "initial_stable_changes": 2}),
+    ]
+    for seed in seeds[1:]:
+        variants += [fp(f"dense-seed{seed}", "dense FedAvg", ("seed",), strategy="fedavg",
+                        pruning={"sparsity": 0.0}, seed=seed),
+                     fp(f"fp-s50-seed{seed}", "FP S=0.5 (column, adaptive, weight L2, refined)", ("seed",),
+                        seed=seed)]
+    names = [v.name for v in variants]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ValueError(f"only={unknown[0]!r} is not a variant of the sweep: use some of {', '.join(names)}")
+    return Sweep(name, preset, warmup, tuple(v for v in variants if not only or v.name in only))

@@ -1,0 +1,117 @@
+"""Sweep tasks: run one experiment as its own `fedprune run` process, and write the sweep's report.
+
+Each variant runs in a child process with its own torch thread count, so a sweep uses the
+machine's cores side by side (threads in one process would share torch's global RNG lock and
+its thread pool). The child's flow run reports to the same Prefect API and MLflow tracking as
+the sweep. A finished run (its compact model stored) is skipped; an unfinished one resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from prefect import get_run_logger, task
+
+from infra import results
+from infra.checkpoint import CheckpointStore
+from infra.errors import StorageKeyError
+from infra.settings import Settings, child_env
+from infra.storage import open_storage
+from infra.tracking import Tracker
+from tasks.options import NO_PERSIST
+
+PROGRESS_EVERY_S = 60.0
+
+
+def is_finished(settings: Settings, experiment: str, run_id: str) -> bool:
+    """Whether `run_id` ran to its end (finalize stored its compact model)."""
+    store = CheckpointStore(open_storage(settings.storage_url, settings.s3_endpoint_url), experiment, run_id)
+    try:
+        store.get_artifact("compact_model.safetensors")
+    except StorageKeyError:
+        return False
+    return True
+
+
+def _last_progress(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if " - round " in line]
+    return lines[-1].split(" - ", 1)[-1] if lines else "starting"
+
+
+@task(name="run-variant", **NO_PERSIST)
+def run_variant(
+    run_id: str, preset: str, overrides: dict[str, Any], experiment: str, options: dict[str, Any], threads: int,
+    log_dir: str,
+) -> str:
+    """Run (or resume, or skip when finished) one experiment in a child `fedprune run` process.
+
+    Raises:
+        RuntimeError: the child failed; names its log file and quotes its last lines.
+    """
+    logger = get_run_logger()
+    settings = Settings()
+    if is_finished(settings, experiment, run_id):
+        logger.info(f"{run_id}: finished earlier, skipped")
+        return "skipped"
+    log = Path(log_dir) / f"{run_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(overrides, f)
+    command = [sys.executable, "-m", "flows.cli", "run", "--preset", preset, "--config", f.name,
+               "--run-id", run_id, "--experiment", experiment]
+    for key, value in options.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    env = child_env({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    start = time.monotonic()
+    with log.open("a") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        while child.poll() is None:
+            time.sleep(1.0)
+            if time.monotonic() - start >= PROGRESS_EVERY_S:
+                start = time.monotonic()
+                logger.info(f"{run_id}: {_last_progress(log)}")
+    Path(f.name).unlink(missing_ok=True)
+    if child.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"{run_id} exited with {child.returncode}; log {log}:\n{tail}")
+    logger.info(f"{run_id}: done ({_last_progress(log)})")
+    return "ran"
+
+
+@task(name="sweep-report", **NO_PERSIST)
+def report(
+    experiment: str, runs: list[tuple[str, str, tuple[str, ...], int]], dense_label: str, out_dir: str,
+) -> dict[str, str]:
+    """Table, CSV and plots of the sweep into `out_dir` and, as artifacts, into an MLflow run
+    `<experiment>-report` of the same experiment. Returns {file name: path}."""
+    settings = Settings()
+    client = MlflowClient(settings.tracking_uri)
+    found = results.collect(client, experiment, runs)  # raises if the experiment is missing
+    rows = results.summarize(found, dense_label)
+    files = {
+        "results_table.md": results.render_table(rows, dense_label).encode(),
+        "results.csv": results.render_csv(found).encode(),
+        "wer_vs_sparsity.png": results.plot_wer_vs_sparsity(found),
+        "wer_over_rounds.png": results.plot_wer_over_rounds(found),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report_id = f"{experiment}-report"
+    mlflow_experiment = client.get_experiment_by_name(experiment)
+    earlier = client.search_runs([mlflow_experiment.experiment_id], f"tags.`fedprune.run_id` = '{report_id}'",
+                                 max_results=1) if mlflow_experiment else []
+    with Tracker(settings.tracking_uri, experiment, run_name=report_id,
+                 run_id=earlier[0].info.run_id if earlier else None) as tracker:
+        tracker.set_tags({"fedprune.run_id": report_id, "fedprune.kind": "sweep-report"})
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+            tracker.log_artifact_bytes(f"sweep/{name}", data)
+    get_run_logger().info("\n" + results.render_table(rows, dense_label))
+    return {name: str(out / name) for name in files}
