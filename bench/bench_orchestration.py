@@ -2,6 +2,9 @@
 
 1. No-op workload (clients train nothing): the flow's overhead per round, from the slope between
    a short and a long run of each (fixed start-up costs cancel). Target: <= 50 ms per round.
+   Both round counts are whole numbers of 100-round segments: the Prefect server records task
+   runs from events behind the flow, and the next segment's flow run is created only once it has
+   caught up, so the slope includes the server's work per round, not only the flow process's.
 2. A real workload (default: the `small` preset): flow time / simulate time over the same rounds,
    both per round (slope) and in total. Target: <= 1.10.
 
@@ -66,7 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", help="real-workload preset (default small)")
     parser.add_argument("--rounds", nargs=2, type=int, default=[2, 4], help="short and long round counts")
-    parser.add_argument("--noop-rounds", nargs=2, type=int, default=[20, 120])
+    parser.add_argument("--noop-rounds", nargs=2, type=int, default=[100, 300],
+                        help="short and long no-op round counts (whole 100-round segments)")
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args()
 
