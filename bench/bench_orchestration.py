@@ -23,7 +23,10 @@ import tempfile
 import time
 from typing import Any
 
+from infra.settings import apply_quiet_defaults
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+apply_quiet_defaults(os.environ)  # as the CLI runs flows
 _SCRATCH = tempfile.mkdtemp(prefix="fedprune-bench-")
 # Runs and tracking in a scratch folder; the speech corpus cache stays shared with the CLI's (FEDPRUNE_HOME/data).
 os.environ.setdefault("FEDPRUNE_STORAGE_URL", f"file://{_SCRATCH}/storage")

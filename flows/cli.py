@@ -13,8 +13,11 @@ from typing import Annotated, Any
 
 import typer
 
+from infra.settings import apply_quiet_defaults
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+apply_quiet_defaults(os.environ)  # before Prefect configures logging
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 stack_app = typer.Typer(help="The local stack on 127.0.0.1: Prefect server + UI, MLflow server + UI, SeaweedFS S3.",

@@ -23,6 +23,19 @@ CHILD_ENV_DEFAULTS: dict[str, str] = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
 }
+# Defaults a user may override: Prefect's per-task "Finished in state Completed()" INFO lines (7+ per
+# round, each also a row the Prefect server writes) are left out of the console and the API logs;
+# task failures and retries still log (WARNING and above), task states stay in the UI, and the
+# flow logs one progress line per round. Set the variable to INFO to get them back.
+QUIET_DEFAULTS: dict[str, str] = {
+    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "WARNING",
+}
+
+
+def apply_quiet_defaults(env: dict[str, str] | os._Environ[str]) -> None:
+    """Set `QUIET_DEFAULTS` in `env` where the user has not set them."""
+    for key, value in QUIET_DEFAULTS.items():
+        env.setdefault(key, value)
 
 
 class Settings(BaseSettings):
@@ -101,8 +114,10 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         extra: variables to set (they win over the inherited ones).
 
     Returns:
-        A fresh dict; ``PREFECT_SERVER_ANALYTICS_ENABLED=false`` is always in it.
+        A fresh dict; ``PREFECT_SERVER_ANALYTICS_ENABLED=false`` is always in it, `QUIET_DEFAULTS`
+        unless set.
     """
     env = {**os.environ, **(extra or {})}
     env.update(CHILD_ENV_DEFAULTS)
+    apply_quiet_defaults(env)
     return env

@@ -32,7 +32,11 @@ def test_flow_final_weights_equal_simulate(cli: Cli, strategy: str) -> None:
     state = final_state(cli.home, "eq")
     assert state.round_num == preset("toy").schedule.num_rounds
     assert weights_hash(state.weights) == weights_hash(reference(overrides))
-    assert "Traceback" not in done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output
+    # One progress line per round; Prefect's per-task "Finished in state" lines are off by default.
+    assert output.count(" - round ") == state.round_num
+    assert "Task run '" not in output
 
 
 def test_flow_logs_every_round_once_with_artifacts(cli: Cli) -> None:
