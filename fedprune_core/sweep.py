@@ -2,9 +2,11 @@
 
 `paper_sweep(...)` lists the runs of `flows/sweep.py` on the `small` preset (the speech benchmark):
 
-- warm-up: dense FedAvg from the seeded initialization. Every variant starts from its last weights
-  (`init_from`), so each variant's budget goes to what differs between methods, not to learning
-  the basics again; the sparsify phase still ramps 0 -> S inside each variant, as in the paper.
+- warm-up: dense FedAvg from the seeded initialization, in stages (each a run that continues the
+  one before from its last weights: FedAvg with a plain averaging server carries no other state).
+  Every variant starts from the last stage's weights (`init_from`), so each variant's budget goes
+  to what differs between methods, not to learning the basics again; the sparsify phase still
+  ramps 0 -> S inside each variant, as in the paper.
 - dense FedAvg; Federated Pruning (column, adaptive, weight L2, refined) at S = 0.1, 0.3, 0.5, 0.7;
   at S = 0.5 each pattern, uniform allocation, no refinement, gradient and weight x gradient
   scores; Federated Dropout and PruneFL at FP@0.5's client size; seeds 1 and 2 of FP@0.5 and dense.
@@ -46,11 +48,11 @@ class Variant:
 
 @dataclass(frozen=True)
 class Sweep:
-    """A warm-up run and the variants that start from its weights."""
+    """Warm-up runs (each stage continuing the one before) and the variants that start from the last."""
 
     name: str
     preset: str
-    warmup: Variant
+    warmups: tuple[Variant, ...]
     variants: tuple[Variant, ...]
 
     def run_id(self, variant: Variant) -> str:
@@ -63,15 +65,15 @@ FP_05: dict[str, Any] = {"sparsity": 0.5, "pattern": "column", "allocation": "ad
 
 def paper_sweep(
     name: str = "paper",
-    warmup_rounds: int = 80,
-    rounds: int = 28,
+    warmup_rounds: tuple[int, ...] = (80, 60),
+    rounds: int = 24,
     clients_per_round: int = 4,
     local_steps: int = 5,
     seeds: tuple[int, ...] = (0, 1, 2),
     preset: str = "small",
     only: tuple[str, ...] = (),
 ) -> Sweep:
-    """The runs of the paper's comparisons, sized by rounds (defaults: about two hours on 2 CPU cores).
+    """The runs of the paper's comparisons, sized by rounds (defaults: about 2.5 hours on 2 CPU cores).
 
     A variant's `rounds` split as: sparsify rounds // 3 (cubic ramp), refine rounds // 3 (re-rank
     every 2 rounds), fine-tune the rest; 4 evaluations on held-out speakers. `only`: keep just the
@@ -80,20 +82,27 @@ def paper_sweep(
     Raises:
         ValueError: sizes too small, or a name in `only` that is not a variant.
     """
-    if warmup_rounds < 1 or rounds < 6:
-        raise ValueError(f"warmup_rounds={warmup_rounds}, rounds={rounds}: need warmup_rounds >= 1 and rounds >= 6")
+    if not warmup_rounds or min(warmup_rounds) < 1 or rounds < 6:
+        raise ValueError(
+            f"warmup_rounds={warmup_rounds}, rounds={rounds}: need one or more warm-up stages of >= 1 round "
+            "(e.g. (80, 60)) and rounds >= 6"
+        )
     sparsify = rounds // 3
     federated: dict[str, Any] = {"clients_per_round": clients_per_round, "eval_every": max(1, rounds // 4),
                  "local": {"steps": local_steps, "batch_size": 16, "lr": 0.002, "optimizer": "adam"}}
     schedule = {"num_rounds": rounds, "sparsify_rounds": sparsify, "ramp": "cubic", "refine_rounds": sparsify,
                 "refine_every": 2}
-    warmup = Variant("warmup", "dense FedAvg warm-up", (), {
-        "name": f"{name}-warmup", "strategy": "fedavg", "seed": 0,
-        "schedule": {"num_rounds": warmup_rounds, "sparsify_rounds": 1, "refine_rounds": 0},
-        "federated": {**federated, "eval_every": max(1, warmup_rounds // 4),
-                      "local": {**federated["local"], "steps": 2 * local_steps}},
-    })
-    base = {"name": name, "init_from": f"{name}-warmup", "schedule": schedule, "federated": federated,
+    warmups: list[Variant] = []
+    for i, stage_rounds in enumerate(warmup_rounds):
+        stage = "warmup" if i == 0 else f"warmup{i + 1}"
+        warmups.append(Variant(stage, f"dense FedAvg warm-up, stage {i + 1}", (), {
+            "name": f"{name}-{stage}", "strategy": "fedavg", "seed": 0,
+            "init_from": f"{name}-{warmups[-1].name}" if warmups else "",
+            "schedule": {"num_rounds": stage_rounds, "sparsify_rounds": 1, "refine_rounds": 0},
+            "federated": {**federated, "eval_every": max(1, stage_rounds // 4),
+                          "local": {**federated["local"], "steps": 2 * local_steps}},
+        }))
+    base = {"name": name, "init_from": f"{name}-{warmups[-1].name}", "schedule": schedule, "federated": federated,
             "pruning": FP_05}
 
     def fp(vname: str, label: str, groups: tuple[str, ...], **over: Any) -> Variant:
@@ -128,4 +137,4 @@ def paper_sweep(
     unknown = sorted(set(only) - set(names))
     if unknown:
         raise ValueError(f"only={unknown[0]!r} is not a variant of the sweep: use some of {', '.join(names)}")
-    return Sweep(name, preset, warmup, tuple(v for v in variants if not only or v.name in only))
+    return Sweep(name, preset, tuple(warmups), tuple(v for v in variants if not only or v.name in only))

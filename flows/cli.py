@@ -173,8 +173,9 @@ def resume(
 @app.command()
 def sweep(
     name: Annotated[str, typer.Option(help="Sweep name: MLflow experiment, storage folder, run-id prefix.")] = "paper",
-    warmup_rounds: Annotated[int, typer.Option(help="Rounds of the dense FedAvg warm-up.")] = 80,
-    rounds: Annotated[int, typer.Option(help="Rounds of each variant after the warm-up.")] = 28,
+    warmup_rounds: Annotated[str, typer.Option(help="Rounds of each dense FedAvg warm-up stage, comma-separated.")]
+    = "80,60",
+    rounds: Annotated[int, typer.Option(help="Rounds of each variant after the warm-up.")] = 24,
     clients_per_round: Annotated[int, typer.Option(help="Clients sampled per round.")] = 4,
     local_steps: Annotated[int, typer.Option(help="Local steps per client and round.")] = 5,
     parallel: Annotated[int, typer.Option(help="Runs at once, one process each.")] = 2,
@@ -184,7 +185,7 @@ def sweep(
     = "small",
     only: Annotated[str, typer.Option(help="Comma-separated variant names to run (default: all).")] = "",
 ) -> None:
-    """The paper's experiments on the speech benchmark (about two hours on 2 cores); skips finished runs."""
+    """The paper's experiments on the speech benchmark (about 2.5 hours on 2 cores); skips finished runs."""
     from fedprune_core.presets import preset as make_preset
     from fedprune_core.sweep import paper_sweep
     from infra.checkpoint import validate_run_id
@@ -193,8 +194,12 @@ def sweep(
     try:
         validate_run_id(name)
         selected = tuple(v for v in only.split(",") if v)
-        plan = paper_sweep(name, warmup_rounds, rounds, clients_per_round, local_steps, preset=preset, only=selected)
-        for variant in (plan.warmup, *plan.variants):
+        try:
+            stages = tuple(int(r) for r in warmup_rounds.split(","))
+        except ValueError:
+            raise ValueError(f"--warmup-rounds {warmup_rounds!r} must be integers with commas, e.g. 80,60") from None
+        plan = paper_sweep(name, stages, rounds, clients_per_round, local_steps, preset=preset, only=selected)
+        for variant in (*plan.warmups, *plan.variants):
             make_preset(plan.preset, variant.overrides)
         if parallel < 1 or threads_per_run < 1:
             raise ValueError(f"--parallel {parallel} / --threads-per-run {threads_per_run} must be >= 1: pass 2 / 1")
@@ -206,7 +211,7 @@ def sweep(
     ensure_prefect_api(_settings())
     from flows.sweep import sweep as sweep_flow
 
-    files = sweep_flow(name=name, warmup_rounds=warmup_rounds, rounds=rounds, clients_per_round=clients_per_round,
+    files = sweep_flow(name=name, warmup_rounds=list(stages), rounds=rounds, clients_per_round=clients_per_round,
                        local_steps=local_steps, parallel=parallel, threads_per_run=threads_per_run,
                        out_dir=str(out_dir), preset=preset, only=list(selected))
     typer.echo(json.dumps(files, indent=2))

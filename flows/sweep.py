@@ -1,8 +1,8 @@
 """The sweep flow: the paper's experiments on the speech benchmark, one command, resumable.
 
 sweep (flow)
-  run-variant: the dense FedAvg warm-up (`fedprune_core.sweep`), client training on `parallel`
-               processes of the process task runner
+  run-variant x warm-up stages: dense FedAvg (`fedprune_core.sweep`), each stage continuing the
+               one before; client training on 2 processes of the process task runner
   run-variant x variants, `parallel` at a time, each its own `fedprune run` process with
                `threads_per_run` torch threads, all starting from the warm-up's weights
   sweep-report: table, CSV and plots into `out_dir` and into MLflow (run `<name>-report`)
@@ -33,8 +33,8 @@ RUNNER: TaskRunner[Any] = ThreadPoolTaskRunner(max_workers=8)
 @flow(name="fedprune-sweep", persist_result=False, task_runner=RUNNER)
 def sweep(
     name: str = "paper",
-    warmup_rounds: int = 80,
-    rounds: int = 28,
+    warmup_rounds: list[int] | None = None,
+    rounds: int = 24,
     clients_per_round: int = 4,
     local_steps: int = 5,
     parallel: int = 2,
@@ -48,7 +48,8 @@ def sweep(
 
     Args:
         name: sweep name: MLflow experiment, storage folder and run-id prefix.
-        warmup_rounds, rounds, clients_per_round, local_steps: the size of the runs.
+        warmup_rounds: rounds of each warm-up stage (default [80, 60]).
+        rounds, clients_per_round, local_steps: the size of each variant.
         parallel: variants run at once (one process each).
         threads_per_run: torch threads per variant process.
         out_dir: where the table, CSV and plots are written.
@@ -61,13 +62,15 @@ def sweep(
     """
     if parallel < 1 or threads_per_run < 1:
         raise ValueError(f"parallel={parallel}, threads_per_run={threads_per_run}: both must be >= 1, e.g. 2 and 1")
-    plan = paper_sweep(name, warmup_rounds, rounds, clients_per_round, local_steps, preset=preset,
+    plan = paper_sweep(name, tuple(warmup_rounds or (80, 60)), rounds, clients_per_round, local_steps, preset=preset,
                        only=tuple(only or ()))
     logs = str(Path(log_dir) if log_dir else Settings().home / "sweeps") + f"/{name}"
     logger = get_run_logger()
-    logger.info(f"sweep {name}: warm-up + {len(plan.variants)} runs, {parallel} at a time; logs in {logs}/")
-    run_variant.with_options(task_run_name="run-warmup")(
-        plan.run_id(plan.warmup), plan.preset, plan.warmup.overrides, name, WARMUP_OPTIONS, threads_per_run, logs)
+    logger.info(f"sweep {name}: {len(plan.warmups)} warm-up stage(s) + {len(plan.variants)} runs, {parallel} at a "
+                f"time; logs in {logs}/")
+    for stage in plan.warmups:
+        run_variant.with_options(task_run_name=f"run-{stage.name}")(
+            plan.run_id(stage), plan.preset, stage.overrides, name, WARMUP_OPTIONS, threads_per_run, logs)
     pending = list(plan.variants)
     running: list[Any] = []
     done = 0

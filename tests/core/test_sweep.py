@@ -12,12 +12,12 @@ def test_every_variant_is_a_valid_configuration_starting_from_the_warmup() -> No
     plan = paper_sweep()
     names = [v.name for v in plan.variants]
     assert len(names) == len(set(names)) == 19
-    warm = preset(plan.preset, plan.warmup.overrides)
+    warm = preset(plan.preset, plan.warmups[0].overrides)
     assert warm.strategy == "fedavg" and warm.init_from == ""
     for v in plan.variants:
         config = preset(plan.preset, v.overrides)
-        assert config.init_from == plan.run_id(plan.warmup)
-        assert config.schedule.num_rounds == 28
+        assert config.init_from == plan.run_id(plan.warmups[-1])
+        assert config.schedule.num_rounds == 24
 
 
 def test_the_comparisons_differ_from_fp05_in_exactly_their_factor() -> None:
@@ -51,3 +51,13 @@ def test_only_selects_variants_and_rejects_unknown_names() -> None:
         paper_sweep(only=("nope",))
     with pytest.raises(ValueError, match="rounds=3"):
         paper_sweep(rounds=3)
+
+
+def test_warmup_stages_continue_each_other() -> None:
+    plan = paper_sweep(warmup_rounds=(5, 3, 2))
+    configs = [preset(plan.preset, w.overrides) for w in plan.warmups]
+    assert [c.schedule.num_rounds for c in configs] == [5, 3, 2]
+    assert [c.init_from for c in configs] == ["", "paper-warmup", "paper-warmup2"]
+    assert all(c.strategy == "fedavg" for c in configs)
+    with pytest.raises(ValueError, match="warm-up stages"):
+        paper_sweep(warmup_rounds=())
