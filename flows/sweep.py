@@ -12,6 +12,7 @@ finished runs and resumes the unfinished ones from their last checkpoint.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,38 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from fedprune_core.sweep import paper_sweep
+from fedprune_core.sweep import Sweep, Variant, paper_sweep
 from infra.settings import Settings
-from tasks.sweep import report, run_variant
+from tasks.sweep import PROGRESS_EVERY_S, last_progress, report, run_variant
 
 WARMUP_OPTIONS: dict[str, Any] = {"task_runner": "processes", "max_workers": 2}
 VARIANT_OPTIONS: dict[str, Any] = {"task_runner": "threads", "max_workers": 4}
 
 
 RUNNER: TaskRunner[Any] = ThreadPoolTaskRunner(max_workers=8)
+
+
+def run_all(plan: Sweep, variants: list[Variant], parallel: int, options: dict[str, Any], threads: int,
+            logs: str) -> None:
+    """Run `variants`, `parallel` at a time; log each one's latest round every minute and each end."""
+    logger = get_run_logger()
+    pending, done = list(variants), 0
+    running: dict[Any, Variant] = {}
+    last_report = time.monotonic()
+    while pending or running:
+        while pending and len(running) < parallel:
+            v = pending.pop(0)
+            running[run_variant.with_options(task_run_name=f"run-{v.name}").submit(
+                plan.run_id(v), plan.preset, v.overrides, plan.name, options, threads, logs)] = v
+        for future in wait(list(running), timeout=5.0).done:
+            v = running.pop(future)
+            outcome = future.result()  # raises the child's failure, naming its log
+            done += 1
+            logger.info(f"{plan.run_id(v)}: {outcome} ({done}/{len(variants)}) {last_progress(logs, plan.run_id(v))}")
+        if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            for v in running.values():
+                logger.info(f"{plan.run_id(v)}: {last_progress(logs, plan.run_id(v))}")
 
 
 @flow(name="fedprune-sweep", persist_result=False, task_runner=RUNNER)
@@ -68,23 +92,10 @@ def sweep(
     logger = get_run_logger()
     logger.info(f"sweep {name}: {len(plan.warmups)} warm-up stage(s) + {len(plan.variants)} runs, {parallel} at a "
                 f"time; logs in {logs}/")
-    for stage in plan.warmups:
-        run_variant.with_options(task_run_name=f"run-{stage.name}")(
-            plan.run_id(stage), plan.preset, stage.overrides, name, WARMUP_OPTIONS, threads_per_run, logs)
-    pending = list(plan.variants)
-    running: list[Any] = []
-    done = 0
-    while pending or running:
-        while pending and len(running) < parallel:
-            v = pending.pop(0)
-            future = run_variant.with_options(task_run_name=f"run-{v.name}").submit(
-                plan.run_id(v), plan.preset, v.overrides, name, VARIANT_OPTIONS, threads_per_run, logs)
-            running.append(future)
-        finished = wait(running, timeout=5.0).done
-        for future in finished:
-            future.result()  # raises the child's failure
-            running.remove(future)
-            done += 1
-            logger.info(f"sweep {name}: {done}/{len(plan.variants)} runs done")
+    for stage in plan.warmups:  # each stage starts from the one before
+        run_all(plan, [stage], 1, WARMUP_OPTIONS, threads_per_run, logs)
+    run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs)
     runs = [(plan.run_id(v), v.label, v.groups, int(v.overrides.get("seed", 0))) for v in plan.variants]
-    return report(name, runs, "dense FedAvg", out_dir)
+    files = report(name, runs, "dense FedAvg", out_dir)
+    logger.info(f"sweep {name} report in {out_dir}:\n" + Path(files["results_table.md"]).read_text())
+    return files

@@ -12,12 +12,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
-from prefect import get_run_logger, task
+from prefect import task
 
 from infra import results
 from infra.checkpoint import CheckpointStore
@@ -40,8 +39,11 @@ def is_finished(settings: Settings, experiment: str, run_id: str) -> bool:
     return True
 
 
-def _last_progress(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if " - round " in line]
+def last_progress(log_dir: str, run_id: str) -> str:
+    """The run's latest progress line ("round i/N ...") from its log, or "starting"."""
+    log = Path(log_dir) / f"{run_id}.log"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if " - round " in line] if log.exists() \
+        else []
     return lines[-1].split(" - ", 1)[-1] if lines else "starting"
 
 
@@ -52,13 +54,15 @@ def run_variant(
 ) -> str:
     """Run (or resume, or skip when finished) one experiment in a child `fedprune run` process.
 
+    Returns:
+        "skipped" (it had finished earlier) or "ran". The caller logs progress (task-run INFO lines
+        are off by default, see `infra.settings.QUIET_DEFAULTS`).
+
     Raises:
         RuntimeError: the child failed; names its log file and quotes its last lines.
     """
-    logger = get_run_logger()
     settings = Settings()
     if is_finished(settings, experiment, run_id):
-        logger.info(f"{run_id}: finished earlier, skipped")
         return "skipped"
     log = Path(log_dir) / f"{run_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -69,19 +73,12 @@ def run_variant(
     for key, value in options.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     env = child_env({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    start = time.monotonic()
     with log.open("a") as out:
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        while child.poll() is None:
-            time.sleep(1.0)
-            if time.monotonic() - start >= PROGRESS_EVERY_S:
-                start = time.monotonic()
-                logger.info(f"{run_id}: {_last_progress(log)}")
+        child = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
     Path(f.name).unlink(missing_ok=True)
     if child.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise RuntimeError(f"{run_id} exited with {child.returncode}; log {log}:\n{tail}")
-    logger.info(f"{run_id}: done ({_last_progress(log)})")
     return "ran"
 
 
@@ -113,5 +110,4 @@ def report(
         for name, data in files.items():
             (out / name).write_bytes(data)
             tracker.log_artifact_bytes(f"sweep/{name}", data)
-    get_run_logger().info("\n" + results.render_table(rows, dense_label))
     return {name: str(out / name) for name in files}
