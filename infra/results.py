@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+LAST_EVALS = 2  # the table's WER: mean of the last two evaluations
 METRICS = ("eval_wer", "eval_cer", "sparsity", "bytes_down", "client_time_s_mean", "client_peak_memory_bytes")
 
 
@@ -36,6 +37,12 @@ class RunResult:
     def final(self, key: str) -> float:
         points = self.history.get(key) or []
         return points[-1][1] if points else math.nan
+
+    def last_mean(self, key: str, k: int = LAST_EVALS) -> float:
+        """Mean of the last `k` logged values: the final evaluations, less sensitive to the last
+        round's client sample than the final one alone."""
+        points = (self.history.get(key) or [])[-k:]
+        return statistics.fmean(v for _, v in points) if points else math.nan
 
     def mean(self, key: str) -> float:
         points = self.history.get(key) or []
@@ -72,6 +79,7 @@ class Row:
 
     label: str
     wers: tuple[float, ...]
+    final_wers: tuple[float, ...]
     cer: float
     sparsity: float
     client_size: float
@@ -100,7 +108,8 @@ def summarize(results: Sequence[RunResult], dense_label: str) -> list[Row]:
         return statistics.fmean(r.mean(key) for r in runs) / statistics.fmean(d.mean(key) for d in dense)
 
     return [
-        Row(label, tuple(r.final("eval_wer") for r in runs), statistics.fmean(r.final("eval_cer") for r in runs),
+        Row(label, tuple(r.last_mean("eval_wer") for r in runs), tuple(r.final("eval_wer") for r in runs),
+            statistics.fmean(r.last_mean("eval_cer") for r in runs),
             statistics.fmean(r.final("sparsity") for r in runs), ratio("bytes_down", runs),
             ratio("client_time_s_mean", runs), ratio("client_peak_memory_bytes", runs))
         for label, runs in by_label.items()
@@ -108,27 +117,30 @@ def summarize(results: Sequence[RunResult], dense_label: str) -> list[Row]:
 
 
 def render_table(rows: Sequence[Row], dense_label: str) -> str:
-    """Markdown: WER (mean ± sd over seeds), its ratio to dense, CER, sparsity, client cost ratios."""
+    """Markdown: WER (mean of the last two evaluations; mean ± sd over seeds), its ratio to dense,
+    the final evaluation's WER, CER, sparsity, client cost ratios."""
     dense = next(r for r in rows if r.label == dense_label)
-    lines = ["| run | seeds | WER % | WER / dense | CER % | final sparsity | client download / dense "
-             "| client time / dense | client memory / dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | seeds | WER % | WER / dense | final-eval WER % | CER % | final sparsity "
+             "| client download / dense | client time / dense | client memory / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = f" ± {100 * r.wer_sd:.1f}" if len(r.wers) > 1 else ""
-        lines.append(f"| {r.label} | {len(r.wers)} | {100 * r.wer:.1f}{spread} | {r.wer / dense.wer:.3f} "
+        final = " / ".join(f"{100 * w:.1f}" for w in r.final_wers)
+        lines.append(f"| {r.label} | {len(r.wers)} | {100 * r.wer:.1f}{spread} | {r.wer / dense.wer:.3f} | {final} "
                      f"| {100 * r.cer:.1f} | {r.sparsity:.3f} | {r.client_size:.3f} | {r.client_time:.3f} "
                      f"| {r.client_memory:.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def render_csv(results: Sequence[RunResult]) -> str:
-    """One line per run: final WER/CER/sparsity and mean client cost."""
+    """One line per run: WER (last two evaluations' mean, and final), CER, final sparsity, mean client cost."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["run_id", "label", "seed", "wer", "cer", "sparsity", "bytes_down_mean", "client_time_s_mean",
-                     "client_peak_memory_bytes_mean"])
+    writer.writerow(["run_id", "label", "seed", "wer_last2", "wer_final", "cer_last2", "sparsity", "bytes_down_mean",
+                     "client_time_s_mean", "client_peak_memory_bytes_mean"])
     for r in results:
-        writer.writerow([r.run_id, r.label, r.seed, f"{r.final('eval_wer'):.4f}", f"{r.final('eval_cer'):.4f}",
+        writer.writerow([r.run_id, r.label, r.seed, f"{r.last_mean('eval_wer'):.4f}", f"{r.final('eval_wer'):.4f}",
+                         f"{r.last_mean('eval_cer'):.4f}",
                          f"{r.final('sparsity'):.4f}", f"{r.mean('bytes_down'):.0f}",
                          f"{r.mean('client_time_s_mean'):.3f}", f"{r.mean('client_peak_memory_bytes'):.0f}"])
     return buf.getvalue()
@@ -146,13 +158,13 @@ def plot_wer_vs_sparsity(results: Sequence[RunResult], group: str = "sparsity") 
     """Held-out-speaker WER against final sparsity for the runs of `group` (each seed a point)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     runs = sorted((r for r in results if group in r.groups), key=lambda r: r.final("sparsity"))
-    xs, ys = [r.final("sparsity") for r in runs], [100 * r.final("eval_wer") for r in runs]
+    xs, ys = [r.final("sparsity") for r in runs], [100 * r.last_mean("eval_wer") for r in runs]
     ax.plot(xs, ys, marker="o")
     for r in results:
         if "seed" in r.groups and group not in r.groups:
-            ax.plot(r.final("sparsity"), 100 * r.final("eval_wer"), marker="x", color="grey", linestyle="none")
+            ax.plot(r.final("sparsity"), 100 * r.last_mean("eval_wer"), marker="x", color="grey", linestyle="none")
     ax.set_xlabel("sparsity (share of prunable weights removed)")
-    ax.set_ylabel("WER % (held-out speakers)")
+    ax.set_ylabel("WER % (held-out speakers, mean of the last 2 evaluations)")
     ax.set_title("FP (column, adaptive, weight L2, refined): WER against sparsity\n(x: other seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     return _png(fig)

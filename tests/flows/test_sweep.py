@@ -39,7 +39,7 @@ def test_sweep_runs_variants_from_the_warmup_reports_and_skips_finished_runs(cli
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["run_id"] for r in rows] == ["swt-dense", "swt-fp-s50"]
     assert 0.45 < float(rows[1]["sparsity"]) < 0.55 and float(rows[0]["sparsity"]) == 0.0
-    assert all(0.0 <= float(r["wer"]) <= 5.0 for r in rows)
+    assert all(0.0 <= float(r["wer_last2"]) <= 5.0 and 0.0 <= float(r["wer_final"]) <= 5.0 for r in rows)
     table = (out / "results_table.md").read_text()
     assert "| dense FedAvg | 1 |" in table and "FP S=0.5" in table
     for png in ("wer_vs_sparsity.png", "wer_over_rounds.png"):
