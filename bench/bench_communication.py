@@ -30,12 +30,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from torch import nn
-
 from fedprune_core.config import PruningConfig
 from fedprune_core.engine import ServerState
-from fedprune_core.masks import PATTERNS, check_shape
-from fedprune_core.prunable import PrunableSpec, find_prunable
+from fedprune_core.masks import PATTERNS
+from fedprune_core.prunable import PrunableSpec, every_pattern_weights, find_prunable
 from fedprune_core.schedule import ScheduleConfig
 from fedprune_core.speech.model import build_model
 from fedprune_core.strategies.fedprune import FedPrune
@@ -70,20 +68,6 @@ class Row:
     down_index: int
     limit_down: float
     limit_up: float
-
-
-def every_pattern_weights(model: nn.Module) -> tuple[str, ...]:
-    """Names of the weights of rank >= 2 whose 2-D views fit all patterns."""
-    specs = find_prunable(model, ("*weight",), "unstructured")
-    names = []
-    for name, spec in specs.items():
-        try:
-            for pattern in PATTERNS:
-                check_shape(spec.matrix_shape, pattern, name)
-        except ValueError:
-            continue
-        names.append(name)
-    return tuple(names)
 
 
 def one_shot_masks(weights: StateDict, specs: dict[str, PrunableSpec], pattern: str, sparsity: float,

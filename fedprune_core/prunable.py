@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedprune_core.masks import check_shape
+from fedprune_core.masks import PATTERNS, check_shape
 
 
 @dataclass(frozen=True)
@@ -100,3 +100,17 @@ def matrices(t: torch.Tensor, spec: PrunableSpec) -> list[torch.Tensor]:
 def from_matrices(parts: list[torch.Tensor], spec: PrunableSpec) -> torch.Tensor:
     """Inverse of `matrices`: stack the 2-D parts and restore the full shape."""
     return torch.cat(parts, dim=0).reshape(spec.shape)
+
+
+def every_pattern_weights(model: nn.Module) -> tuple[str, ...]:
+    """Names of the weights of rank >= 2 whose 2-D views fit all patterns."""
+    specs = find_prunable(model, ("*weight",), "unstructured")
+    names = []
+    for name, spec in specs.items():
+        try:
+            for pattern in PATTERNS:
+                check_shape(spec.matrix_shape, pattern, name)
+        except ValueError:
+            continue
+        names.append(name)
+    return tuple(names)

@@ -83,11 +83,11 @@ def prepare(
     record = {"experiment": config.to_dict(), "options": options.__dict__, "preset": preset,
               "overrides": overrides or {}}
     existed = store.exists()
-    if existed:
-        _check_same_run(store.read_config(), record, run_id)
-    else:
-        store.write_config(record)
     latest = store.latest_round() if existed else None
+    if latest is not None:
+        _check_same_run(store.read_config(), record, run_id)
+    else:  # new, or it failed before committing round 0: nothing committed to protect
+        store.write_config(record)
     mlflow_run_id = store.load(latest).meta.get("mlflow_run_id") if latest is not None else None
     ref = RunRef(settings.storage_url, settings.s3_endpoint_url, experiment_name, run_id,
                  str(settings.home / "data"))

@@ -151,13 +151,15 @@ class CheckpointStore:
         return self.storage.exists(self.config_key)
 
     def write_config(self, config: dict[str, Any]) -> None:
-        """Store the run's configuration; writing the same one again is a no-op.
+        """Store the run's configuration; writing the same one again is a no-op. A run that never
+        committed a round (it failed while starting) may be given a new configuration: nothing
+        committed depends on the old one.
 
         Raises:
-            ValueError: if a different configuration is already stored for this run.
+            ValueError: if a different configuration is stored for a run with committed rounds.
         """
         data = _json_roundtrip(config, "config")
-        if self.exists():
+        if self.exists() and self.latest_round() is not None:
             stored = self.read_config()
             if stored != data:
                 changed = sorted(k for k in set(stored) | set(data) if stored.get(k) != data.get(k))

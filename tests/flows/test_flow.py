@@ -10,6 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from fedprune_core.presets import preset
 from fedprune_core.simulate import simulate
+from infra.checkpoint import CheckpointStore
+from infra.storage import open_storage
 from infra.workloads import load
 from tests.flows.conftest import Cli
 from tests.flows.helpers import final_state, weights_hash
@@ -90,3 +92,22 @@ def test_tiny_speech_preset_runs_end_to_end(cli: Cli) -> None:
     run = client.search_runs([client.get_experiment_by_name("fedprune").experiment_id])[0]
     assert 0.0 <= run.data.metrics["eval_wer"] and "eval_cer" in run.data.metrics
     assert abs(run.data.metrics["sparsity"] - preset("tiny").pruning.sparsity) < 0.01
+
+
+def test_warm_start_checks_the_model_and_a_run_that_failed_before_round_0_can_be_fixed(cli: Cli) -> None:
+    short = ("--set", "schedule.num_rounds=2", "--set", "schedule.sparsify_rounds=1", "--set",
+             "schedule.refine_rounds=0")
+    source = cli("run", "--preset", "toy", "--run-id", "src", *short)
+    assert source.returncode == 0, source.stderr[-3000:]
+    wrong = cli("run", "--preset", "tiny", "--run-id", "warm", "--set", "init_from=src", *short)
+    assert wrong.returncode != 0
+    assert "init_from='src' holds a different model" in wrong.stdout + wrong.stderr
+    # Nothing was committed, so the same run id starts again with a corrected configuration.
+    fixed = cli("run", "--preset", "toy", "--run-id", "warm", "--set", "init_from=src", *short)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    src, warm = final_state(cli.home, "src"), final_state(cli.home, "warm")
+    assert warm.round_num == 2
+    storage = open_storage((cli.home / "storage").as_uri())
+    start = CheckpointStore(storage, "fedprune", "warm").load(0).tensors["state"]
+    assert weights_hash({k[8:]: t for k, t in start.items() if k.startswith("weights/")}) == weights_hash(
+        src.weights)

@@ -81,7 +81,7 @@ def test_commit_then_load_roundtrips_tensors_meta_and_writes_the_layout(ckpt: Ch
     assert manifest["objects"]["state"] == {"sha256": sha256_hex(state), "size": len(state)}
 
 
-def test_config_is_written_once_and_never_changed(ckpt: CheckpointStore) -> None:
+def test_config_is_written_once_and_never_changed_once_a_round_is_committed(ckpt: CheckpointStore) -> None:
     assert not ckpt.exists()
     with pytest.raises(CheckpointNotFoundError, match="no config.json"):
         ckpt.read_config()
@@ -94,8 +94,14 @@ def test_config_is_written_once_and_never_changed(ckpt: CheckpointStore) -> None
         "prune": {"sparsity": 0.5, "pattern": "unstructured"},
         "rounds": [1, 2],
     }
+    # Nothing committed yet (the run failed while starting): a corrected config may replace it.
+    ckpt.write_config({**config, "seed": 2})
+    assert ckpt.read_config()["seed"] == 2
+    ckpt.write_config(config)
+    ckpt.commit(0, _tensors(0), _meta(0))
     with pytest.raises(ValueError, match=r"different config .*\['prune'\]"):
         ckpt.write_config({**config, "prune": {"sparsity": 0.9}})
+    assert ckpt.read_config()["prune"] == {"sparsity": 0.5, "pattern": "unstructured"}
 
 
 @pytest.mark.parametrize("run_id", ["", "a/b", "..", "a b", "a.b", "x" * 65, "ü"])
