@@ -10,7 +10,9 @@
 - dense FedAvg; Federated Pruning (column, adaptive, weight L2, refined) at S = 0.1, 0.3, 0.5, 0.7;
   at S = 0.5 each pattern, uniform allocation, no refinement, gradient and weight x gradient
   scores; Federated Dropout and PruneFL at FP@0.5's client size; seeds 1 and 2 of FP@0.5 and dense.
-- Federated Dropout drops half the rows of every prunable weight (rate 0.5): FP@0.5's client size.
+- Federated Dropout drops half the rows of every prunable weight (rate 0.5): FP@0.5's client size;
+  a second run keeps the two vocabulary-sized layers whole (the joiner's output rows are the
+  output symbols, the predictor's embedding rows the input symbols).
   PruneFL chooses its own density; its time model's constant T0 = 1000 s was calibrated on the
   warm-up's weights so its initial pruning lands near half (density 0.56 at T0 = 1000, against
   0.42 at 100 and 0.77 at 10,000).
@@ -133,6 +135,9 @@ def paper_sweep(
           for s in ("gradient", "weight_x_gradient")),
         fp("fd", "Federated Dropout (rate 0.5)", ("baseline",), strategy="fed_dropout",
            fed_dropout={"rate": 0.5}),
+        fp("fd-vocab", "Federated Dropout (rate 0.5, vocabulary layers kept)", ("baseline",),
+           strategy="fed_dropout", fed_dropout={"rate": 0.5, "layer_rates": [
+               ["joiner.linear.weight", 0.0], ["predictor.embedding.weight", 0.0]]}),
         fp("prunefl", "PruneFL", ("baseline",), strategy="prunefl",
            prunefl={"reconfig_every": 4, "time_constant": 1000.0, "initial_samples": 64, "initial_max_steps": 40,
                     "initial_reconfig_every": 10, "initial_stable_changes": 2}),

@@ -11,7 +11,7 @@ from fedprune_core.sweep import paper_sweep
 def test_every_variant_is_a_valid_configuration_starting_from_the_warmup() -> None:
     plan = paper_sweep()
     names = [v.name for v in plan.variants]
-    assert len(names) == len(set(names)) == 19
+    assert len(names) == len(set(names)) == 20
     warm = preset(plan.preset, plan.warmups[0].overrides)
     assert warm.strategy == "fedavg" and warm.init_from == ""
     for v in plan.variants:
@@ -35,6 +35,8 @@ def test_the_comparisons_differ_from_fp05_in_exactly_their_factor() -> None:
     assert by_name["fp-gradient"].pruning.score_source == "gradient"
     assert by_name["fp-weightxgradient"].pruning.score_source == "weight_x_gradient"
     assert by_name["fd"].strategy == "fed_dropout" and by_name["fd"].fed_dropout.rate == 0.5
+    assert dict(by_name["fd-vocab"].fed_dropout.layer_rates) == {"joiner.linear.weight": 0.0,
+                                                                 "predictor.embedding.weight": 0.0}
     assert by_name["prunefl"].strategy == "prunefl"
     assert by_name["dense"].strategy == "fedavg"
     assert sorted(c.seed for n, c in by_name.items() if n.startswith("fp-s50")) == [0, 1, 2]
