@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from infra.prefect_api import ensure_prefect_api
 from infra.settings import Settings, child_env
+from infra.tracking import find_run
 
 
 def rss_bytes(pid: int) -> int:
@@ -46,10 +47,9 @@ def rss_bytes(pid: int) -> int:
 
 def round_times(client: MlflowClient, experiment: str, run_id: str) -> dict[int, float]:
     """Wall-clock seconds (MLflow timestamp) at which each round's metrics were logged."""
-    found = client.get_experiment_by_name(experiment)
-    assert found is not None, f"no MLflow experiment {experiment!r}"
-    run = client.search_runs([found.experiment_id], f"tags.`fedprune.run_id` = '{run_id}'")[0]
-    return {m.step: m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    mlflow_id = find_run(client, experiment, run_id)
+    assert mlflow_id is not None, f"run {run_id!r} is not in MLflow experiment {experiment!r}"
+    return {m.step: m.timestamp / 1000 for m in client.get_metric_history(mlflow_id, "train_loss")}
 
 
 def window_time(times: dict[int, float], start: int, size: int = 100) -> float:

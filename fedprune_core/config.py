@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,11 +195,10 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not known: use one of {', '.join(STRATEGIES)}")
-        parts = self.init_from.split("/") if self.init_from else []
-        if len(parts) > 2 or not all(re.fullmatch(r"[A-Za-z0-9_-]{1,128}", p) for p in parts):
+        if self.init_from and (self.init_from.count("/") > 1 or "" in self.init_from.split("/")):
             raise ValueError(
-                f"init_from={self.init_from!r} must be 'RUN_ID' or 'EXPERIMENT/RUN_ID' (letters, digits, - and _): "
-                "name a run listed by `fedprune runs list`, or leave it empty"
+                f"init_from={self.init_from!r} must be 'RUN_ID' or 'EXPERIMENT/RUN_ID' (names checked as storage "
+                "names): name a run listed by `fedprune runs list`, or leave it empty"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from infra.checkpoint import CheckpointStore, validate_run_id
 from infra.runs import RunOptions, RunRef, open_run, warm_start_source
 from infra.settings import Settings
 from infra.storage import check_reachable, open_storage
-from infra.tracking import Tracker, check_tracking_uri
+from infra.tracking import RUN_ID_TAG, Tracker, check_tracking_uri
 from infra.workloads import num_clients
 from tasks.aggregate import aggregate
 from tasks.checkpoint import checkpoint
@@ -172,7 +172,7 @@ def experiment(
     if mlflow_run_id is None:
         params = {"preset": preset, "run_id": ref.run_id, **run.config.to_dict(), "options": options.__dict__}
         tracker.log_params(params)
-        tracker.set_tags({"fedprune.run_id": ref.run_id, "fedprune.strategy": run.config.strategy})
+        tracker.set_tags({RUN_ID_TAG: ref.run_id, "fedprune.strategy": run.config.strategy})
         state_key = initialize(ref, tracker.run_id)
     latest = run.checkpoints.latest_round() or 0
     state_key = run.checkpoint_key(latest)

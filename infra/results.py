@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from infra.tracking import find_run  # noqa: E402
+
 LAST_EVALS = 2  # the table's WER: mean of the last two evaluations
 METRICS = ("eval_wer", "eval_cer", "sparsity", "bytes_down", "client_time_s_mean", "client_peak_memory_bytes")
 
@@ -38,14 +40,10 @@ class RunResult:
         points = self.history.get(key) or []
         return points[-1][1] if points else math.nan
 
-    def last_mean(self, key: str, k: int = LAST_EVALS) -> float:
-        """Mean of the last `k` logged values: the final evaluations, less sensitive to the last
-        round's client sample than the final one alone."""
-        points = (self.history.get(key) or [])[-k:]
-        return statistics.fmean(v for _, v in points) if points else math.nan
-
-    def mean(self, key: str) -> float:
-        points = self.history.get(key) or []
+    def mean(self, key: str, last: int | None = None) -> float:
+        """Mean of the logged values, or of the `last` ones (the final evaluations are less sensitive
+        to the last round's client sample than the final one alone)."""
+        points = (self.history.get(key) or [])[-last if last else 0:]
         return statistics.fmean(v for _, v in points) if points else math.nan
 
 
@@ -56,15 +54,11 @@ def collect(client: MlflowClient, experiment: str, runs: Sequence[tuple[str, str
     Raises:
         ValueError: naming a run that is not in the experiment.
     """
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ValueError(f"MLflow experiment {experiment!r} does not exist: run the sweep first")
     results = []
     for run_id, label, groups, seed in runs:
-        matches = client.search_runs([found.experiment_id], f"tags.`fedprune.run_id` = '{run_id}'", max_results=2)
-        if not matches:
+        mlflow_id = find_run(client, experiment, run_id)
+        if mlflow_id is None:
             raise ValueError(f"run {run_id!r} is not in MLflow experiment {experiment!r}: run (or resume) it first")
-        mlflow_id = matches[0].info.run_id
         history = {}
         for key in METRICS:
             points = sorted(client.get_metric_history(mlflow_id, key), key=lambda m: m.step)
@@ -108,8 +102,8 @@ def summarize(results: Sequence[RunResult], dense_label: str) -> list[Row]:
         return statistics.fmean(r.mean(key) for r in runs) / statistics.fmean(d.mean(key) for d in dense)
 
     return [
-        Row(label, tuple(r.last_mean("eval_wer") for r in runs), tuple(r.final("eval_wer") for r in runs),
-            statistics.fmean(r.last_mean("eval_cer") for r in runs),
+        Row(label, tuple(r.mean("eval_wer", LAST_EVALS) for r in runs), tuple(r.final("eval_wer") for r in runs),
+            statistics.fmean(r.mean("eval_cer", LAST_EVALS) for r in runs),
             statistics.fmean(r.final("sparsity") for r in runs), ratio("bytes_down", runs),
             ratio("client_time_s_mean", runs), ratio("client_peak_memory_bytes", runs))
         for label, runs in by_label.items()
@@ -139,8 +133,8 @@ def render_csv(results: Sequence[RunResult]) -> str:
     writer.writerow(["run_id", "label", "seed", "wer_last2", "wer_final", "cer_last2", "sparsity", "bytes_down_mean",
                      "client_time_s_mean", "client_peak_memory_bytes_mean"])
     for r in results:
-        writer.writerow([r.run_id, r.label, r.seed, f"{r.last_mean('eval_wer'):.4f}", f"{r.final('eval_wer'):.4f}",
-                         f"{r.last_mean('eval_cer'):.4f}",
+        writer.writerow([r.run_id, r.label, r.seed, f"{r.mean('eval_wer', LAST_EVALS):.4f}",
+                         f"{r.final('eval_wer'):.4f}", f"{r.mean('eval_cer', LAST_EVALS):.4f}",
                          f"{r.final('sparsity'):.4f}", f"{r.mean('bytes_down'):.0f}",
                          f"{r.mean('client_time_s_mean'):.3f}", f"{r.mean('client_peak_memory_bytes'):.0f}"])
     return buf.getvalue()
@@ -158,11 +152,12 @@ def plot_wer_vs_sparsity(results: Sequence[RunResult], group: str = "sparsity") 
     """Held-out-speaker WER against final sparsity for the runs of `group` (each seed a point)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     runs = sorted((r for r in results if group in r.groups), key=lambda r: r.final("sparsity"))
-    xs, ys = [r.final("sparsity") for r in runs], [100 * r.last_mean("eval_wer") for r in runs]
+    xs, ys = [r.final("sparsity") for r in runs], [100 * r.mean("eval_wer", LAST_EVALS) for r in runs]
     ax.plot(xs, ys, marker="o")
     for r in results:
         if "seed" in r.groups and group not in r.groups:
-            ax.plot(r.final("sparsity"), 100 * r.last_mean("eval_wer"), marker="x", color="grey", linestyle="none")
+            ax.plot(r.final("sparsity"), 100 * r.mean("eval_wer", LAST_EVALS), marker="x", color="grey",
+                    linestyle="none")
     ax.set_xlabel("sparsity (share of prunable weights removed)")
     ax.set_ylabel("WER % (held-out speakers, mean of the last 2 evaluations)")
     ax.set_title("FP (column, adaptive, weight L2, refined): WER against sparsity\n(x: other seeds)", fontsize=9)

@@ -119,8 +119,8 @@ class Run:
         if not self.config.init_from:
             return init_state(self.data.workload, self.config.seed)
         source = warm_start_source(self.storage, self.ref.experiment, self.config.init_from)
-        weights = source.load().tensors[STATE_OBJECT]
-        weights = {k.partition("/")[2]: t for k, t in weights.items() if k.startswith("weights/")}
+        checkpoint = source.load()
+        weights = ServerState.from_flat(checkpoint.round_num, checkpoint.tensors[STATE_OBJECT]).weights
         expected = {n: p.shape for n, p in self._template().named_parameters()}
         got = {n: t.shape for n, t in weights.items()}
         if got != expected:
@@ -147,7 +147,10 @@ def warm_start_source(storage: Storage, experiment: str, init_from: str) -> Chec
         ValueError: naming the run when it does not exist or has nothing committed.
     """
     source_experiment, _, source_run = init_from.rpartition("/")
-    store = CheckpointStore(storage, source_experiment or experiment, source_run)
+    try:
+        store = CheckpointStore(storage, source_experiment or experiment, source_run)
+    except ValueError as error:  # the store's own rules for experiment and run names
+        raise ValueError(f"init_from={init_from!r}: {error}") from None
     if store.latest_round() is None:
         raise ValueError(
             f"init_from={init_from!r}: no committed checkpoint of run {store.base!r} in {storage.url}: "

@@ -98,6 +98,20 @@ def pack_metric_batches(buffer: list[Metric]) -> list[list[Metric]]:
     return batches
 
 
+RUN_ID_TAG = "fedprune.run_id"  # every FedPrune MLflow run carries its FedPrune run id here
+
+
+def find_run(client: MlflowClient, experiment: str, run_id: str) -> str | None:
+    """The MLflow run id of FedPrune run `run_id` (tag `RUN_ID_TAG`) in MLflow experiment
+    `experiment`, the newest if several; None when the experiment or the run does not exist."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    matches = client.search_runs([found.experiment_id], f"tags.`{RUN_ID_TAG}` = '{run_id}'", max_results=1,
+                                 order_by=["attributes.start_time DESC"])
+    return matches[0].info.run_id if matches else None
+
+
 class Tracker:
     """One MLflow run, created or reopened by id, with buffered exactly-once metric logging.
 

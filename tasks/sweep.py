@@ -23,7 +23,7 @@ from infra.checkpoint import CheckpointStore
 from infra.errors import StorageKeyError
 from infra.settings import Settings, child_env
 from infra.storage import open_storage
-from infra.tracking import Tracker
+from infra.tracking import RUN_ID_TAG, Tracker, find_run
 from tasks.options import NO_PERSIST
 
 PROGRESS_EVERY_S = 60.0
@@ -90,7 +90,7 @@ def report(
     `<experiment>-report` of the same experiment. Returns {file name: path}."""
     settings = Settings()
     client = MlflowClient(settings.tracking_uri)
-    found = results.collect(client, experiment, runs)  # raises if the experiment is missing
+    found = results.collect(client, experiment, runs)  # raises naming a missing run
     rows = results.summarize(found, dense_label)
     files = {
         "results_table.md": results.render_table(rows, dense_label).encode(),
@@ -101,12 +101,9 @@ def report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report_id = f"{experiment}-report"
-    mlflow_experiment = client.get_experiment_by_name(experiment)
-    earlier = client.search_runs([mlflow_experiment.experiment_id], f"tags.`fedprune.run_id` = '{report_id}'",
-                                 max_results=1) if mlflow_experiment else []
     with Tracker(settings.tracking_uri, experiment, run_name=report_id,
-                 run_id=earlier[0].info.run_id if earlier else None) as tracker:
-        tracker.set_tags({"fedprune.run_id": report_id, "fedprune.kind": "sweep-report"})
+                 run_id=find_run(client, experiment, report_id)) as tracker:
+        tracker.set_tags({RUN_ID_TAG: report_id, "fedprune.kind": "sweep-report"})
         for name, data in files.items():
             (out / name).write_bytes(data)
             tracker.log_artifact_bytes(f"sweep/{name}", data)
