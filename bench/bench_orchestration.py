@@ -2,9 +2,10 @@
 
 1. No-op workload (clients train nothing): the flow's overhead per round, from the slope between
    a short and a long run of each (fixed start-up costs cancel). Target: <= 50 ms per round.
-   Both round counts are whole numbers of 100-round segments: the Prefect server records task
-   runs from events behind the flow, and the next segment's flow run is created only once it has
-   caught up, so the slope includes the server's work per round, not only the flow process's.
+   Measured twice: mostly fine-tune rounds (masks kept, so no score and mask tasks), and rounds
+   that all score and mask (sparsifying throughout). Both round counts are whole numbers of
+   100-round segments, so the slope includes each segment's start (its child flow run, created
+   once the server has taken the previous segment's records) and the server's recording.
 2. A real workload (default: the `small` preset): flow time / simulate time over the same rounds,
    both per round (slope) and in total. Target: <= 1.10.
 
@@ -21,6 +22,7 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from infra.settings import apply_quiet_defaults
@@ -55,11 +57,13 @@ def timed_flow(preset_name: str, overrides: dict[str, Any], run_id: str) -> floa
     return time.perf_counter() - start
 
 
-def compare(preset_name: str, base: dict[str, Any], short: int, long: int, tag: str) -> dict[str, float]:
-    """Times of simulate and the flow at `short` and `long` rounds of the same configuration."""
+def compare(
+    preset_name: str, overrides: Callable[[int], dict[str, Any]], short: int, long: int, tag: str
+) -> dict[str, float]:
+    """Times of simulate and the flow at `short` and `long` rounds; `overrides(rounds)` configures each."""
     times: dict[str, float] = {}
     for rounds in (short, long):
-        over = {**base, "schedule": {**base.get("schedule", {}), "num_rounds": rounds}}
+        over = overrides(rounds)
         times[f"sim{rounds}"] = timed_simulate(preset_name, over)
         times[f"flow{rounds}"] = timed_flow(preset_name, over, f"bench-{tag}-{rounds}-{int(time.time())}")
         sim, flow = times[f"sim{rounds}"], times[f"flow{rounds}"]
@@ -96,17 +100,27 @@ def main() -> None:
 
 def run_benchmarks(args: argparse.Namespace) -> None:
     """Both parts; prints a Markdown table."""
-    noop = {"model": "noop", "schedule": {"sparsify_rounds": 5, "refine_rounds": 5, "refine_every": 5},
-            "federated": {"eval_every": 10_000}}
+    def noop(rounds: int, remask_every_round: bool) -> dict[str, Any]:
+        # A few sparsify and refine rounds, then fine-tuning (masks kept: no score and mask tasks);
+        # or sparsifying throughout (score and mask tasks every round).
+        schedule = {"sparsify_rounds": rounds, "refine_rounds": 0} if remask_every_round else {
+            "sparsify_rounds": 5, "refine_rounds": 5, "refine_every": 5}
+        return {"model": "noop", "schedule": {**schedule, "num_rounds": rounds}, "federated": {"eval_every": 10_000}}
+
     s, n = args.noop_rounds
-    compare("toy", noop, 10, 11, "warm-up")  # imports, MLflow tables, Prefect client: not per-round costs
-    t = compare("toy", noop, s, n, "noop")
-    per_round = ((t[f"flow{n}"] - t[f"flow{s}"]) - (t[f"sim{n}"] - t[f"sim{s}"])) / (n - s)
-    rows = [("no-op workload: flow overhead per round", f"{per_round * 1000:.1f} ms", "<= 50 ms",
-             f"{per_round * 1000 / 50:.2f}")]
+    compare("toy", lambda r: noop(r, False), 10, 11, "warm-up")  # imports, MLflow tables, Prefect client
+    rows = []
+    for remask, label in ((False, "fine-tune rounds (masks kept)"), (True, "rounds that score and mask")):
+        t = compare("toy", lambda r, remask=remask: noop(r, remask), s, n, "noop-remask" if remask else "noop")
+        per_round = ((t[f"flow{n}"] - t[f"flow{s}"]) - (t[f"sim{n}"] - t[f"sim{s}"])) / (n - s)
+        rows.append((f"no-op workload, {label}: flow overhead per round", f"{per_round * 1000:.1f} ms",
+                     "<= 50 ms", f"{per_round * 1000 / 50:.2f}"))
     if not args.skip_real:
         s, n = args.rounds
-        short_schedule = {"schedule": {"sparsify_rounds": 1, "refine_rounds": 1, "refine_every": 1}}
+
+        def short_schedule(rounds: int) -> dict[str, Any]:
+            return {"schedule": {"num_rounds": rounds, "sparsify_rounds": 1, "refine_rounds": 1, "refine_every": 1}}
+
         t = compare(args.preset, short_schedule, s, n, args.preset)
         slope = (t[f"flow{n}"] - t[f"flow{s}"]) / (t[f"sim{n}"] - t[f"sim{s}"])
         total = t[f"flow{n}"] / t[f"sim{n}"]

@@ -159,6 +159,11 @@ class Strategy(Protocol):
         """Before round 1 (PruneFL's initial pruning); most strategies return `state`."""
         ...
 
+    def keeps_masks(self, round_num: int) -> bool:
+        """Whether `round_num` scores and masks nothing: `score` and `mask` would return the scores
+        and masks of the state after round_num - 1, so the flow skips their tasks."""
+        ...
+
     def score(self, state: ServerState, round_num: int) -> StateDict:
         """Importance scores for `round_num` from the state after round_num - 1."""
         ...
@@ -181,9 +186,17 @@ class Strategy(Protocol):
 def init_state(workload: Workload, seed: int) -> ServerState:
     """Round-0 state: the workload's model initialized from the experiment seed."""
     with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, 0, -1, "init"))
+        torch.default_generator.manual_seed(derive_seed(seed, 0, -1, "init"))
         model = workload.build_model()
     return ServerState(0, {n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def round_masks(strategy: Strategy, state: ServerState, round_num: int) -> tuple[StateDict, MaskDict]:
+    """The scores and global masks in force during `round_num`."""
+    if strategy.keeps_masks(round_num):
+        return state.scores, state.masks
+    scores = strategy.score(state, round_num)
+    return scores, strategy.mask(state, scores, round_num)
 
 
 def dispatch(strategy: Strategy, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> Payload:
@@ -206,7 +219,8 @@ def train_client(
     if strategy.track_grad_sq and not local.track_grad_sq:
         local = dataclasses.replace(local, track_grad_sq=True)
     with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, round_num, client_id, "train"))
+        # the CPU generator only (torch.manual_seed also queues CUDA seeding with a stack trace: ~ms)
+        torch.default_generator.manual_seed(derive_seed(seed, round_num, client_id, "train"))
         client = build_client_model(workload.build_model(), payload, strategy.specs)
         result = workload.train_client(
             client.module, examples, local, generator_for(seed, round_num, client_id, "batches"), client.project

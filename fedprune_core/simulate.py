@@ -22,6 +22,7 @@ from fedprune_core.engine import (
     evaluate,
     init_state,
     overall_sparsity,
+    round_masks,
     train_client,
 )
 from fedprune_core.rng import sample_clients
@@ -87,8 +88,7 @@ def simulate(
         state = strategy.initialize(init_state(workload, config.seed), workload, client_data)
     history: list[dict[str, float]] = []
     for r in range(state.round_num + 1, config.schedule.num_rounds + 1):
-        scores = strategy.score(state, r)
-        masks = strategy.mask(state, scores, r)
+        scores, masks = round_masks(strategy, state, r)
         outcomes = [
             train_client(workload, config, strategy, dispatch(strategy, state, masks, r, c), client_data[c], r, c)
             for c in sample_clients(len(client_data), config.federated.clients_per_round, config.seed, r)

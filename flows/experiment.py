@@ -3,8 +3,10 @@
 experiment (parent flow)
   prepare: validate everything, create the run (config, round 0) or find where it stopped
   rounds_segment (child flow run per `rounds_per_segment` rounds)
-    per round: score -> mask -> dispatch -> client-train x clients (concurrent)
+    per round: [score -> mask] -> dispatch -> client-train x clients (concurrent)
                -> aggregate -> [evaluate] -> [log metrics, flush, checkpoint]
+    score and mask run in the rounds that can change masks (`Strategy.keeps_masks`); the others
+    (fine-tuning, FedAvg, between PruneFL's reconfigurations) keep the state's scores and masks.
   finalize: artifacts
 A run is identified by `run_id`; running the flow again with an existing run id resumes it from
 its last committed checkpoint into the same MLflow run.
@@ -13,6 +15,7 @@ its last committed checkpoint into the same MLflow run.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -105,6 +108,10 @@ def _check_same_run(stored: dict[str, Any], requested: dict[str, Any], run_id: s
             )
 
 
+PROGRESS_EVERY_S = 5.0
+"""A progress line at most this often (plus every evaluation and the segment's last round)."""
+
+
 def progress_line(round_num: int, total: int, metrics: dict[str, float]) -> str:
     """One line per round: where the run is and how it is doing."""
     shown = ("train_loss", "sparsity", "eval_wer", "eval_accuracy", "bytes_down", "client_time_s_max")
@@ -119,18 +126,24 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
     cfg, options = run.config, run.options
     tracker = Tracker(tracking_uri, ref.experiment, run_id=mlflow_run_id)
     logger = get_run_logger()
+    shown = time.monotonic()
     for r in range(first, last + 1):
-        scores_key = score(ref, r, state_key)
-        masks_key = mask(ref, r, state_key, scores_key)
+        scores_key = masks_key = None  # the state's own
+        if not run.strategy.keeps_masks(r):
+            scores_key = score(ref, r, state_key)
+            masks_key = mask(ref, r, state_key, scores_key)
         clients = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
         payloads = dispatch(ref, r, state_key, masks_key, clients)
         trained = [client_train.submit(ref, r, c, payloads[c]) for c in clients]
         result = aggregate(ref, r, state_key, scores_key, masks_key, [t.result() for t in trained])
         state_key, metrics = result["state_key"], result["metrics"]
-        if should_evaluate(r, cfg):
+        evaluated = should_evaluate(r, cfg)
+        if evaluated:
             metrics |= evaluate(ref, r, state_key)
         tracker.log_metrics(r, metrics)
-        logger.info(progress_line(r, cfg.schedule.num_rounds, metrics))
+        if evaluated or r == last or time.monotonic() - shown >= PROGRESS_EVERY_S:
+            logger.info(progress_line(r, cfg.schedule.num_rounds, metrics))
+            shown = time.monotonic()
         if r % options.checkpoint_every == 0 or r == last:
             tracker.flush()
             state_key = checkpoint(ref, r, state_key, mlflow_run_id)

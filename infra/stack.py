@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.errors import StackError
+from infra.prefect_server import RECORDING_ENV
 from infra.settings import LOOPBACK, Settings, child_env
 from infra.storage import S3Storage, check_reachable, make_s3_client
 
@@ -137,6 +138,9 @@ def _venv_tool(name: str) -> str:
 def prefect_spec(prefect_home: Path, port: int, host: str = LOOPBACK) -> ServiceSpec:
     """Prefect server + UI with its SQLite database under `prefect_home`.
 
+    Started through `infra.prefect_server`: `prefect server start` with batched task-run
+    recording and SQLite write transactions that wait for the lock instead of failing (see there).
+
     Args:
         prefect_home: PREFECT_HOME of the server (database, settings).
         port: API and UI port; the API is at ``http://host:port/api``.
@@ -146,8 +150,9 @@ def prefect_spec(prefect_home: Path, port: int, host: str = LOOPBACK) -> Service
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "true",
+        **RECORDING_ENV,
     }
-    argv = (_venv_tool("prefect"), "server", "start", "--host", host, "--port", str(port))
+    argv = (sys.executable, "-m", "infra.prefect_server", "server", "start", "--host", host, "--port", str(port))
     url = f"http://{host}:{port}"
     return ServiceSpec("prefect", argv, env, url, f"{url}/api/health", prefect_home, (port,))
 

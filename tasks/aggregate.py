@@ -23,15 +23,21 @@ def _outcome(upload: dict[str, Any], stats: ClientStats) -> ClientOutcome:
 
 @task(name="aggregate", **IO_RETRIES)
 def aggregate(
-    ref: RunRef, round_num: int, state_key: str, scores_key: str, masks_key: str, clients: list[dict[str, Any]]
+    ref: RunRef,
+    round_num: int,
+    state_key: str,
+    scores_key: str | None,
+    masks_key: str | None,
+    clients: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Returns the key of the new state and the round's metrics."""
+    """Returns the key of the new state and the round's metrics (keys None: the state's scores and masks)."""
     run = open_run(ref)
     stats = [ClientStats(**{k: v for k, v in c.items() if k != "update_key"}) for c in clients]
     outcomes = [_outcome(run.get(c["update_key"]), s) for c, s in zip(clients, stats, strict=True)]
+    previous = run.state(state_key, round_num - 1)
     state = aggregate_round(
-        run.strategy, run.config, run.state(state_key, round_num - 1), run.get(scores_key),
-        run.get(masks_key), outcomes, round_num,
+        run.strategy, run.config, previous, run.scores(previous, scores_key), run.masks(previous, masks_key),
+        outcomes, round_num,
     )
     metrics = round_metrics(round_num, run.config, run.strategy, state, stats)
     return {"state_key": run.put(round_num, "state", state.flat()), "metrics": metrics}

@@ -10,10 +10,13 @@ from tasks.options import IO_RETRIES
 
 
 @task(name="dispatch", **IO_RETRIES)
-def dispatch(ref: RunRef, round_num: int, state_key: str, masks_key: str, clients: list[int]) -> dict[int, str]:
-    """Returns the key of each client's payload."""
+def dispatch(
+    ref: RunRef, round_num: int, state_key: str, masks_key: str | None, clients: list[int]
+) -> dict[int, str]:
+    """Returns the key of each client's payload (masks_key None: the state's masks stay in force)."""
     run = open_run(ref)
-    state, masks = run.state(state_key, round_num - 1), run.get(masks_key)
+    state = run.state(state_key, round_num - 1)
+    masks = run.masks(state, masks_key)
     return {
         c: run.put(round_num, f"payload-{c:06d}", make_payload(run.strategy, state, masks, round_num, c))
         for c in clients

@@ -109,6 +109,10 @@ class FedDropout:
     ) -> ServerState:
         return state
 
+    def keeps_masks(self, round_num: int) -> bool:
+        """No scores, no global masks, ever (each client's sub-model is drawn in `client_masks`)."""
+        return True
+
     def score(self, state: ServerState, round_num: int) -> StateDict:
         return {}
 

@@ -28,6 +28,9 @@ class FedAvg:
     def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:
         return state
 
+    def keeps_masks(self, round_num: int) -> bool:
+        return True
+
     def score(self, state: ServerState, round_num: int) -> StateDict:
         return {}
 

@@ -54,10 +54,16 @@ class FedPrune:
         # and round 2 makes the first masks, whatever its phase.
         return self._needs_gradient and round_num == 2
 
+    def _frozen(self, round_num: int) -> bool:
+        return phase_at(round_num, self.schedule) == "finetune" and not self._warmup_done(round_num)
+
+    def keeps_masks(self, round_num: int) -> bool:
+        """Fine-tune rounds: scores and masks frozen (round 1, a sparsify round, made the first ones)."""
+        return round_num > 1 and self._frozen(round_num)
+
     def score(self, state: ServerState, round_num: int) -> StateDict:
         """Scores of all prunable entries; unchanged once masks are frozen."""
-        frozen = phase_at(round_num, self.schedule) == "finetune" and not self._warmup_done(round_num)
-        if frozen and state.scores:
+        if self._frozen(round_num) and state.scores:
             return state.scores
         p, scores = self.pruning, {}
         for name in self.specs:

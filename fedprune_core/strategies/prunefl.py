@@ -302,6 +302,10 @@ class PruneFL:
 
     # --- federated rounds ------------------------------------------------------------------------
 
+    def keeps_masks(self, round_num: int) -> bool:
+        """Between reconfigurations (round 1 sets the masks in force, full ones if none)."""
+        return round_num > 1 and not self.reconfigures_at(round_num)
+
     def score(self, state: ServerState, round_num: int) -> StateDict:
         return {}
 

@@ -12,6 +12,7 @@ from fedprune_core.engine import ServerState
 from fedprune_core.masks import num_pruned
 from fedprune_core.schedule import PHASES, phase_at, sparsity_at
 from fedprune_core.simulate import SimulationResult, simulate
+from fedprune_core.strategies import make_strategy
 from fedprune_core.toy import ToyWorkload
 
 TOY = ToyWorkload()  # Linear(16, 32) -> Linear(32, 32) -> Linear(32, 4)
@@ -97,3 +98,36 @@ def test_fedavg_has_no_masks() -> None:
 def test_more_clients_per_round_than_clients_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"clients_per_round=2 exceeds the 1 clients available"):
         simulate(TOY, CLIENTS[:1], _config())
+
+
+@pytest.mark.parametrize(
+    ("strategy", "changes"),
+    [
+        ("fedprune", {}),
+        ("fedprune", {"pruning": {"score_source": "gradient"}}),
+        ("fedavg", {}),
+        ("fed_dropout", {}),
+        ("prunefl", {"prunefl": {"reconfig_every": 2, "initial_max_steps": 4, "initial_reconfig_every": 2}}),
+    ],
+)
+def test_rounds_that_keep_masks_would_score_and_mask_nothing_new(strategy: str, changes: dict[str, Any]) -> None:
+    """The flow skips the score and mask tasks of `keeps_masks` rounds: computing them anyway gives the state's own."""
+    config = _config(strategy).replace(changes)
+    strategy_ = make_strategy(config, TOY.build_model())
+    states: list[ServerState] = []
+    simulate(TOY, CLIENTS, config, on_round=lambda state, _: states.append(state))
+    kept = []
+    for state in states[:-1]:
+        r = state.round_num + 1
+        if strategy_.keeps_masks(r):
+            kept.append(r)
+            scores = strategy_.score(state, r)
+            assert scores.keys() == state.scores.keys()
+            assert all(torch.equal(scores[n], state.scores[n]) for n in scores), f"round {r}: scores moved"
+            masks = strategy_.mask(state, scores, r)
+            assert masks.keys() == state.masks.keys()
+            assert all(torch.equal(masks[n], state.masks[n]) for n in masks), f"round {r}: masks moved"
+    if strategy in ("fedprune", "prunefl"):  # both re-mask in some rounds and keep masks in others
+        assert 0 < len(kept) < config.schedule.num_rounds - 1, kept
+    else:
+        assert kept == list(range(2, config.schedule.num_rounds + 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -36,8 +37,12 @@ def test_flow_final_weights_equal_simulate(cli: Cli, strategy: str) -> None:
     assert weights_hash(state.weights) == weights_hash(reference(overrides))
     output = done.stdout + done.stderr
     assert "Traceback" not in output
-    # One progress line per round; Prefect's per-task "Finished in state" lines are off by default.
-    assert output.count(" - round ") == state.round_num
+    # Progress: at most one line a round, in order; every evaluation and segment end shown (the
+    # toy rounds are too fast for the every-5-seconds lines). Prefect's per-task lines are off.
+    shown = [int(r) for r in re.findall(r" - round (\d+)/", output)]
+    assert shown == sorted(set(shown))
+    cfg = preset("toy")
+    assert {r for r in range(1, state.round_num + 1) if r % cfg.federated.eval_every == 0 or r % 5 == 0} <= set(shown)
     assert "Task run '" not in output
 
 

@@ -121,7 +121,10 @@ def test_stack_services_bind_loopback_and_keep_secrets_out_of_argv_and_repr(tmp_
     )
     assert mlflow.env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:8333"
     prefect = specs["prefect"]
-    assert prefect.argv[1:] == ("server", "start", "--host", "127.0.0.1", "--port", "4200")
+    assert prefect.argv[1:] == (
+        "-m", "infra.prefect_server", "server", "start", "--host", "127.0.0.1", "--port", "4200"
+    )
+    assert prefect.env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == "200"  # recording keeps up
     assert prefect.env["PREFECT_HOME"] == str(tmp_path / "prefect") and prefect.health_url.endswith(
         "/api/health"
     )
