@@ -94,10 +94,15 @@ class FedDropoutConfig:
     Attributes:
         rate: fraction of units dropped in each layer, per client and round, in [0, 1).
         layer_rates: (glob, rate) pairs overriding `rate` for matching parameters (Guliani et al. 2022).
+        rescale: clients train their sub-model as inverted dropout: a kept unit's output is scaled by
+            rows / kept rows of its layer, so activations keep the full model's expected size (the
+            server evaluates the full model unscaled). False: no scaling; at rate 0.5 on every layer
+            of the speech model the sub-models then start at a loss of ~9.5 and do not learn.
     """
 
     rate: float = 0.5
     layer_rates: tuple[tuple[str, float], ...] = ()
+    rescale: bool = True
 
     def __post_init__(self) -> None:
         validate_sparsity(self.rate, "fed_dropout.rate")
@@ -126,6 +131,10 @@ class PruneFLConfig:
         time_constant: fixed part of the modelled round time (seconds).
         compute_coeff, comm_coeff: modelled seconds per kept weight for computation and communication.
         layer_coeffs: (glob, compute, comm) overrides per parameter.
+        max_density: at most this share of the prunable weights kept (1.0: PruneFL as published,
+            its density found by the objective alone). A FedPrune extension, so that PruneFL can be
+            compared with other methods at one client model size: when the objective would keep
+            more, the weights with the lowest importance per cost are left out.
     """
 
     reconfig_every: int = 50
@@ -141,8 +150,11 @@ class PruneFLConfig:
     compute_coeff: float = 1e-6
     comm_coeff: float = 1e-6
     layer_coeffs: tuple[tuple[str, float, float], ...] = ()
+    max_density: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.max_density <= 1.0:
+            raise ValueError(f"prunefl.max_density={self.max_density} must be in (0, 1]: pass e.g. 0.5, or 1.0")
         for name in ("reconfig_every", "initial_samples", "initial_max_steps", "initial_reconfig_every",
                      "initial_stable_changes"):
             if getattr(self, name) < 1:

@@ -155,6 +155,11 @@ class Strategy(Protocol):
         """Whether clients must accumulate squared gradients."""
         ...
 
+    @property
+    def rescale_kept(self) -> bool:
+        """Whether clients train their sub-model as inverted dropout (`build_client_model`)."""
+        ...
+
     def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:
         """Before round 1 (PruneFL's initial pruning); most strategies return `state`."""
         ...
@@ -221,7 +226,7 @@ def train_client(
     with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         # the CPU generator only (torch.manual_seed also queues CUDA seeding with a stack trace: ~ms)
         torch.default_generator.manual_seed(derive_seed(seed, round_num, client_id, "train"))
-        client = build_client_model(workload.build_model(), payload, strategy.specs)
+        client = build_client_model(workload.build_model(), payload, strategy.specs, strategy.rescale_kept)
         result = workload.train_client(
             client.module, examples, local, generator_for(seed, round_num, client_id, "batches"), client.project
         )

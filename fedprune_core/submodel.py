@@ -12,22 +12,30 @@ A payload is a flat dict of tensors, encoded per parameter:
 A sliced Linear is trained by `SlicedLinear` as physically smaller dense blocks, so the client's
 parameters, gradients, optimizer state and matmul work shrink with sparsity. `payload_nbytes`
 is the exact number of bytes of a payload's tensors.
+
+With `rescale_kept` (Federated Dropout) a client trains its sub-model as inverted dropout: the
+outputs of a row-pruned weight's kept units are scaled by rows / kept rows of their matrix, so
+activations keep the full model's expected size; the weights themselves are not scaled, and the
+server evaluates the full model unscaled, as dropout does at inference.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fedprune_core.masks import GROUP_SCORES, expand_groups, groups_of
 from fedprune_core.prunable import PrunableSpec, from_matrices, matrices
 from fedprune_core.types import MaskDict, Payload, StateDict
 
 SEP = "|"
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 
 
 def payload_nbytes(payload: Payload) -> int:
@@ -162,6 +170,7 @@ class SlicedLinear(nn.Module):
         out_features: int,
         blocks: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]],
         bias: nn.Parameter | None,
+        scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.out_features = out_features
@@ -171,6 +180,7 @@ class SlicedLinear(nn.Module):
             self.register_buffer(f"r{i}", None if rows is None else rows.long())
             self.register_buffer(f"c{i}", None if cols is None else cols.long())
         self.bias = bias
+        self.register_buffer("scale", scale)  # per output row, before the bias (inverted dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
@@ -182,7 +192,37 @@ class SlicedLinear(nn.Module):
                 y = x.new_zeros(*x.shape[:-1], self.out_features).index_add(-1, rows, y)
             out = y if out is None else out + y
         assert out is not None
+        scale: torch.Tensor | None = self.scale  # type: ignore[assignment]
+        if scale is not None:
+            out = out * scale
         return out if self.bias is None else out + self.bias
+
+
+class _RowScale(nn.Module):
+    """Parametrization: a weight with each output row (dim 0) multiplied by its factor."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale: torch.Tensor = self.scale  # type: ignore[assignment]
+        return weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+
+
+def kept_unit_scale(kept_rows: torch.Tensor, splits: int) -> torch.Tensor:
+    """Inverted-dropout factor of each output row: rows / kept rows of its stacked matrix."""
+    per = kept_rows.reshape(splits, -1)
+    kept = per.sum(1, keepdim=True).clamp(min=1)
+    return (per.shape[1] / kept).expand(per.shape).reshape(-1).to(torch.float32)
+
+
+def _check_row_pattern(spec: PrunableSpec) -> None:
+    if spec.pattern != "row":
+        raise ValueError(
+            f"rescale_kept scales kept output units, but {spec.name} is pruned by pattern {spec.pattern!r}: "
+            "use it with row (unit) dropping only, as Federated Dropout does"
+        )
 
 
 @dataclass(frozen=True)
@@ -213,8 +253,14 @@ def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def build_client_model(model: nn.Module, payload: Payload, specs: dict[str, PrunableSpec]) -> ClientModel:
-    """Load a payload into `model` (modified in place) and return what the client trains."""
+def build_client_model(
+    model: nn.Module, payload: Payload, specs: dict[str, PrunableSpec], rescale_kept: bool = False
+) -> ClientModel:
+    """Load a payload into `model` (modified in place) and return what the client trains.
+
+    Args:
+        rescale_kept: train as inverted dropout (see the module's docstring); row pattern only.
+    """
     params = dict(model.named_parameters())
     masks: MaskDict = {}
     for name, p in params.items():
@@ -224,6 +270,12 @@ def build_client_model(model: nn.Module, payload: Payload, specs: dict[str, Prun
             masks[name] = _decode_mask(payload, name, specs[name])
             p.zero_()
             p[masks[name]] = payload[f"{name}{SEP}v"]
+            if rescale_kept:
+                _check_row_pattern(specs[name])
+                kept = masks[name].reshape(p.shape[0], -1).any(1)
+                owner, _, leaf = name.rpartition(".")
+                row_scale = _RowScale(kept_unit_scale(kept, specs[name].splits))
+                parametrize.register_parametrization(model.get_submodule(owner), leaf, row_scale, unsafe=True)
     for name in (n for n in params if n in specs and is_sliced(specs[n]) and n not in payload):
         path = name.removesuffix(".weight")
         linear = model.get_submodule(path)
@@ -234,7 +286,14 @@ def build_client_model(model: nn.Module, payload: Payload, specs: dict[str, Prun
             rows, cols = payload.get(f"{name}{SEP}r{i}"), payload.get(f"{name}{SEP}c{i}")
             blocks.append((rows, cols, payload[f"{name}{SEP}w{i}"]))
             i += 1
-        _replace_module(model, path, SlicedLinear(linear.out_features, blocks, linear.bias))
+        scale: torch.Tensor | None = None
+        if rescale_kept:
+            _check_row_pattern(specs[name])
+            kept = torch.zeros(linear.out_features, dtype=torch.bool)
+            for rows, _, _ in blocks:
+                kept[slice(None) if rows is None else rows.long()] = True
+            scale = kept_unit_scale(kept, specs[name].splits)
+        _replace_module(model, path, SlicedLinear(linear.out_features, blocks, linear.bias, scale))
 
     def project() -> None:
         with torch.no_grad():
@@ -257,7 +316,8 @@ def client_update(
     """
     params = tensors if tensors is not None else dict(client.module.named_parameters())
     update: Payload = {}
-    for name, t in params.items():
+    for parametrized_name, t in params.items():
+        name = _PARAMETRIZED.sub(r"\1\2", parametrized_name)  # a rescaled masked weight: its own name
         path, _, leaf = name.rpartition(".")
         weight_name = f"{path}.weight"
         if weight_name in specs and is_sliced(specs[weight_name]) and leaf.startswith("w"):

@@ -64,6 +64,10 @@ class Sweep:
         return f"{self.name}-{variant.name}"
 
 
+PRUNEFL: dict[str, Any] = {"reconfig_every": 4, "time_constant": 1000.0, "initial_samples": 64,
+                           "initial_max_steps": 40, "initial_reconfig_every": 10, "initial_stable_changes": 2}
+"""PruneFL's settings in the sweep: T0 = 1000 s calibrated on the warm-up weights (initial density 0.56)."""
+
 FP_05: dict[str, Any] = {"sparsity": 0.5, "pattern": "column", "allocation": "adaptive", "score_source": "weight",
                          "score_norm": "l2"}
 
@@ -133,14 +137,16 @@ def paper_sweep(
            schedule={"refine_rounds": 0}),
         *(fp(f"fp-{s.replace('_', '')}", f"FP S=0.5 {s} score", ("score",), pruning={"score_source": s})
           for s in ("gradient", "weight_x_gradient")),
-        fp("fd", "Federated Dropout (rate 0.5)", ("baseline",), strategy="fed_dropout",
-           fed_dropout={"rate": 0.5}),
-        fp("fd-vocab", "Federated Dropout (rate 0.5, vocabulary layers kept)", ("baseline",),
-           strategy="fed_dropout", fed_dropout={"rate": 0.5, "layer_rates": [
+        fp("fd", "Federated Dropout (rate 0.5, unscaled)", ("baseline",), strategy="fed_dropout",
+           fed_dropout={"rate": 0.5, "rescale": False}),
+        fp("fd-vocab", "Federated Dropout (rate 0.5, unscaled, vocabulary layers kept)", ("baseline",),
+           strategy="fed_dropout", fed_dropout={"rate": 0.5, "rescale": False, "layer_rates": [
                ["joiner.linear.weight", 0.0], ["predictor.embedding.weight", 0.0]]}),
-        fp("prunefl", "PruneFL", ("baseline",), strategy="prunefl",
-           prunefl={"reconfig_every": 4, "time_constant": 1000.0, "initial_samples": 64, "initial_max_steps": 40,
-                    "initial_reconfig_every": 10, "initial_stable_changes": 2}),
+        fp("fd-rescaled", "Federated Dropout (rate 0.5, inverted-dropout scaling)", ("baseline",),
+           strategy="fed_dropout", fed_dropout={"rate": 0.5, "rescale": True}),
+        fp("prunefl", "PruneFL", ("baseline",), strategy="prunefl", prunefl=PRUNEFL),
+        fp("prunefl-d50", "PruneFL (density at most 0.5)", ("baseline",), strategy="prunefl",
+           prunefl={**PRUNEFL, "max_density": 0.5}),
     ]
     for seed in seeds[1:]:
         variants += [fp(f"dense-seed{seed}", "dense FedAvg", ("seed",), strategy="fedavg",

@@ -84,11 +84,14 @@ class FedDropout:
         specs: the parameters whose units are dropped (those with a rate > 0), pattern "row".
         rates: the dropout rate of each parameter in `specs`.
         seed: the experiment seed the per-client draws derive from.
+        rescale_kept: clients train as inverted dropout (kept units' outputs scaled by rows / kept
+            rows, `fed_dropout.rescale`).
     """
 
     specs: dict[str, PrunableSpec]
     rates: dict[str, float]
     seed: int
+    rescale_kept: bool = True
     track_grad_sq: bool = False
 
     @classmethod
@@ -102,7 +105,7 @@ class FedDropout:
         _check_layer_rates(config, found)
         rates = {n: config.fed_dropout.rate_for(n) for n in found}
         specs = {n: s for n, s in found.items() if rates[n] > 0}
-        return cls(specs, {n: rates[n] for n in specs}, config.seed)
+        return cls(specs, {n: rates[n] for n in specs}, config.seed, config.fed_dropout.rescale)
 
     def initialize(
         self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]

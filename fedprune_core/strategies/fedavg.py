@@ -20,6 +20,7 @@ class FedAvg:
 
     specs: dict[str, PrunableSpec] = field(default_factory=dict)
     track_grad_sq: bool = False
+    rescale_kept: bool = False
 
     @classmethod
     def build(cls, config: ExperimentConfig, model: nn.Module) -> FedAvg:

@@ -36,6 +36,7 @@ class FedPrune:
     pruning: PruningConfig
     schedule: ScheduleConfig
     track_grad_sq: bool = False
+    rescale_kept: bool = False
 
     @classmethod
     def build(cls, config: ExperimentConfig, model: nn.Module) -> FedPrune:

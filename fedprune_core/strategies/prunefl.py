@@ -124,6 +124,7 @@ def reconfigure(
     removal_fraction: float,
     time_constant: float,
     fixed_importance: float = 0.0,
+    max_kept: int | None = None,
 ) -> MaskDict:
     """PruneFL's mask reconfiguration: maximise retained importance per modelled round time.
 
@@ -135,6 +136,8 @@ def reconfigure(
         removal_fraction: share of each layer's active weights that may be removed, in [0, 1).
         time_constant: the fixed part T0 of the modelled round time (>= 0).
         fixed_importance: importance of the parameters never pruned (their summed g²).
+        max_kept: at most this many weights kept in all (None: no limit); above it, the kept
+            weights with the lowest g² / cost are left out (after the removal step).
 
     Returns:
         new masks, same names and shapes. Ties of g²/cost are added in parameter order, then
@@ -148,15 +151,24 @@ def reconfigure(
         return {}
     names = list(masks)
     kept = {n: masks[n] & ~removal_candidates(weights[n], masks[n], removal_fraction) for n in names}
+    flat = torch.cat([kept[n].flatten() for n in names])
+    all_gains = torch.cat([grad_sq[n].flatten().double() for n in names])
+    all_costs = torch.cat([torch.full((masks[n].numel(),), coeffs[n], dtype=torch.float64) for n in names])
+    if max_kept is not None and int(flat.sum()) > max_kept:  # over the budget: keep the best per cost
+        held = flat.nonzero().flatten()
+        best = torch.sort(all_gains[held] / all_costs[held], descending=True, stable=True).indices
+        flat[held[best[max_kept:]]] = False
+        sizes = [masks[n].numel() for n in names]
+        kept = {n: part.reshape(masks[n].shape) for n, part in zip(names, flat.split(sizes), strict=True)}
     importance = fixed_importance + sum(float(grad_sq[n][kept[n]].double().sum()) for n in names)
     time = modelled_round_time(kept, coeffs, time_constant)
-    flat = torch.cat([kept[n].flatten() for n in names])
     candidates = (~flat).nonzero().flatten()
-    gains = torch.cat([grad_sq[n].flatten().double() for n in names])[candidates]
-    per_weight = [torch.full((masks[n].numel(),), coeffs[n], dtype=torch.float64) for n in names]
-    costs = torch.cat(per_weight)[candidates]
+    gains, costs = all_gains[candidates], all_costs[candidates]
     order = torch.sort(gains / costs, descending=True, stable=True).indices
-    flat[candidates[order[: greedy_additions(gains[order], costs[order], importance, time)]]] = True
+    additions = greedy_additions(gains[order], costs[order], importance, time)
+    if max_kept is not None:
+        additions = min(additions, max_kept - int(flat.sum()))
+    flat[candidates[order[:additions]]] = True
     parts = flat.split([masks[n].numel() for n in names])
     return {n: p.reshape(masks[n].shape).clone() for n, p in zip(names, parts, strict=True)}
 
@@ -225,6 +237,14 @@ class PruneFL:
     local: LocalTrainingConfig
     seed: int
     track_grad_sq: bool = True
+    rescale_kept: bool = False
+
+    @property
+    def max_kept(self) -> int | None:
+        """The weights `config.max_density` allows in all (None: no limit)."""
+        if self.config.max_density >= 1.0:
+            return None
+        return int(self.config.max_density * sum(s.numel for s in self.specs.values()))
 
     @classmethod
     def build(cls, config: ExperimentConfig, model: nn.Module) -> PruneFL:
@@ -266,7 +286,7 @@ class PruneFL:
             weights, grad_sq = self._train_masked(workload, weights, masks, examples, steps, batches, done)
             masks = reconfigure(
                 weights, masks, {n: grad_sq[n] for n in self.specs}, self.costs, cfg.removal_fraction,
-                cfg.time_constant, fixed_importance(grad_sq, self.specs),
+                cfg.time_constant, fixed_importance(grad_sq, self.specs), self.max_kept,
             )
             densities.append(density(masks))
             done += steps
@@ -318,7 +338,9 @@ class PruneFL:
         grad_sq = {n: state.extra.get(GSQ + n, torch.zeros(s.shape)) for n, s in self.specs.items()}
         fixed = float(state.extra[GSQ_FIXED].sum()) if GSQ_FIXED in state.extra else 0.0
         fraction = removal_fraction_at(round_num, cfg.removal_fraction, cfg.removal_halflife)
-        return reconfigure(state.weights, current, grad_sq, self.costs, fraction, cfg.time_constant, fixed)
+        return reconfigure(
+            state.weights, current, grad_sq, self.costs, fraction, cfg.time_constant, fixed, self.max_kept
+        )
 
     def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
         return masks

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedprune_core.config import ExperimentConfig, FedDropoutConfig
 from fedprune_core.engine import ClientOutcome, ServerState, aggregate, dispatch
-from fedprune_core.prunable import PrunableSpec
+from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.rng import generator_for
 from fedprune_core.simulate import simulate
 from fedprune_core.strategies import make_strategy
 from fedprune_core.strategies.fed_dropout import FedDropout, drop_rows, dropout_mask
-from fedprune_core.submodel import build_client_model, client_update, expand
+from fedprune_core.submodel import build_client_model, client_update, expand, extract
 from fedprune_core.toy import ToyWorkload
+from fedprune_core.types import Payload
 
 TOY = ToyWorkload()  # Linear(16, 32) -> Linear(32, 32) -> Linear(32, 4)
 LOCAL = {"steps": 2, "batch_size": 8, "lr": 0.1}
@@ -136,3 +140,62 @@ def test_simulate_is_deterministic_and_resumes_bit_for_bit() -> None:
     assert full.masks == {} and full.round_num == resumed.round_num == 4
     for a, b, c in zip(_weights(full), _weights(again), _weights(resumed), strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _one_layer(
+    module: torch.nn.Module, dropped: list[int]
+) -> tuple[torch.nn.Module, dict[str, PrunableSpec], torch.Tensor, Payload]:
+    """A model of one layer, its row specs, the mask and the payload with output units `dropped` removed."""
+    model = torch.nn.Sequential(module)
+    specs = find_prunable(model, ("*weight",), "row")
+    keep = torch.ones(module.weight.shape[0], dtype=torch.bool)
+    keep[dropped] = False
+    mask = keep.view(-1, *([1] * (module.weight.dim() - 1))).expand(module.weight.shape)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return model, specs, mask, extract(weights, {"0.weight": mask}, specs)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv1d"])  # sliced (SlicedLinear) and masked dense
+def test_rescaled_sub_model_is_inverted_dropout(layer: str) -> None:
+    torch.manual_seed(0)
+    module = torch.nn.Linear(6, 8) if layer == "linear" else torch.nn.Conv1d(6, 8, 1)
+    x = torch.randn(3, 6) if layer == "linear" else torch.randn(3, 6, 5)
+    dropped = [1, 4, 5]
+    full, specs, mask, payload = _one_layer(copy.deepcopy(module), dropped)
+    w, b = module.weight.detach(), module.bias.detach()
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[dropped] = False
+    kept_w = w * keep.view(-1, *([1] * (w.dim() - 1)))
+    units = F.linear(x, kept_w) if layer == "linear" else F.conv1d(x, kept_w)
+    shape = (1, -1) if layer == "linear" else (1, -1, 1)
+
+    plain = build_client_model(copy.deepcopy(full), payload, specs)
+    scaled = build_client_model(copy.deepcopy(full), payload, specs, rescale_kept=True)
+    torch.testing.assert_close(plain.module(x), units + b.view(shape))
+    torch.testing.assert_close(scaled.module(x), units * 8 / 5 + b.view(shape))  # kept units x rows / kept rows
+
+    # It trains and uploads like the unscaled sub-model: same keys and shapes, unscaled weights,
+    # dropped units still zero after `project`.
+    before = client_update(scaled, specs)
+    opt = torch.optim.SGD(scaled.module.parameters(), lr=0.1)
+    scaled.module(x).pow(2).sum().backward()
+    opt.step()
+    scaled.project()
+    after = client_update(scaled, specs)
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in client_update(plain, specs).items()}
+    assert all(not torch.equal(after[k], before[k]) for k in after)
+    values, held = expand(after, {"0.weight": mask}, specs, {"0.weight": w.shape, "0.bias": b.shape})
+    assert torch.equal(held["0.weight"], mask)
+    if layer == "conv1d":  # masked dense: the parameter itself, dropped filters re-zeroed by project
+        weight = dict(scaled.module.named_parameters())["0.parametrizations.weight.original"]
+        assert (weight[dropped] == 0).all() and torch.equal(weight[keep], values["0.weight"][keep])
+
+
+def test_rescale_is_for_unit_dropping_only() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8))
+    specs = find_prunable(model, ("*weight",), "column")
+    mask = torch.ones(8, 6, dtype=torch.bool)
+    mask[:, :2] = False
+    payload = extract({n: p.detach() for n, p in model.named_parameters()}, {"0.weight": mask}, specs)
+    with pytest.raises(ValueError, match="pattern 'column'.*row"):
+        build_client_model(model, payload, specs, rescale_kept=True)

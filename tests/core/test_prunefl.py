@@ -17,6 +17,7 @@ from fedprune_core.strategies.prunefl import (
     GSQ,
     GSQ_FIXED,
     PruneFL,
+    density,
     greedy_additions,
     is_stable,
     modelled_round_time,
@@ -83,6 +84,34 @@ def test_reconfigure_counts_the_importance_of_parameters_never_pruned() -> None:
     t = _table(4.0)
     masks = reconfigure(t["weights"], t["masks"], t["grad_sq"], t["coeffs"], 0.5, 2.0, 9.0)  # type: ignore[arg-type]
     assert {n: m.tolist() for n, m in masks.items()} == {"a": [T, F, T, T], "b": [T, F]}
+
+
+def test_reconfigure_keeps_at_most_max_kept_weights() -> None:
+    t = _table(4.0)
+    args = (t["weights"], t["masks"], t["grad_sq"], t["coeffs"], 0.5, 2.0, 0.0)
+
+    def run(max_kept: int) -> dict[str, list[bool]]:
+        return {n: m.tolist() for n, m in reconfigure(*args, max_kept=max_kept).items()}  # type: ignore[arg-type]
+
+    # Unlimited it keeps 5 (see above); with 4 the greedy order stops after a3 (b1 next, 2.5 per cost).
+    assert run(4) == {"a": [T, F, T, T], "b": [T, F]}
+    # 2: after removal 3 are kept (a0 4/1, a2 2/1, b0 3/4): the lowest per cost (b0) goes, nothing is added.
+    assert run(2) == {"a": [T, F, T, F], "b": [F, F]}
+    assert run(5) == run(100) == _reconfigure(cost_b=4.0)  # a budget above the objective's choice changes nothing
+
+
+def test_max_density_caps_prunefl_through_initial_pruning_and_rounds() -> None:
+    def densities(config: ExperimentConfig) -> list[float]:
+        states: list[ServerState] = []
+        simulate(TOY, TOY.make_clients(3, 16, seed=0), config, on_round=lambda state, _: states.append(state))
+        return [density(s.masks) for s in states]
+
+    free, capped = densities(_config()), densities(_config(max_density=0.3))
+    assert max(free) > 0.3  # the objective alone keeps more here
+    assert max(capped) <= 0.3
+    assert _strategy(_config()).max_kept is None
+    with pytest.raises(ValueError, match=r"prunefl.max_density=0.0 must be in \(0, 1\]"):
+        PruneFLConfig(max_density=0.0)
 
 
 def test_reconfigure_without_masked_parameters_returns_no_masks() -> None:
