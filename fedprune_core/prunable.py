@@ -25,8 +25,9 @@ class PrunableSpec:
         name: parameter name in `model.named_parameters()`.
         shape: the parameter's full shape.
         splits: number of stacked matrices along dim 0 (3 for a fused q/k/v projection).
-        linear: True when the owner is an `nn.Linear` called through its forward, so a client can
-            train a physically smaller slice of it.
+        linear: True when the owner computes a plain matrix product through its own forward (an
+            `nn.Linear`, or a pointwise `nn.Conv1d`: kernel 1, no groups, stride, padding or
+            dilation), so a client can train a physically smaller slice of it.
         pattern: the pattern used for this parameter ("unstructured" for 1-D tensors).
     """
 
@@ -50,8 +51,17 @@ class PrunableSpec:
         return rows, self.numel // self.shape[0]
 
 
+def is_pointwise_conv(m: nn.Module) -> bool:
+    """A Conv1d that is a Linear over channels: kernel 1, one group, stride 1, no padding or dilation."""
+    return (
+        type(m) is nn.Conv1d and m.kernel_size == (1,) and m.groups == 1 and m.stride == (1,)
+        and m.padding in ((0,), "valid") and m.dilation == (1,) and m.padding_mode == "zeros"
+    )
+
+
 def _sliceable_linears(model: nn.Module) -> set[str]:
-    """Names of Linear weights that run through `Linear.forward` (not used raw by attention)."""
+    """Names of the weights of Linear layers run through `Linear.forward` (not used raw by
+    attention) and of pointwise Conv1d layers."""
     raw_users = {
         f"{name}.out_proj" if name else "out_proj"
         for name, m in model.named_modules()
@@ -60,7 +70,7 @@ def _sliceable_linears(model: nn.Module) -> set[str]:
     return {
         f"{name}.weight"
         for name, m in model.named_modules()
-        if type(m) is nn.Linear and name not in raw_users
+        if (type(m) is nn.Linear and name not in raw_users) or is_pointwise_conv(m)
     }
 
 

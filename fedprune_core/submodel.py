@@ -3,14 +3,15 @@
 A payload is a flat dict of tensors, encoded per parameter:
 
 - dense (not pruned): down `name`, up `name`.
-- sliced (an `nn.Linear` weight under a structured pattern): down `name|w{i}` for each kept block,
-  with `name|r{i}` / `name|c{i}` its kept row / column indices (int32, omitted when all are kept);
-  up `name|w{i}`.
+- sliced (the weight of an `nn.Linear` or a pointwise `nn.Conv1d` under a structured pattern):
+  down `name|w{i}` for each kept block, with `name|r{i}` / `name|c{i}` its kept row / column
+  indices (int32, omitted when all are kept); up `name|w{i}`.
 - masked (anything else pruned): down `name|v`, the kept values, plus `name|g`, the kept group ids
   (int32), or for unstructured masks `name|b`, a packed bit mask (one bit per entry); up `name|v`.
 
-A sliced Linear is trained by `SlicedLinear` as physically smaller dense blocks, so the client's
-parameters, gradients, optimizer state and matmul work shrink with sparsity. `payload_nbytes`
+A sliced Linear is trained by `SlicedLinear` (a pointwise conv by `SlicedPointwiseConv1d`) as
+physically smaller dense blocks, so the client's parameters, gradients, optimizer state and
+matmul work shrink with sparsity. `payload_nbytes`
 is the exact number of bytes of a payload's tensors.
 
 With `rescale_kept` (Federated Dropout) a client trains its sub-model as inverted dropout: the
@@ -44,7 +45,7 @@ def payload_nbytes(payload: Payload) -> int:
 
 
 def is_sliced(spec: PrunableSpec) -> bool:
-    """Whether a parameter travels as physically smaller Linear blocks."""
+    """Whether a parameter travels as physically smaller Linear blocks (Linear or pointwise Conv1d)."""
     return spec.linear and spec.splits == 1 and spec.pattern != "unstructured"
 
 
@@ -110,12 +111,13 @@ def extract(weights: StateDict, masks: MaskDict, specs: dict[str, PrunableSpec])
             payload[name] = w.detach().clone()
             continue
         spec, mask = specs[name], masks[name]
-        if is_sliced(spec):
-            for i, (r, c) in enumerate(linear_blocks(mask, spec.pattern)):
-                payload[f"{name}{SEP}w{i}"] = w[r][:, c].detach().clone()
-                if r.numel() != w.shape[0]:
+        if is_sliced(spec):  # a Linear's (out, in) weight, or a pointwise conv's (out, in, 1)
+            w2 = w.reshape(w.shape[0], -1)
+            for i, (r, c) in enumerate(linear_blocks(mask.reshape(w2.shape), spec.pattern)):
+                payload[f"{name}{SEP}w{i}"] = w2[r][:, c].detach().clone()
+                if r.numel() != w2.shape[0]:
                     payload[f"{name}{SEP}r{i}"] = r.to(torch.int32)
-                if c.numel() != w.shape[1]:
+                if c.numel() != w2.shape[1]:
                     payload[f"{name}{SEP}c{i}"] = c.to(torch.int32)
             continue
         payload[f"{name}{SEP}v"] = w[mask].detach().clone()
@@ -142,8 +144,9 @@ def expand(
             continue
         mask, full = masks[name], torch.zeros(shape, dtype=_dtype_of(update, name))
         if is_sliced(specs[name]):
-            for i, (r, c) in enumerate(linear_blocks(mask, specs[name].pattern)):
-                full[r[:, None], c[None, :]] = update[f"{name}{SEP}w{i}"]
+            full2 = full.view(shape[0], -1)
+            for i, (r, c) in enumerate(linear_blocks(mask.reshape(full2.shape), specs[name].pattern)):
+                full2[r[:, None], c[None, :]] = update[f"{name}{SEP}w{i}"]
         else:
             full[mask] = update[f"{name}{SEP}v"]
         values[name] = full
@@ -169,7 +172,7 @@ class SlicedLinear(nn.Module):
         self,
         out_features: int,
         blocks: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]],
-        bias: nn.Parameter | None,
+        bias: torch.Tensor | None,
         scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
@@ -223,6 +226,15 @@ def _check_row_pattern(spec: PrunableSpec) -> None:
             f"rescale_kept scales kept output units, but {spec.name} is pruned by pattern {spec.pattern!r}: "
             "use it with row (unit) dropping only, as Federated Dropout does"
         )
+
+
+class SlicedPointwiseConv1d(SlicedLinear):
+    """A pointwise (kernel 1) Conv1d trained as the dense blocks its mask keeps: a `SlicedLinear`
+    over the channel dimension of (N, C, L) inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, in_channels, L) -> (N, out_channels, L)."""
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -279,7 +291,8 @@ def build_client_model(
     for name in (n for n in params if n in specs and is_sliced(specs[n]) and n not in payload):
         path = name.removesuffix(".weight")
         linear = model.get_submodule(path)
-        assert isinstance(linear, nn.Linear)
+        assert isinstance(linear, nn.Linear | nn.Conv1d)
+        out_features = linear.out_features if isinstance(linear, nn.Linear) else linear.out_channels
         blocks = []
         i = 0
         while f"{name}{SEP}w{i}" in payload:
@@ -289,11 +302,12 @@ def build_client_model(
         scale: torch.Tensor | None = None
         if rescale_kept:
             _check_row_pattern(specs[name])
-            kept = torch.zeros(linear.out_features, dtype=torch.bool)
+            kept = torch.zeros(out_features, dtype=torch.bool)
             for rows, _, _ in blocks:
                 kept[slice(None) if rows is None else rows.long()] = True
             scale = kept_unit_scale(kept, specs[name].splits)
-        _replace_module(model, path, SlicedLinear(linear.out_features, blocks, linear.bias, scale))
+        sliced = SlicedLinear if isinstance(linear, nn.Linear) else SlicedPointwiseConv1d
+        _replace_module(model, path, sliced(out_features, blocks, linear.bias, scale))
 
     def project() -> None:
         with torch.no_grad():

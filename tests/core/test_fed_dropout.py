@@ -158,7 +158,7 @@ def _one_layer(
 @pytest.mark.parametrize("layer", ["linear", "conv1d"])  # sliced (SlicedLinear) and masked dense
 def test_rescaled_sub_model_is_inverted_dropout(layer: str) -> None:
     torch.manual_seed(0)
-    module = torch.nn.Linear(6, 8) if layer == "linear" else torch.nn.Conv1d(6, 8, 1)
+    module = torch.nn.Linear(6, 8) if layer == "linear" else torch.nn.Conv1d(6, 8, 3, padding=1)
     x = torch.randn(3, 6) if layer == "linear" else torch.randn(3, 6, 5)
     dropped = [1, 4, 5]
     full, specs, mask, payload = _one_layer(copy.deepcopy(module), dropped)
@@ -166,7 +166,7 @@ def test_rescaled_sub_model_is_inverted_dropout(layer: str) -> None:
     keep = torch.ones(8, dtype=torch.bool)
     keep[dropped] = False
     kept_w = w * keep.view(-1, *([1] * (w.dim() - 1)))
-    units = F.linear(x, kept_w) if layer == "linear" else F.conv1d(x, kept_w)
+    units = F.linear(x, kept_w) if layer == "linear" else F.conv1d(x, kept_w, padding=1)
     shape = (1, -1) if layer == "linear" else (1, -1, 1)
 
     plain = build_client_model(copy.deepcopy(full), payload, specs)

@@ -48,6 +48,13 @@ def test_specs_describe_shapes_splits_and_sliceability() -> None:
     assert specs["embed.weight"].linear is False
 
 
+def test_pointwise_conv1d_is_sliceable_other_convs_are_not() -> None:
+    model = nn.Sequential(nn.Conv1d(4, 6, 1), nn.Conv1d(6, 6, 1, groups=2), nn.Conv1d(6, 6, 1, stride=2),
+                          nn.Conv1d(6, 6, 1, padding=1), nn.Conv1d(6, 4, 3))
+    specs = find_prunable(model, ("*weight",), "column")
+    assert [specs[f"{i}.weight"].linear for i in range(5)] == [True, False, False, False, False]
+
+
 def test_a_glob_matching_nothing_is_an_error_naming_it() -> None:
     with pytest.raises(ValueError) as err:
         find_prunable(Net(), ("*weight", "decoder.*"), "column")

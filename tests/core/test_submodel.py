@@ -12,6 +12,7 @@ from fedprune_core.masks import PATTERNS, make_mask
 from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices, matrices
 from fedprune_core.submodel import (
     SlicedLinear,
+    SlicedPointwiseConv1d,
     build_client_model,
     client_update,
     expand,
@@ -170,26 +171,35 @@ def test_group_ids_and_bits_round_trip() -> None:
 
 @pytest.mark.parametrize("pattern", STRUCTURED)
 @pytest.mark.parametrize("bias", [True, False])
-def test_sliced_linear_equals_the_masked_dense_linear(pattern: str, bias: bool) -> None:
-    dense = _seeded(nn.Sequential(nn.Linear(6, 8, bias=bias)), 3)
+@pytest.mark.parametrize("layer", ["linear", "pointwise_conv1d"])
+def test_sliced_linear_equals_the_masked_dense_linear(pattern: str, bias: bool, layer: str) -> None:
+    conv = layer == "pointwise_conv1d"
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Conv1d(6, 8, 1, bias=bias) if conv else nn.Linear(6, 8, bias=bias))
+
+    dense = _seeded(make(), 3)
     specs = find_prunable(dense, ("0.weight",), pattern)
     mask = make_mask(torch.rand(8, 6, generator=torch.Generator().manual_seed(7)), 0.5, pattern)
+    mask = mask.unsqueeze(-1) if conv else mask  # a pointwise conv's weight is (out, in, 1)
     weights = {n: p.detach().clone() for n, p in dense.named_parameters()}
     payload = extract(weights, {"0.weight": mask}, specs)
-    client = build_client_model(_seeded(nn.Sequential(nn.Linear(6, 8, bias=bias)), 4), payload, specs)
+    client = build_client_model(_seeded(make(), 4), payload, specs)
     sliced = client.module.get_submodule("0")
-    assert isinstance(sliced, SlicedLinear)
+    assert isinstance(sliced, SlicedPointwiseConv1d if conv else SlicedLinear)
     weight_params = [p for n, p in sliced.named_parameters() if n != "bias"]
     assert sum(p.numel() for p in weight_params) == int(mask.sum())  # physically smaller
 
-    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(8))  # (N, C, L) for the conv
+    x = x if conv else x.transpose(1, 2)
     masked_weight = (weights["0.weight"] * mask).requires_grad_()
-    expected = nn.functional.linear(x, masked_weight, weights.get("0.bias"))
+    op = nn.functional.conv1d if conv else nn.functional.linear
+    expected = op(x, masked_weight, weights.get("0.bias"))
     y = sliced(x)
     assert torch.allclose(y, expected, atol=1e-6)
 
     # gradients flow into the kept blocks and equal the dense gradient at the kept entries
-    target = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(9))
+    target = torch.randn(*expected.shape, generator=torch.Generator().manual_seed(9))
     ((y - target) ** 2).sum().backward()
     ((expected - target) ** 2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weight_params)
