@@ -54,7 +54,7 @@ from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
-from fedprune_core.submodel import ClientModel, build_client_model, extract, is_sliced
+from fedprune_core.submodel import ClientModel, SlicedPointwiseConv1d, build_client_model, extract, is_sliced
 from fedprune_core.training import LocalTrainingConfig, train_local
 from fedprune_core.types import Payload
 
@@ -197,6 +197,7 @@ def summary(runs: list[Run]) -> dict[str, float]:
 SLICED = "other Linear (sliced when pruned)"
 ATTENTION = "MHA fused in_proj + out_proj (masked dense)"
 JOINER = "joint output Linear (sliced when pruned)"
+POINTWISE = "Conv1d pointwise (sliced when pruned)"
 OTHER = "other (joint sum, loss, reshapes)"
 
 
@@ -207,7 +208,7 @@ def kind_of(path: str, module: nn.Module, sliced: set[str]) -> str:
     if path == "joiner.linear":
         return JOINER
     if path in sliced:
-        return SLICED
+        return POINTWISE if isinstance(module, nn.Conv1d | SlicedPointwiseConv1d) else SLICED
     kinds: list[tuple[type | tuple[type, ...], str]] = [
         (nn.Conv2d, "Conv2d subsampling (masked dense)"),
         (nn.Embedding, "embedding (masked dense)"),

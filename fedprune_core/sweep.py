@@ -64,6 +64,9 @@ class Sweep:
         return f"{self.name}-{variant.name}"
 
 
+VOCAB_KEPT = [["joiner.linear.weight", 0.0], ["predictor.embedding.weight", 0.0]]
+"""Federated Dropout layer rates that keep the vocabulary-sized layers whole (no symbol dropped)."""
+
 PRUNEFL: dict[str, Any] = {"reconfig_every": 4, "time_constant": 1000.0, "initial_samples": 64,
                            "initial_max_steps": 40, "initial_reconfig_every": 10, "initial_stable_changes": 2}
 """PruneFL's settings in the sweep: T0 = 1000 s calibrated on the warm-up weights (initial density 0.56)."""
@@ -140,10 +143,12 @@ def paper_sweep(
         fp("fd", "Federated Dropout (rate 0.5, unscaled)", ("baseline",), strategy="fed_dropout",
            fed_dropout={"rate": 0.5, "rescale": False}),
         fp("fd-vocab", "Federated Dropout (rate 0.5, unscaled, vocabulary layers kept)", ("baseline",),
-           strategy="fed_dropout", fed_dropout={"rate": 0.5, "rescale": False, "layer_rates": [
-               ["joiner.linear.weight", 0.0], ["predictor.embedding.weight", 0.0]]}),
+           strategy="fed_dropout", fed_dropout={"rate": 0.5, "rescale": False, "layer_rates": VOCAB_KEPT}),
         fp("fd-rescaled", "Federated Dropout (rate 0.5, inverted-dropout scaling)", ("baseline",),
            strategy="fed_dropout", fed_dropout={"rate": 0.5, "rescale": True}),
+        fp("fd-rescaled-vocab", "Federated Dropout (rate 0.5, inverted-dropout scaling, vocabulary layers kept)",
+           ("baseline",), strategy="fed_dropout",
+           fed_dropout={"rate": 0.5, "rescale": True, "layer_rates": VOCAB_KEPT}),
         fp("prunefl", "PruneFL", ("baseline",), strategy="prunefl", prunefl=PRUNEFL),
         fp("prunefl-d50", "PruneFL (density at most 0.5)", ("baseline",), strategy="prunefl",
            prunefl={**PRUNEFL, "max_density": 0.5}),
