@@ -22,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from fedprune_core.config import ExperimentConfig
 from fedprune_core.presets import preset as make_preset
 from fedprune_core.rng import sample_clients
 from fedprune_core.simulate import should_evaluate
@@ -99,6 +100,10 @@ def prepare(
 
 def _check_same_run(stored: dict[str, Any], requested: dict[str, Any], run_id: str) -> None:
     requested = json.loads(json.dumps(requested))  # as stored: tuples become lists
+    # A run stored before a configuration key existed has no entry for it: read it with today's
+    # defaults, as the run itself does, so an upgrade does not make it unresumable.
+    with_defaults = ExperimentConfig.from_dict(stored["experiment"]).to_dict()
+    stored = {**stored, "experiment": json.loads(json.dumps(with_defaults))}
     for section in ("experiment", "options"):
         if stored[section] != requested[section]:
             diff = sorted(k for k in requested[section] if stored[section].get(k) != requested[section][k])

@@ -63,3 +63,16 @@ def test_rerunning_with_the_same_run_id_resumes(cli: Cli) -> None:
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert '"resumed": true' in rerun.stdout
     assert final_state(cli.home, "again").round_num == ROUNDS
+
+
+def test_a_run_stored_before_a_config_key_existed_still_resumes(cli: Cli) -> None:
+    kill_after_round(cli, "older", 3)
+    path = cli.home / "storage" / "fedprune" / "older" / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["experiment"]["fed_dropout"]["rescale"]  # as written before that key was added
+    del stored["experiment"]["prunefl"]["max_density"]
+    path.write_text(json.dumps(stored))
+    for command in (("resume", "older"), ("run", *ARGS, "--run-id", "older")):
+        done = cli(*command)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert final_state(cli.home, "older").round_num == ROUNDS
