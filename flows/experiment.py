@@ -118,7 +118,7 @@ PROGRESS_EVERY_S = 5.0
 
 
 def progress_line(round_num: int, total: int, metrics: dict[str, float]) -> str:
-    """One line per round: where the run is and how it is doing."""
+    """A round's progress line: where the run is and how it is doing."""
     shown = ("train_loss", "sparsity", "eval_wer", "eval_accuracy", "bytes_down", "client_time_s_max")
     parts = [f"{k}={metrics[k]:.4g}" for k in shown if k in metrics]
     return f"round {round_num}/{total} ({100 * round_num / total:.1f}%) " + " ".join(parts)

@@ -111,13 +111,10 @@ class Run:
         """The server state after `round_num`, stored at `key` (work object or checkpoint)."""
         return ServerState.from_flat(round_num, self.get(key))
 
-    def masks(self, state: ServerState, key: str | None) -> dict[str, torch.Tensor]:
-        """The round's masks stored at `key`; None: the state's own (a round that keeps masks)."""
-        return state.masks if key is None else self.get(key)
-
-    def scores(self, state: ServerState, key: str | None) -> dict[str, torch.Tensor]:
-        """The round's scores stored at `key`; None: the state's own (a round that keeps masks)."""
-        return state.scores if key is None else self.get(key)
+    def get_or(self, key: str | None, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The object at `key`, or `own` when there is none (a round that keeps the state's scores
+        and masks passes no keys)."""
+        return own if key is None else self.get(key)
 
     def checkpoint_key(self, round_num: int) -> str:
         return self.checkpoints.object_key(round_num, STATE_OBJECT)

@@ -36,8 +36,8 @@ def aggregate(
     outcomes = [_outcome(run.get(c["update_key"]), s) for c, s in zip(clients, stats, strict=True)]
     previous = run.state(state_key, round_num - 1)
     state = aggregate_round(
-        run.strategy, run.config, previous, run.scores(previous, scores_key), run.masks(previous, masks_key),
-        outcomes, round_num,
+        run.strategy, run.config, previous, run.get_or(scores_key, previous.scores),
+        run.get_or(masks_key, previous.masks), outcomes, round_num,
     )
     metrics = round_metrics(round_num, run.config, run.strategy, state, stats)
     return {"state_key": run.put(round_num, "state", state.flat()), "metrics": metrics}

@@ -16,7 +16,7 @@ def dispatch(
     """Returns the key of each client's payload (masks_key None: the state's masks stay in force)."""
     run = open_run(ref)
     state = run.state(state_key, round_num - 1)
-    masks = run.masks(state, masks_key)
+    masks = run.get_or(masks_key, state.masks)
     return {
         c: run.put(round_num, f"payload-{c:06d}", make_payload(run.strategy, state, masks, round_num, c))
         for c in clients

@@ -150,6 +150,7 @@ def reconfigure(
     if not masks:
         return {}
     names = list(masks)
+    sizes = [masks[n].numel() for n in names]
     kept = {n: masks[n] & ~removal_candidates(weights[n], masks[n], removal_fraction) for n in names}
     flat = torch.cat([kept[n].flatten() for n in names])
     all_gains = torch.cat([grad_sq[n].flatten().double() for n in names])
@@ -158,7 +159,6 @@ def reconfigure(
         held = flat.nonzero().flatten()
         best = torch.sort(all_gains[held] / all_costs[held], descending=True, stable=True).indices
         flat[held[best[max_kept:]]] = False
-        sizes = [masks[n].numel() for n in names]
         kept = {n: part.reshape(masks[n].shape) for n, part in zip(names, flat.split(sizes), strict=True)}
     importance = fixed_importance + sum(float(grad_sq[n][kept[n]].double().sum()) for n in names)
     time = modelled_round_time(kept, coeffs, time_constant)
@@ -169,8 +169,7 @@ def reconfigure(
     if max_kept is not None:
         additions = min(additions, max_kept - int(flat.sum()))
     flat[candidates[order[:additions]]] = True
-    parts = flat.split([masks[n].numel() for n in names])
-    return {n: p.reshape(masks[n].shape).clone() for n, p in zip(names, parts, strict=True)}
+    return {n: p.reshape(masks[n].shape).clone() for n, p in zip(names, flat.split(sizes), strict=True)}
 
 
 def layer_costs(specs: dict[str, PrunableSpec], config: PruneFLConfig) -> dict[str, float]:
