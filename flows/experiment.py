@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from fedprune_core.config import ExperimentConfig
@@ -200,7 +201,10 @@ def experiment(
         segment = rounds_segment.with_options(
             task_runner=make_task_runner(options), flow_run_name=f"{ref.run_id}-rounds-{first}-{last}"
         )
-        state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
+        # The parent flow run's heartbeat covers its segments (one process). A segment with its own
+        # heartbeat thread would wait up to 1 s at its end for that thread to wake and stop.
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
     finalize(ref, state_key, settings.tracking_uri, tracker.run_id)
     tracker.finish()
     return {"run_id": ref.run_id, "mlflow_run_id": tracker.run_id, "storage_url": settings.storage_url,

@@ -4,17 +4,18 @@ its checkpoints. Tasks get a small `RunRef` and open everything else from it, on
 Work objects live under `<experiment>/<run_id>/work/<round:06d>/` and are deleted once a
 checkpoint covers them; checkpoints are `infra.checkpoint`'s committed rounds. Work objects are
 scratch: a crash loses them and the run recomputes them from the last checkpoint. With the
-thread task runner every task of a run shares one process, so they stay in memory
-(`MemoryStorage`); with processes or Dask they go to the run's storage, where other processes
-can read them.
+thread task runner every task of a run shares one process, so they stay in memory as tensors
+(`TensorScratch`: nothing is serialized); with processes or Dask they go to the run's storage as
+safetensors (`StoredScratch`), where other processes can read them.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -23,9 +24,9 @@ from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import ServerState, Strategy, init_state
 from fedprune_core.strategies import make_strategy
 from infra.checkpoint import CheckpointStore
+from infra.errors import StorageKeyError
 from infra.storage import (
     CachingStorage,
-    MemoryStorage,
     Storage,
     open_storage,
     tensors_from_bytes,
@@ -34,6 +35,63 @@ from infra.storage import (
 from infra.workloads import WorkloadData, load_for
 
 STATE_OBJECT = "state"
+
+
+class Scratch(Protocol):
+    """Where a run's tasks exchange work objects (tensors by key); a crash may lose them."""
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def get(self, key: str) -> dict[str, torch.Tensor]: ...
+
+    def delete_prefix(self, prefix: str) -> None: ...
+
+
+class TensorScratch:
+    """Work objects as tensors in this process's memory (the thread task runner).
+
+    Tensors are copied in and out, so a task that changes its input in place changes no other
+    task's input, as with stored objects; a copy costs a fraction of a safetensors round trip.
+    """
+
+    url = "memory://scratch"
+
+    def __init__(self) -> None:
+        self._items: dict[str, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        copy = {name: t.detach().clone() for name, t in tensors.items()}
+        with self._lock:
+            self._items[key] = copy
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        with self._lock:
+            item = self._items.get(key)
+        if item is None:
+            raise StorageKeyError(key, self.url)
+        return {name: t.clone() for name, t in item.items()}
+
+    def delete_prefix(self, prefix: str) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k.startswith(prefix)]:
+                del self._items[key]
+
+
+class StoredScratch:
+    """Work objects as safetensors in the run's storage (process and Dask task runners)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.storage.put_bytes(key, tensors_to_bytes(tensors))
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        return tensors_from_bytes(self.storage.get_bytes(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.storage.delete_prefix(prefix)
 
 
 @dataclass(frozen=True)
@@ -86,7 +144,8 @@ class Run:
         stored = self.checkpoints.read_config()
         self.config = ExperimentConfig.from_dict(stored["experiment"])
         self.options = RunOptions(**stored["options"])
-        self.scratch: Storage = MemoryStorage() if self.options.task_runner == "threads" else self.storage
+        threads = self.options.task_runner == "threads"
+        self.scratch: Scratch = TensorScratch() if threads else StoredScratch(self.storage)
         self.data: WorkloadData = load_for(self.config, Path(ref.data_dir))
         self.strategy: Strategy = make_strategy(self.config, self._template())
 
@@ -99,13 +158,14 @@ class Run:
     def put(self, round_num: int, name: str, tensors: dict[str, torch.Tensor]) -> str:
         """Store a work object and return its key."""
         key = self.work_key(round_num, name)
-        self.scratch.put_bytes(key, tensors_to_bytes(tensors))
+        self.scratch.put(key, tensors)
         return key
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         """A work object or a checkpoint object."""
-        store = self.scratch if "/work/" in key else self.storage
-        return tensors_from_bytes(store.get_bytes(key))
+        if "/work/" in key:
+            return self.scratch.get(key)
+        return tensors_from_bytes(self.storage.get_bytes(key))
 
     def state(self, key: str, round_num: int) -> ServerState:
         """The server state after `round_num`, stored at `key` (work object or checkpoint)."""

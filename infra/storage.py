@@ -432,48 +432,6 @@ def _is_safetensors(key: str) -> bool:
     return key.endswith(".safetensors")
 
 
-class MemoryStorage:
-    """A process-local, non-durable `Storage` in a dict: scratch space for objects that tasks in
-    one process exchange and that a crash may lose (they are recomputed from the last checkpoint).
-    """
-
-    def __init__(self, name: str = "scratch") -> None:
-        self._url = f"memory://{name}"
-        self._items: dict[str, bytes] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        """``memory://<name>``."""
-        return self._url
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        with self._lock:
-            self._items[validate_key(key)] = bytes(data)
-
-    def get_bytes(self, key: str) -> bytes:
-        with self._lock:
-            if key not in self._items:
-                raise StorageKeyError(key, self._url)
-            return self._items[key]
-
-    def exists(self, key: str) -> bool:
-        return key in self._items
-
-    def list_keys(self, prefix: str) -> list[str]:
-        with self._lock:
-            return sorted(k for k in self._items if k.startswith(prefix))
-
-    def delete(self, key: str) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-    def delete_prefix(self, prefix: str) -> None:
-        with self._lock:
-            for key in [k for k in self._items if k.startswith(prefix)]:
-                del self._items[key]
-
-
 class CachingStorage:
     """Read-through, write-through LRU cache in front of another `Storage`, for one process.
 

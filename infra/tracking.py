@@ -12,6 +12,7 @@ deterministic run ends with each step held exactly once.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import tempfile
@@ -112,6 +113,13 @@ def find_run(client: MlflowClient, experiment: str, run_id: str) -> str | None:
     return matches[0].info.run_id if matches else None
 
 
+@functools.lru_cache(maxsize=8)
+def mlflow_client(tracking_uri: str) -> MlflowClient:
+    """One MLflow client per tracking URI and process: each run segment's `Tracker` reuses it
+    (a new client opens its store again, ~0.1 s for a SQLite file)."""
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
 class Tracker:
     """One MLflow run, created or reopened by id, with buffered exactly-once metric logging.
 
@@ -143,7 +151,7 @@ class Tracker:
         check_tracking_uri(tracking_uri)
         self.tracking_uri = tracking_uri
         self.flush_every = flush_every
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self.experiment_id = self._experiment_id(experiment, artifact_location)
         self.run_id = self._open_run(run_id, run_name)
         self._resume_step = self.last_logged_step()
