@@ -14,7 +14,7 @@ export DO_NOT_TRACK := 1
 setup: .venv/.installed
 
 run: setup
-	.venv/bin/fedprune run --config tiny
+	.venv/bin/fedprune run --preset tiny
 
 test: setup
 	.venv/bin/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,9 +87,17 @@ def test_flow_on_seaweedfs_s3_and_an_mlflow_server(cli: Cli, seaweed_s3, mlflow_
     assert sorted(steps) == list(range(1, preset("toy").schedule.num_rounds + 1))
 
 
-def test_tiny_speech_preset_runs_end_to_end(cli: Cli) -> None:
-    """The embedded default of `make run`: speech corpus synthesized, Conformer-Transducer pruned, WER logged."""
-    done = cli("run", "--preset", "tiny", "--run-id", "speech")
+def make_run_args() -> list[str]:
+    """The `fedprune` arguments of the Makefile's `run` recipe (the README's main command)."""
+    lines = (Path(__file__).parents[2] / "Makefile").read_text().splitlines()
+    recipe = lines[lines.index("run: setup") + 1].split()
+    return recipe[recipe.index(".venv/bin/fedprune") + 1:]
+
+
+def test_make_run_runs_the_tiny_speech_preset_end_to_end(cli: Cli) -> None:
+    """`make run`'s own arguments: speech corpus synthesized, Conformer-Transducer pruned, WER logged."""
+    assert make_run_args()[:3] == ["run", "--preset", "tiny"]
+    done = cli(*make_run_args(), "--run-id", "speech")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stdout + done.stderr
     state = final_state(cli.home, "speech")
