@@ -80,6 +80,7 @@ def main() -> None:
     log_path = settings.home / "bench" / f"{args.run_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     samples: list[tuple[float, int]] = []
+    start = log_path.stat().st_size if log_path.exists() else 0  # a resumed run appends to the log
     with log_path.open("a") as log:
         child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
                                  text=True)
@@ -88,7 +89,10 @@ def main() -> None:
         child.stdin.close()
         print(f"flow process {child.pid}; log {log_path}", flush=True)
         while child.poll() is None:
-            lines = [x for x in log_path.read_text(errors="replace").splitlines()[-20:] if " - round " in x]
+            with log_path.open("rb") as handle:
+                handle.seek(start)
+                new = handle.read().decode(errors="replace")
+            lines = [x for x in new.splitlines()[-20:] if " - round " in x]
             if lines:  # rounds are running: sample the flow process
                 samples.append((time.time(), rss_bytes(child.pid)))
                 print(f"  rss {samples[-1][1] / 2**20:.0f} MiB | {lines[-1].split(' - ', 1)[-1][:90]}", flush=True)
