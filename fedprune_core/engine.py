@@ -27,7 +27,7 @@ from fedprune_core.submodel import (
     is_sliced,
     payload_nbytes,
 )
-from fedprune_core.training import ClientResult, LocalTrainingConfig
+from fedprune_core.training import ClientResult, LocalTrainingConfig, is_running_stat, model_state
 from fedprune_core.types import MaskDict, Payload, StateDict
 
 _GLOBAL_RNG_LOCK = threading.Lock()
@@ -61,7 +61,7 @@ class ServerState:
 
     Attributes:
         round_num: the last completed round (0: initial model).
-        weights: full model weights.
+        weights: full model weights, and the batch norms' running statistics (`model_state`).
         masks: the global masks in force (empty for strategies without masks).
         scores: per-entry importance scores of the prunable parameters.
         momentum: server optimizer momentum (empty for plain FedAvg).
@@ -193,7 +193,7 @@ def init_state(workload: Workload, seed: int) -> ServerState:
     with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(derive_seed(seed, 0, -1, "init"))
         model = workload.build_model()
-    return ServerState(0, {n: p.detach().clone() for n, p in model.named_parameters()})
+    return ServerState(0, model_state(model))
 
 
 def round_masks(strategy: Strategy, state: ServerState, round_num: int) -> tuple[StateDict, MaskDict]:
@@ -252,6 +252,7 @@ def aggregate(
 ) -> ServerState:
     """Masked FedAvg of the clients' updates plus the server step: the state after `round_num`."""
     shapes = {n: w.shape for n, w in state.weights.items()}
+    param_shapes = {n: s for n, s in shapes.items() if not is_running_stat(n)}  # what squared gradients cover
     contributions = []
     grad_sq_parts = []
     for o in sorted(outcomes, key=lambda o: o.client_id):
@@ -260,13 +261,14 @@ def aggregate(
         contributions.append(ClientContribution(values, held, o.num_examples))
         if o.grad_sq is not None:
             sliced = {n: m for n, m in cmasks.items() if is_sliced(strategy.specs[n])}
-            grad_sq_parts.append(expand(o.grad_sq, sliced, strategy.specs, shapes)[0])
+            grad_sq_parts.append(expand(o.grad_sq, sliced, strategy.specs, param_shapes)[0])
     average, trained = masked_fedavg(state.weights, contributions)
     fed = config.federated
     weights, momentum, grads = server_step(
         state.weights, average, trained, state.momentum, fed.server_lr, fed.server_momentum
     )
-    grad_sq = {n: sum(p[n] for p in grad_sq_parts) for n in shapes} if grad_sq_parts else None
+    weights.update({n: average[n] for n in average if is_running_stat(n)})  # statistics: plain average
+    grad_sq = {n: sum(p[n] for p in grad_sq_parts) for n in param_shapes} if grad_sq_parts else None
     extra = strategy.observe(state, masks, grads, trained, grad_sq)  # type: ignore[arg-type]
     return ServerState(round_num, weights, masks, scores, momentum, extra)
 

@@ -1,6 +1,7 @@
 """What a client downloads, trains and uploads (Lin et al. 2022, Sec. 2.1; Caldas et al. 2018).
 
-A payload is a flat dict of tensors, encoded per parameter:
+A payload is a flat dict of tensors, encoded per parameter (running statistics travel like dense
+parameters):
 
 - dense (not pruned): down `name`, up `name`.
 - sliced (the weight of an `nn.Linear` or a pointwise `nn.Conv1d` under a structured pattern):
@@ -245,11 +246,13 @@ class ClientModel:
         module: the model to train (sliced Linear layers replaced by `SlicedLinear`).
         project: re-zeroes pruned entries of masked parameters; call after each optimizer step.
         masks: masks of the masked (not sliced) parameters, by parameter name.
+        statistics: names of the running statistics loaded from the payload (uploaded as trained).
     """
 
     module: nn.Module
     project: Callable[[], None]
     masks: MaskDict
+    statistics: tuple[str, ...] = ()
 
 
 def _decode_mask(payload: Payload, name: str, spec: PrunableSpec) -> torch.Tensor:
@@ -274,6 +277,9 @@ def build_client_model(
         rescale_kept: train as inverted dropout (see the module's docstring); row pattern only.
     """
     params = dict(model.named_parameters())
+    statistics = tuple(n for n, b in model.named_buffers() if n in payload)
+    for name in statistics:
+        model.get_buffer(name).copy_(payload[name])
     masks: MaskDict = {}
     for name, p in params.items():
         if name in payload:
@@ -314,7 +320,7 @@ def build_client_model(
             for n, m in masks.items():
                 params[n].mul_(m)
 
-    return ClientModel(model, project, masks)
+    return ClientModel(model, project, masks, statistics)
 
 
 def client_update(
@@ -326,10 +332,13 @@ def client_update(
         client: the trained client model.
         specs: the prunable specs the payload was built with.
         tensors: per-parameter tensors of the client module to encode instead of its parameters
-            (e.g. accumulated squared gradients), keyed like `client.module.named_parameters()`.
+            (e.g. accumulated squared gradients), keyed like `client.module.named_parameters()`;
+            running statistics are uploaded only without them.
     """
     params = tensors if tensors is not None else dict(client.module.named_parameters())
     update: Payload = {}
+    if tensors is None:
+        update.update({n: client.module.get_buffer(n).detach().clone() for n in client.statistics})
     for parametrized_name, t in params.items():
         name = _PARAMETRIZED.sub(r"\1\2", parametrized_name)  # a rescaled masked weight: its own name
         path, _, leaf = name.rpartition(".")

@@ -84,12 +84,15 @@ def paper_sweep(
     seeds: tuple[int, ...] = (0, 1, 2),
     preset: str = "small",
     only: tuple[str, ...] = (),
+    warmup_from: str = "",
 ) -> Sweep:
     """The runs of the paper's comparisons, sized by rounds (defaults: about 2.5 hours on 2 CPU cores).
 
     A variant's `rounds` split as: sparsify rounds // 3 (cubic ramp), refine rounds // 3 (re-rank
     every 2 rounds), fine-tune the rest; 4 evaluations on held-out speakers. `only`: keep just the
-    variants of these names (the warm-up always runs).
+    variants of these names (the warm-up always runs). `warmup_from`: start every variant from this
+    finished run ("EXPERIMENT/RUN_ID", e.g. an earlier sweep's last warm-up stage) instead of
+    running the warm-up.
 
     Raises:
         ValueError: sizes too small, or a name in `only` that is not a variant.
@@ -117,8 +120,10 @@ def paper_sweep(
     # The half patterns need an even number of rows and columns: they prune the weights that allow it
     # (98.4% of the small model's weight bytes; not the embedding, joint output, depthwise and first convs).
     halvable = every_pattern_weights(build_model(PRESETS[preset]["model"]))
-    base = {"name": name, "init_from": f"{name}-{warmups[-1].name}", "schedule": schedule, "federated": federated,
-            "pruning": FP_05}
+    if warmup_from:
+        warmups = []
+    base = {"name": name, "init_from": warmup_from or f"{name}-{warmups[-1].name}", "schedule": schedule,
+            "federated": federated, "pruning": FP_05}
 
     def fp(vname: str, label: str, groups: tuple[str, ...], **over: Any) -> Variant:
         return Variant(vname, label, groups, _merge(copy.deepcopy(base), over))

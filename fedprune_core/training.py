@@ -12,6 +12,12 @@ Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the call. On CPU,
 of training, counted exactly: bytes of parameters + gradients + optimiser state + the largest
 total of tensors saved for backward in one step (deduplicated by storage). It is not the process
 RSS, which also holds the allocator's caches, the data and the interpreter.
+
+A model's federated state (`model_state`) is its parameters plus the running statistics of its
+batch norms (`running_mean`, `running_var`): those statistics are what a batch norm computes with
+at evaluation, so clients upload them and the server averages them like weights (as FedAvg
+implementations that average the whole ``state_dict`` do). They are never pruned and never take a
+server optimizer step.
 """
 
 from __future__ import annotations
@@ -63,12 +69,27 @@ class LocalTrainingConfig:
         validate_local_training(self)
 
 
+RUNNING_STATS = ("running_mean", "running_var")
+
+
+def is_running_stat(name: str) -> bool:
+    """Whether a state entry is a batch norm's running statistic (averaged, never optimized)."""
+    return name.rpartition(".")[2] in RUNNING_STATS
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached clones of the parameters and of the batch norms' running statistics."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state.update({n: b.detach().clone() for n, b in model.named_buffers() if is_running_stat(n)})
+    return state
+
+
 @dataclass(frozen=True)
 class ClientResult:
     """What one client's local training returns.
 
     Attributes:
-        state: Trained parameters, keyed like ``model.named_parameters()``, detached clones.
+        state: Trained parameters and running statistics (`model_state`), detached clones.
         num_examples: Examples the client holds (``len(examples)``), the FedAvg weight.
         mean_loss: Mean of the K step losses.
         wall_time_s: Wall time of the training, seconds.
@@ -223,7 +244,7 @@ def train_local(
         losses.append(float(loss.detach()))
     wall = time.perf_counter() - start
     model.train(was_training)
-    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = model_state(model)
     peak = _peak_memory(device, model, optimizer, meter)
     return ClientResult(state, len(examples), sum(losses) / len(losses), wall, peak, grad_sq)
 

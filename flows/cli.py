@@ -184,6 +184,9 @@ def sweep(
     preset: Annotated[str, typer.Option(help="Configuration the runs override (small: the speech benchmark).")]
     = "small",
     only: Annotated[str, typer.Option(help="Comma-separated variant names to run (default: all).")] = "",
+    warmup_from: Annotated[str, typer.Option(
+        help="EXPERIMENT/RUN_ID of a finished warm-up (e.g. paper/paper-warmup2) to start from instead of "
+             "running the warm-up.")] = "",
 ) -> None:
     """The paper's experiments on the speech benchmark (about 2.5 hours on 2 cores); skips finished runs."""
     from fedprune_core.presets import preset as make_preset
@@ -198,12 +201,17 @@ def sweep(
             stages = tuple(int(r) for r in warmup_rounds.split(","))
         except ValueError:
             raise ValueError(f"--warmup-rounds {warmup_rounds!r} must be integers with commas, e.g. 80,60") from None
-        plan = paper_sweep(name, stages, rounds, clients_per_round, local_steps, preset=preset, only=selected)
+        plan = paper_sweep(name, stages, rounds, clients_per_round, local_steps, preset=preset, only=selected,
+                           warmup_from=warmup_from)
         for variant in (*plan.warmups, *plan.variants):
             make_preset(plan.preset, variant.overrides)
         if parallel < 1 or threads_per_run < 1:
             raise ValueError(f"--parallel {parallel} / --threads-per-run {threads_per_run} must be >= 1: pass 2 / 1")
-        _check_services()
+        storage = _check_services()
+        if warmup_from:
+            from infra.runs import warm_start_source
+
+            warm_start_source(storage, name, warmup_from)
     except (ValueError, InfraError) as e:
         _fail(str(e))
     from infra.prefect_api import ensure_prefect_api
@@ -213,7 +221,7 @@ def sweep(
 
     files = sweep_flow(name=name, warmup_rounds=list(stages), rounds=rounds, clients_per_round=clients_per_round,
                        local_steps=local_steps, parallel=parallel, threads_per_run=threads_per_run,
-                       out_dir=str(out_dir), preset=preset, only=list(selected))
+                       out_dir=str(out_dir), preset=preset, only=list(selected), warmup_from=warmup_from)
     typer.echo(json.dumps(files, indent=2))
 
 

@@ -67,6 +67,7 @@ def sweep(
     log_dir: str | None = None,
     preset: str = "small",
     only: list[str] | None = None,
+    warmup_from: str = "",
 ) -> dict[str, str]:
     """Run the paper's comparisons (see `fedprune_core.sweep.paper_sweep`) and report them.
 
@@ -80,6 +81,8 @@ def sweep(
         log_dir: each run's output goes to `<log_dir>/<name>/<run id>.log` (default: FEDPRUNE_HOME/sweeps).
         preset: the configuration the runs override ("small": the speech benchmark).
         only: run just these variants (names from `paper_sweep`); all when None.
+        warmup_from: "EXPERIMENT/RUN_ID" of a finished warm-up to start the variants from, instead of
+            running the warm-up stages.
 
     Returns:
         {file name: path} of the report.
@@ -87,7 +90,7 @@ def sweep(
     if parallel < 1 or threads_per_run < 1:
         raise ValueError(f"parallel={parallel}, threads_per_run={threads_per_run}: both must be >= 1, e.g. 2 and 1")
     plan = paper_sweep(name, tuple(warmup_rounds or (80, 60)), rounds, clients_per_round, local_steps, preset=preset,
-                       only=tuple(only or ()))
+                       only=tuple(only or ()), warmup_from=warmup_from)
     logs = str(Path(log_dir) if log_dir else Settings().home / "sweeps") + f"/{name}"
     logger = get_run_logger()
     logger.info(f"sweep {name}: {len(plan.warmups)} warm-up stage(s) + {len(plan.variants)} runs, {parallel} at a "

@@ -23,6 +23,7 @@ from torch import nn
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import ServerState, Strategy, init_state
 from fedprune_core.strategies import make_strategy
+from fedprune_core.training import is_running_stat, model_state
 from infra.checkpoint import CheckpointStore
 from infra.errors import StorageKeyError
 from infra.storage import (
@@ -186,7 +187,10 @@ class Run:
         source = warm_start_source(self.storage, self.ref.experiment, self.config.init_from)
         checkpoint = source.load()
         weights = ServerState.from_flat(checkpoint.round_num, checkpoint.tensors[STATE_OBJECT]).weights
-        expected = {n: p.shape for n, p in self._template().named_parameters()}
+        template = model_state(self._template())
+        # a run from before running statistics were federated has none: start them from the template's
+        weights.update({n: t for n, t in template.items() if is_running_stat(n) and n not in weights})
+        expected = {n: t.shape for n, t in template.items()}
         got = {n: t.shape for n, t in weights.items()}
         if got != expected:
             diff = sorted(set(got) ^ set(expected)) or sorted(n for n in got if got[n] != expected[n])

@@ -63,3 +63,9 @@ def test_warmup_stages_continue_each_other() -> None:
     assert all(c.strategy == "fedavg" for c in configs)
     with pytest.raises(ValueError, match="warm-up stages"):
         paper_sweep(warmup_rounds=())
+
+
+def test_warmup_from_starts_every_variant_from_that_run_without_a_warmup() -> None:
+    plan = paper_sweep("again", warmup_from="paper/paper-warmup2")
+    assert plan.warmups == ()
+    assert {preset(plan.preset, v.overrides).init_from for v in plan.variants} == {"paper/paper-warmup2"}
