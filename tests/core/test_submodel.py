@@ -37,7 +37,7 @@ def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class Net(nn.Module):
-    """Linear layers (sliced), a conv (masked) and attention (fused in_proj, raw out_proj: masked)."""
+    """Linear layers (sliced), a conv (masked) and attention (fused in_proj and out_proj: sliced)."""
 
     def __init__(self, width: int = 4) -> None:
         super().__init__()
@@ -137,7 +137,9 @@ def test_extract_then_expand_without_training_is_the_identity(
             assert torch.equal(values[name], w)
     sliced = [n for n, s in specs.items() if s.linear]
     assert (pattern != "unstructured") == all(
-        isinstance(client.module.get_submodule(n.removesuffix(".weight")), SlicedLinear) for n in sliced
+        isinstance(client.module.get_submodule(n.removesuffix(".weight").replace("in_proj_weight", "in_proj")),
+                   SlicedLinear)
+        for n in sliced
     )
 
 
