@@ -4,16 +4,19 @@ A payload is a flat dict of tensors, encoded per parameter (running statistics t
 parameters):
 
 - dense (not pruned): down `name`, up `name`.
-- sliced (the weight of an `nn.Linear` or a pointwise `nn.Conv1d` under a structured pattern):
-  down `name|w{i}` for each kept block, with `name|r{i}` / `name|c{i}` its kept row / column
-  indices (int32, omitted when all are kept); up `name|w{i}`.
+- sliced (the weight of an `nn.Linear`, a pointwise `nn.Conv1d` or an attention projection under a
+  structured pattern; rows that only compute dead units, see `fedprune_core.units`, left out):
+  down `name|w{i}` for each kept block (one per `block_regions` region: the matrix, or the two
+  halves of a half pattern, for each stacked q/k/v matrix), with `name|r{i}` / `name|c{i}` its
+  kept row / column indices (int32, omitted when the block spans its whole region); up `name|w{i}`.
 - masked (anything else pruned): down `name|v`, the kept values, plus `name|g`, the kept group ids
   (int32), or for unstructured masks `name|b`, a packed bit mask (one bit per entry); up `name|v`.
 
-A sliced Linear is trained by `SlicedLinear` (a pointwise conv by `SlicedPointwiseConv1d`) as
-physically smaller dense blocks, so the client's parameters, gradients, optimizer state and
-matmul work shrink with sparsity. `payload_nbytes`
-is the exact number of bytes of a payload's tensors.
+A sliced Linear is trained by `SlicedLinear` (a pointwise conv by `SlicedPointwiseConv1d`,
+attention by `SlicedMultiheadAttention`) as physically smaller dense blocks, so the client's
+parameters, gradients, optimizer state and matmul work shrink with sparsity; layers around dead
+units run on the live units only. `payload_nbytes` is the exact number of bytes of a payload's
+tensors.
 
 With `rescale_kept` (Federated Dropout) a client trains its sub-model as inverted dropout: the
 outputs of a row-pruned weight's kept units are scaled by rows / kept rows of their matrix, so
@@ -88,29 +91,33 @@ def groups_to_mask(ids: torch.Tensor, spec: PrunableSpec) -> torch.Tensor:
     return from_matrices(parts, spec)
 
 
+def block_regions(shape: tuple[int, int], pattern: str, splits: int = 1) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first column, end column) of each block region of a 2-D weight: per
+    stacked matrix, the whole matrix, its two column halves (half_row) or its two row halves
+    (half_column)."""
+    out_f, in_f = shape
+    per = out_f // splits
+    regions = []
+    for lo in range(0, out_f, per):
+        if pattern == "half_row":
+            regions += [(lo, lo + per, 0, in_f // 2), (lo, lo + per, in_f // 2, in_f)]
+        elif pattern == "half_column":
+            regions += [(lo, lo + per // 2, 0, in_f), (lo + per // 2, lo + per, 0, in_f)]
+        else:
+            regions.append((lo, lo + per, 0, in_f))
+    return regions
+
+
 def linear_blocks(
     mask: torch.Tensor, pattern: str, splits: int = 1
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(kept rows, kept columns) index pairs of the dense blocks a structured 2-D mask keeps.
-
-    Each of the `splits` stacked matrices has one block per region of its pattern (the whole matrix;
-    the two column halves for half_row; the two row halves for half_column); a block's rows and
-    columns are those with any kept entry in its region (a row / column mask restricted to live
-    rows, see `fedprune_core.units`, is still a product of the two)."""
-    out_f, in_f = mask.shape
-    per = out_f // splits
+    """(kept rows, kept columns) index pairs of the dense blocks a structured 2-D mask keeps, one
+    per `block_regions` region: the rows and columns with any kept entry in it (a row / column
+    mask restricted to live rows, see `fedprune_core.units`, is still a product of the two)."""
     blocks = []
-    for s in range(splits):
-        lo = s * per
-        if pattern == "half_row":
-            regions = [(lo, lo + per, 0, in_f // 2), (lo, lo + per, in_f // 2, in_f)]
-        elif pattern == "half_column":
-            regions = [(lo, lo + per // 2, 0, in_f), (lo + per // 2, lo + per, 0, in_f)]
-        else:
-            regions = [(lo, lo + per, 0, in_f)]
-        for r0, r1, c0, c1 in regions:
-            region = mask[r0:r1, c0:c1]
-            blocks.append((region.any(1).nonzero().flatten() + r0, region.any(0).nonzero().flatten() + c0))
+    for r0, r1, c0, c1 in block_regions((mask.shape[0], mask.shape[1]), pattern, splits):
+        region = mask[r0:r1, c0:c1]
+        blocks.append((region.any(1).nonzero().flatten() + r0, region.any(0).nonzero().flatten() + c0))
     return blocks
 
 
@@ -128,11 +135,13 @@ def extract(weights: StateDict, masks: MaskDict, specs: dict[str, PrunableSpec])
         spec, mask = specs[name], masks[name]
         if is_sliced(spec):  # a Linear's (out, in) weight, a pointwise conv's (out, in, 1), a fused q/k/v
             w2 = w.reshape(w.shape[0], -1)
-            for i, (r, c) in enumerate(linear_blocks(mask.reshape(w2.shape), spec.pattern, spec.splits)):
+            regions = block_regions((w2.shape[0], w2.shape[1]), spec.pattern, spec.splits)
+            blocks = linear_blocks(mask.reshape(w2.shape), spec.pattern, spec.splits)
+            for i, ((r, c), (r0, r1, c0, c1)) in enumerate(zip(blocks, regions, strict=True)):
                 payload[f"{name}{SEP}w{i}"] = w2[r][:, c].detach().clone()
-                if r.numel() != w2.shape[0]:
+                if r.numel() != r1 - r0:  # indices only where the block is not its whole region
                     payload[f"{name}{SEP}r{i}"] = r.to(torch.int32)
-                if c.numel() != w2.shape[1]:
+                if c.numel() != c1 - c0:
                     payload[f"{name}{SEP}c{i}"] = c.to(torch.int32)
             continue
         payload[f"{name}{SEP}v"] = w[mask].detach().clone()
@@ -387,11 +396,17 @@ Block = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]
 """(rows, columns, weight) of one dense block of a sliced layer; None rows / columns: all of them."""
 
 
-def _blocks(payload: Payload, name: str) -> list[Block]:
-    blocks: list[Block] = []
-    while f"{name}{SEP}w{len(blocks)}" in payload:
-        i = len(blocks)
-        blocks.append((payload.get(f"{name}{SEP}r{i}"), payload.get(f"{name}{SEP}c{i}"), payload[f"{name}{SEP}w{i}"]))
+def _blocks(payload: Payload, name: str, spec: PrunableSpec) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(rows, columns, weight) of each payload block of sliced weight `name`, in full coordinates
+    (a block without indices is its whole region)."""
+    blocks = []
+    regions = block_regions((spec.shape[0], spec.numel // spec.shape[0]), spec.pattern, spec.splits)
+    for i, (r0, r1, c0, c1) in enumerate(regions):
+        if f"{name}{SEP}w{i}" not in payload:
+            break
+        rows, cols = payload.get(f"{name}{SEP}r{i}"), payload.get(f"{name}{SEP}c{i}")
+        blocks.append((torch.arange(r0, r1) if rows is None else rows.long(),
+                       torch.arange(c0, c1) if cols is None else cols.long(), payload[f"{name}{SEP}w{i}"]))
     return blocks
 
 
@@ -404,10 +419,10 @@ def _compact_units(
     producers: dict[str, tuple[_Compact, int]] = {}
     per_unit: dict[str, torch.Tensor] = {}
     for g in find_unit_groups(model, specs):
-        cols = [c for _, c, _ in _blocks(payload, g.reader)]
-        if not cols or any(c is None for c in cols):
-            continue  # dense, or some block reads every unit
-        live = torch.unique(torch.cat([c.long() for c in cols if c is not None]))
+        cols = [c for _, c, _ in _blocks(payload, g.reader, specs[g.reader])]
+        if not cols:
+            continue  # sent dense
+        live = torch.unique(torch.cat(cols))
         if live.numel() == g.width:
             continue
         pos = torch.full((g.width,), -1, dtype=torch.long)
@@ -419,8 +434,8 @@ def _compact_units(
     return readers, producers, per_unit
 
 
-def _identity_to_none(index: torch.Tensor | None, size: int) -> torch.Tensor | None:
-    return None if index is None or torch.equal(index, torch.arange(size)) else index
+def _identity_to_none(index: torch.Tensor, size: int) -> torch.Tensor | None:
+    return None if torch.equal(index, torch.arange(size)) else index
 
 
 @torch.no_grad()
@@ -504,20 +519,20 @@ def _sliced_layer(
         out_features = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
         bias, kind = layer.bias, SlicedLinear if isinstance(layer, nn.Linear) else SlicedPointwiseConv1d
     in_features = spec.numel // spec.shape[0]
-    blocks = _blocks(payload, name)
+    full = _blocks(payload, name, spec)
     bias_index: torch.Tensor | None = None
     if name in producers:
         compact, width = producers[name]
-        rows_of = [torch.arange(out_features) if r is None else r.long() for r, _, _ in blocks]
         copies = out_features // width
         out_features = copies * compact.live.numel()
         bias_index = (compact.live[None, :] + width * torch.arange(copies)[:, None]).flatten()
-        blocks = [(compact.rows(r, width), c, w) for r, (_, c, w) in zip(rows_of, blocks, strict=True)]
+        full = [(compact.rows(r, width), c, w) for r, c, w in full]
     if name in readers:
         in_features = readers[name].live.numel()
-        blocks = [(r, None if c is None else readers[name].pos[c.long()], w) for r, c, w in blocks]
-    blocks = [(_identity_to_none(None if r is None else r.long(), out_features),
-               _identity_to_none(None if c is None else c.long(), in_features), w) for r, c, w in blocks]
+        full = [(r, readers[name].pos[c], w) for r, c, w in full]
+    blocks: list[Block] = [
+        (_identity_to_none(r, out_features), _identity_to_none(c, in_features), w) for r, c, w in full
+    ]
     scale: torch.Tensor | None = None
     if rescale_kept:
         _check_row_pattern(spec)
