@@ -57,6 +57,7 @@ from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
 from fedprune_core.submodel import ClientModel, SlicedPointwiseConv1d, build_client_model, extract, is_sliced
 from fedprune_core.training import LocalTrainingConfig, train_local
 from fedprune_core.types import Payload
+from fedprune_core.units import LiveBatchNorm1d, LiveDepthwiseConv1d
 
 TARGET = 0.6
 """Issue 6: pruned / dense <= 0.6 for step time and peak training memory."""
@@ -195,7 +196,8 @@ def summary(runs: list[Run]) -> dict[str, float]:
 # --- analysis: where the pruned model's cost goes -------------------------------------------------
 
 SLICED = "other Linear (sliced when pruned)"
-ATTENTION = "MHA fused in_proj + out_proj (masked dense)"
+ATTENTION = "MHA fused in_proj + out_proj (sliced when pruned)"
+DEPTHWISE = "Conv1d depthwise (masked; live channels only when pruned)"
 JOINER = "joint output Linear (sliced when pruned)"
 POINTWISE = "Conv1d pointwise (sliced when pruned)"
 OTHER = "other (joint sum, loss, reshapes)"
@@ -212,13 +214,14 @@ def kind_of(path: str, module: nn.Module, sliced: set[str]) -> str:
     kinds: list[tuple[type | tuple[type, ...], str]] = [
         (nn.Conv2d, "Conv2d subsampling (masked dense)"),
         (nn.Embedding, "embedding (masked dense)"),
-        ((nn.LayerNorm, nn.BatchNorm1d), "norms (not pruned)"),
+        ((nn.LayerNorm, nn.BatchNorm1d, LiveBatchNorm1d), "norms (not pruned)"),
         ((nn.SiLU, nn.ReLU, nn.GLU, nn.Tanh), "activation functions"),
         (nn.Linear, "Linear, not sliced"),
     ]
+    if isinstance(module, LiveDepthwiseConv1d):
+        return DEPTHWISE
     if isinstance(module, nn.Conv1d):
-        shape = "pointwise" if module.kernel_size == (1,) else "depthwise"
-        return f"Conv1d {shape} (masked dense)"
+        return "Conv1d pointwise (masked dense)" if module.kernel_size == (1,) else DEPTHWISE
     return next((label for cls, label in kinds if isinstance(module, cls)), OTHER)
 
 
@@ -400,7 +403,7 @@ def print_breakdown(
           f"{(total_d - total_p) / total_d:+.1%} |", flush=True)
 
 
-MASKED_DENSE = (ATTENTION, "Conv1d pointwise (masked dense)", "Conv2d subsampling (masked dense)")
+MASKED_DENSE = ("Conv2d subsampling (masked dense)",)
 
 
 def print_what_if(params: dict[str, dict[str, int]], saved: dict[str, dict[str, int]], copies: int,

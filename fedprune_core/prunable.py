@@ -25,10 +25,13 @@ class PrunableSpec:
         name: parameter name in `model.named_parameters()`.
         shape: the parameter's full shape.
         splits: number of stacked matrices along dim 0 (3 for a fused q/k/v projection).
-        linear: True when the owner computes a plain matrix product through its own forward (an
-            `nn.Linear`, or a pointwise `nn.Conv1d`: kernel 1, no groups, stride, padding or
-            dilation), so a client can train a physically smaller slice of it.
+        linear: True when the owner computes a plain matrix product a client can replace by a
+            physically smaller slice of it: an `nn.Linear`, a pointwise `nn.Conv1d` (kernel 1, no
+            groups, stride, padding or dilation), or the projections of a plain
+            `nn.MultiheadAttention` (see `is_plain_attention`).
         pattern: the pattern used for this parameter ("unstructured" for 1-D tensors).
+        feeds: for a weight whose output rows are the units a later layer reads (see
+            `fedprune_core.units`), that layer's weight name: output row r is unit r % its inputs.
     """
 
     name: str
@@ -36,6 +39,7 @@ class PrunableSpec:
     splits: int
     linear: bool
     pattern: str
+    feeds: str = ""
 
     @property
     def numel(self) -> int:
@@ -59,15 +63,28 @@ def is_pointwise_conv(m: nn.Module) -> bool:
     )
 
 
+def is_plain_attention(m: nn.Module) -> bool:
+    """An `nn.MultiheadAttention` a client can run from sliced projections: fused q/k/v of one width,
+    no extra key/value biases or zero attention, sequence-first."""
+    return (
+        type(m) is nn.MultiheadAttention and m._qkv_same_embed_dim and m.bias_k is None
+        and not m.add_zero_attn and not m.batch_first
+    )
+
+
 def _sliceable_linears(model: nn.Module) -> set[str]:
-    """Names of the weights of Linear layers run through `Linear.forward` (not used raw by
-    attention) and of pointwise Conv1d layers."""
-    raw_users = {
-        f"{name}.out_proj" if name else "out_proj"
-        for name, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-    }
-    return {
+    """Names of the weights a client can slice: Linear layers run through `Linear.forward`, pointwise
+    Conv1d layers, and the projections of plain attention (other attention reads them raw)."""
+    names: set[str] = set()
+    raw_users: set[str] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            if is_plain_attention(m):
+                names |= {f"{prefix}in_proj_weight", f"{prefix}out_proj.weight"}
+            else:
+                raw_users.add(f"{prefix}out_proj")
+    return names | {
         f"{name}.weight"
         for name, m in model.named_modules()
         if (type(m) is nn.Linear and name not in raw_users) or is_pointwise_conv(m)
@@ -99,7 +116,9 @@ def find_prunable(
         spec = PrunableSpec(name, tuple(p.shape), splits, name in linears, pattern if p.dim() >= 2 else "unstructured")
         check_shape(spec.matrix_shape, spec.pattern, name)
         specs[name] = spec
-    return specs
+    from fedprune_core.units import link_units  # units builds on this module
+
+    return link_units(model, specs)
 
 
 def matrices(t: torch.Tensor, spec: PrunableSpec) -> list[torch.Tensor]:

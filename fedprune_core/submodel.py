@@ -4,16 +4,19 @@ A payload is a flat dict of tensors, encoded per parameter (running statistics t
 parameters):
 
 - dense (not pruned): down `name`, up `name`.
-- sliced (the weight of an `nn.Linear` or a pointwise `nn.Conv1d` under a structured pattern):
-  down `name|w{i}` for each kept block, with `name|r{i}` / `name|c{i}` its kept row / column
-  indices (int32, omitted when all are kept); up `name|w{i}`.
+- sliced (the weight of an `nn.Linear`, a pointwise `nn.Conv1d` or an attention projection under a
+  structured pattern; rows that only compute dead units, see `fedprune_core.units`, left out):
+  down `name|w{i}` for each kept block (one per `block_regions` region: the matrix, or the two
+  halves of a half pattern, for each stacked q/k/v matrix), with `name|r{i}` / `name|c{i}` its
+  kept row / column indices (int32, omitted when the block spans its whole region); up `name|w{i}`.
 - masked (anything else pruned): down `name|v`, the kept values, plus `name|g`, the kept group ids
   (int32), or for unstructured masks `name|b`, a packed bit mask (one bit per entry); up `name|v`.
 
-A sliced Linear is trained by `SlicedLinear` (a pointwise conv by `SlicedPointwiseConv1d`) as
-physically smaller dense blocks, so the client's parameters, gradients, optimizer state and
-matmul work shrink with sparsity. `payload_nbytes`
-is the exact number of bytes of a payload's tensors.
+A sliced Linear is trained by `SlicedLinear` (a pointwise conv by `SlicedPointwiseConv1d`,
+attention by `SlicedMultiheadAttention`) as physically smaller dense blocks, so the client's
+parameters, gradients, optimizer state and matmul work shrink with sparsity; layers around dead
+units run on the live units only. `payload_nbytes` is the exact number of bytes of a payload's
+tensors.
 
 With `rescale_kept` (Federated Dropout) a client trains its sub-model as inverted dropout: the
 outputs of a row-pruned weight's kept units are scaled by rows / kept rows of their matrix, so
@@ -33,8 +36,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fedprune_core.masks import GROUP_SCORES, expand_groups, groups_of
-from fedprune_core.prunable import PrunableSpec, from_matrices, matrices
+from fedprune_core.prunable import PrunableSpec, from_matrices, is_plain_attention, matrices
 from fedprune_core.types import MaskDict, Payload, StateDict
+from fedprune_core.units import find_unit_groups, live_masks, live_module
 
 SEP = "|"
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
@@ -46,8 +50,9 @@ def payload_nbytes(payload: Payload) -> int:
 
 
 def is_sliced(spec: PrunableSpec) -> bool:
-    """Whether a parameter travels as physically smaller Linear blocks (Linear or pointwise Conv1d)."""
-    return spec.linear and spec.splits == 1 and spec.pattern != "unstructured"
+    """Whether a parameter travels as physically smaller Linear blocks (Linear, pointwise Conv1d,
+    attention projections)."""
+    return spec.linear and spec.pattern != "unstructured"
 
 
 # --- masks <-> group ids and bits -------------------------------------------------------------
@@ -86,19 +91,34 @@ def groups_to_mask(ids: torch.Tensor, spec: PrunableSpec) -> torch.Tensor:
     return from_matrices(parts, spec)
 
 
-def linear_blocks(mask: torch.Tensor, pattern: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(kept rows, kept columns) index pairs of the dense blocks a structured Linear mask keeps."""
-    out_f, in_f = mask.shape
-    rows, cols = torch.arange(out_f), torch.arange(in_f)
-    if pattern == "row":
-        return [(mask[:, 0].nonzero().flatten(), cols)]
-    if pattern == "column":
-        return [(rows, mask[0].nonzero().flatten())]
-    if pattern == "half_row":
-        h = in_f // 2
-        return [(mask[:, 0].nonzero().flatten(), cols[:h]), (mask[:, h].nonzero().flatten(), cols[h:])]
-    h = out_f // 2
-    return [(rows[:h], mask[0].nonzero().flatten()), (rows[h:], mask[h].nonzero().flatten())]
+def block_regions(shape: tuple[int, int], pattern: str, splits: int = 1) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first column, end column) of each block region of a 2-D weight: per
+    stacked matrix, the whole matrix, its two column halves (half_row) or its two row halves
+    (half_column)."""
+    out_f, in_f = shape
+    per = out_f // splits
+    regions = []
+    for lo in range(0, out_f, per):
+        if pattern == "half_row":
+            regions += [(lo, lo + per, 0, in_f // 2), (lo, lo + per, in_f // 2, in_f)]
+        elif pattern == "half_column":
+            regions += [(lo, lo + per // 2, 0, in_f), (lo + per // 2, lo + per, 0, in_f)]
+        else:
+            regions.append((lo, lo + per, 0, in_f))
+    return regions
+
+
+def linear_blocks(
+    mask: torch.Tensor, pattern: str, splits: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(kept rows, kept columns) index pairs of the dense blocks a structured 2-D mask keeps, one
+    per `block_regions` region: the rows and columns with any kept entry in it (a row / column
+    mask restricted to live rows, see `fedprune_core.units`, is still a product of the two)."""
+    blocks = []
+    for r0, r1, c0, c1 in block_regions((mask.shape[0], mask.shape[1]), pattern, splits):
+        region = mask[r0:r1, c0:c1]
+        blocks.append((region.any(1).nonzero().flatten() + r0, region.any(0).nonzero().flatten() + c0))
+    return blocks
 
 
 # --- server side: extract and expand ----------------------------------------------------------
@@ -107,18 +127,21 @@ def linear_blocks(mask: torch.Tensor, pattern: str) -> list[tuple[torch.Tensor, 
 def extract(weights: StateDict, masks: MaskDict, specs: dict[str, PrunableSpec]) -> Payload:
     """The payload a client downloads: every parameter, pruned ones in compact form."""
     payload: Payload = {}
+    masks = live_masks(masks, specs)
     for name, w in weights.items():
         if name not in masks:
             payload[name] = w.detach().clone()
             continue
         spec, mask = specs[name], masks[name]
-        if is_sliced(spec):  # a Linear's (out, in) weight, or a pointwise conv's (out, in, 1)
+        if is_sliced(spec):  # a Linear's (out, in) weight, a pointwise conv's (out, in, 1), a fused q/k/v
             w2 = w.reshape(w.shape[0], -1)
-            for i, (r, c) in enumerate(linear_blocks(mask.reshape(w2.shape), spec.pattern)):
+            regions = block_regions((w2.shape[0], w2.shape[1]), spec.pattern, spec.splits)
+            blocks = linear_blocks(mask.reshape(w2.shape), spec.pattern, spec.splits)
+            for i, ((r, c), (r0, r1, c0, c1)) in enumerate(zip(blocks, regions, strict=True)):
                 payload[f"{name}{SEP}w{i}"] = w2[r][:, c].detach().clone()
-                if r.numel() != w2.shape[0]:
+                if r.numel() != r1 - r0:  # indices only where the block is not its whole region
                     payload[f"{name}{SEP}r{i}"] = r.to(torch.int32)
-                if c.numel() != w2.shape[1]:
+                if c.numel() != c1 - c0:
                     payload[f"{name}{SEP}c{i}"] = c.to(torch.int32)
             continue
         payload[f"{name}{SEP}v"] = w[mask].detach().clone()
@@ -136,9 +159,11 @@ def expand(
 
     Returns:
         (values, held): full-shape values, and for pruned parameters the bool mask of the
-        coordinates the client held (dense parameters are held everywhere and have no entry).
+        coordinates the client held (dense parameters are held everywhere and have no entry; rows
+        that only compute dead units, see `fedprune_core.units`, are not held).
     """
     values: StateDict = {}
+    masks = live_masks(masks, specs)
     for name, shape in shapes.items():
         if name not in masks:
             values[name] = update[name]
@@ -146,7 +171,8 @@ def expand(
         mask, full = masks[name], torch.zeros(shape, dtype=_dtype_of(update, name))
         if is_sliced(specs[name]):
             full2 = full.view(shape[0], -1)
-            for i, (r, c) in enumerate(linear_blocks(mask.reshape(full2.shape), specs[name].pattern)):
+            spec = specs[name]
+            for i, (r, c) in enumerate(linear_blocks(mask.reshape(full2.shape), spec.pattern, spec.splits)):
                 full2[r[:, None], c[None, :]] = update[f"{name}{SEP}w{i}"]
         else:
             full[mask] = update[f"{name}{SEP}v"]
@@ -166,7 +192,12 @@ class SlicedLinear(nn.Module):
     """A Linear layer trained as the dense blocks its mask keeps.
 
     y = sum_i scatter_rows_i(x[..., cols_i] @ W_i^T) + b, with W_i of shape (|rows_i|, |cols_i|):
-    parameters, gradients and matmul work are those of the kept blocks only.
+    parameters, gradients and matmul work are those of the kept blocks only. Rows and columns are
+    in the layer's own coordinates: a layer that reads or emits only live units (see
+    `fedprune_core.units`) has compact inputs or outputs, and `bias_index` picks the bias entries
+    of its compact outputs. When the blocks' rows tile the output in order (one block with all
+    rows, a fused q/k/v's three, half_column's two halves) the outputs are concatenated, not
+    scattered.
     """
 
     def __init__(
@@ -175,31 +206,110 @@ class SlicedLinear(nn.Module):
         blocks: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]],
         bias: torch.Tensor | None,
         scale: torch.Tensor | None = None,
+        bias_index: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.out_features = out_features
         self.num_blocks = len(blocks)
+        every = [torch.arange(out_features) if r is None else r.long() for r, _, _ in blocks]
+        self.tiled = sum(r.numel() for r in every) == out_features and torch.equal(
+            torch.cat(every), torch.arange(out_features)
+        )
         for i, (rows, cols, w) in enumerate(blocks):
             self.register_parameter(f"w{i}", nn.Parameter(w.clone()))
             self.register_buffer(f"r{i}", None if rows is None else rows.long())
             self.register_buffer(f"c{i}", None if cols is None else cols.long())
         self.bias = bias
+        self.register_buffer("bias_index", bias_index)
         self.register_buffer("scale", scale)  # per output row, before the bias (inverted dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
-        out: torch.Tensor | None = None
+        ys = []
         for i in range(self.num_blocks):
-            rows, cols = getattr(self, f"r{i}"), getattr(self, f"c{i}")
-            y = F.linear(x if cols is None else x.index_select(-1, cols), getattr(self, f"w{i}"))
-            if rows is not None:
-                y = x.new_zeros(*x.shape[:-1], self.out_features).index_add(-1, rows, y)
-            out = y if out is None else out + y
-        assert out is not None
+            cols = getattr(self, f"c{i}")
+            ys.append(F.linear(x if cols is None else x.index_select(-1, cols), getattr(self, f"w{i}")))
+        if self.tiled:
+            out = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        else:
+            out = x.new_zeros(*x.shape[:-1], self.out_features)
+            for i, y in enumerate(ys):
+                rows = getattr(self, f"r{i}")
+                out = out + y if rows is None else out.index_add(-1, rows, y)
         scale: torch.Tensor | None = self.scale  # type: ignore[assignment]
         if scale is not None:
             out = out * scale
-        return out if self.bias is None else out + self.bias
+        if self.bias is None:
+            return out
+        bias_index: torch.Tensor | None = self.bias_index  # type: ignore[assignment]
+        return out + (self.bias if bias_index is None else self.bias.index_select(0, bias_index))
+
+
+class SlicedMultiheadAttention(nn.Module):
+    """`nn.MultiheadAttention` (sequence-first, fused q/k/v) with projections a client can slice.
+
+    `in_proj` is a `SlicedLinear` emitting the stacked (q, k, v), or None with the dense
+    `in_proj_weight`; `out_proj` a `SlicedLinear` or the original layer. The attention itself is
+    `F.scaled_dot_product_attention`, as `nn.MultiheadAttention` computes it when no weights are
+    asked for.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, in_proj: SlicedLinear | None, out_proj: nn.Module) -> None:
+        super().__init__()
+        self.num_heads, self.dropout, self.embed_dim = attention.num_heads, attention.dropout, attention.embed_dim
+        self.in_proj = in_proj
+        self.in_proj_weight = None if in_proj is not None else attention.in_proj_weight
+        self.in_proj_bias = attention.in_proj_bias
+        self.out_proj = out_proj
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        """Self-attention over (L, N, E) inputs; returns (output, None)."""
+        if need_weights or not (query is key is value):
+            raise ValueError(
+                "a sliced attention computes self-attention without weights: call it with query is key is value "
+                "and need_weights=False, as torchaudio's Conformer does"
+            )
+        length, batch, _ = query.shape
+        if self.in_proj is not None:
+            qkv = self.in_proj(query)
+            if self.in_proj_bias is not None:
+                qkv = qkv + self.in_proj_bias
+        else:
+            assert self.in_proj_weight is not None
+            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+        heads = qkv.view(length, batch, 3, self.num_heads, -1).permute(2, 1, 3, 0, 4)  # (3, N, H, L, E/H)
+        mask = _attention_mask(key_padding_mask, attn_mask, query.dtype)
+        out = F.scaled_dot_product_attention(
+            heads[0], heads[1], heads[2], attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+        )
+        out = out.permute(2, 0, 1, 3).reshape(length, batch, self.embed_dim)
+        return self.out_proj(out), None
+
+
+def _attention_mask(
+    key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """One additive mask (N or 1, 1 or H, L, S) from a key padding mask (True: ignore) and an attention mask."""
+    mask: torch.Tensor | None = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask
+        if kpm.dtype == torch.bool:
+            kpm = torch.zeros(kpm.shape, dtype=dtype, device=kpm.device).masked_fill(kpm, float("-inf"))
+        mask = kpm[:, None, None, :]
+    if attn_mask is not None:
+        am = attn_mask
+        if am.dtype == torch.bool:
+            am = torch.zeros(am.shape, dtype=dtype, device=am.device).masked_fill(am, float("-inf"))
+        if am.dim() != 2:
+            raise ValueError(f"attn_mask of shape {tuple(am.shape)}: a sliced attention takes a 2-D (L, S) mask")
+        am = am[None, None]
+        mask = am if mask is None else mask + am
+    return mask
 
 
 class _RowScale(nn.Module):
@@ -267,11 +377,75 @@ def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+@dataclass(frozen=True)
+class _Compact:
+    """Where a unit group's live units sit in a compact layer: `pos[u]` for unit u (-1: dead)."""
+
+    pos: torch.Tensor
+    live: torch.Tensor
+
+    def rows(self, rows: torch.Tensor, width: int) -> torch.Tensor:
+        """Compact positions of a producer's global output rows (row r: copy r // width of unit r % width)."""
+        local = self.pos[rows % width] + (rows // width) * self.live.numel()
+        if bool((self.pos[rows % width] < 0).any()):
+            raise ValueError("the payload holds rows of dead units: it was not built by extract() with live masks")
+        return local
+
+
+Block = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]
+"""(rows, columns, weight) of one dense block of a sliced layer; None rows / columns: all of them."""
+
+
+def _blocks(payload: Payload, name: str, spec: PrunableSpec) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(rows, columns, weight) of each payload block of sliced weight `name`, in full coordinates
+    (a block without indices is its whole region)."""
+    blocks = []
+    regions = block_regions((spec.shape[0], spec.numel // spec.shape[0]), spec.pattern, spec.splits)
+    for i, (r0, r1, c0, c1) in enumerate(regions):
+        if f"{name}{SEP}w{i}" not in payload:
+            break
+        rows, cols = payload.get(f"{name}{SEP}r{i}"), payload.get(f"{name}{SEP}c{i}")
+        blocks.append((torch.arange(r0, r1) if rows is None else rows.long(),
+                       torch.arange(c0, c1) if cols is None else cols.long(), payload[f"{name}{SEP}w{i}"]))
+    return blocks
+
+
+def _compact_units(
+    model: nn.Module, payload: Payload, specs: dict[str, PrunableSpec]
+) -> tuple[dict[str, _Compact], dict[str, tuple[_Compact, int]], dict[str, torch.Tensor]]:
+    """Per reader, producer and per-unit module of each unit group with dead units: where the live
+    units sit (readers; producers with the group's width; per-unit modules: the live unit ids)."""
+    readers: dict[str, _Compact] = {}
+    producers: dict[str, tuple[_Compact, int]] = {}
+    per_unit: dict[str, torch.Tensor] = {}
+    for g in find_unit_groups(model, specs):
+        cols = [c for _, c, _ in _blocks(payload, g.reader, specs[g.reader])]
+        if not cols:
+            continue  # sent dense
+        live = torch.unique(torch.cat(cols))
+        if live.numel() == g.width:
+            continue
+        pos = torch.full((g.width,), -1, dtype=torch.long)
+        pos[live] = torch.arange(live.numel())
+        compact = _Compact(pos, live)
+        readers[g.reader] = compact
+        producers.update({n: (compact, g.width) for n in g.producers})
+        per_unit.update({path: live for path in g.per_unit})
+    return readers, producers, per_unit
+
+
+def _identity_to_none(index: torch.Tensor, size: int) -> torch.Tensor | None:
+    return None if torch.equal(index, torch.arange(size)) else index
+
+
 @torch.no_grad()
 def build_client_model(
     model: nn.Module, payload: Payload, specs: dict[str, PrunableSpec], rescale_kept: bool = False
 ) -> ClientModel:
     """Load a payload into `model` (modified in place) and return what the client trains.
+
+    Sliced weights become `SlicedLinear` / `SlicedPointwiseConv1d` layers (attention:
+    `SlicedMultiheadAttention`); layers of a unit group with dead units run on the live units only.
 
     Args:
         rescale_kept: train as inverted dropout (see the module's docstring); row pattern only.
@@ -280,6 +454,7 @@ def build_client_model(
     statistics = tuple(n for n, b in model.named_buffers() if n in payload)
     for name in statistics:
         model.get_buffer(name).copy_(payload[name])
+    readers, producers, per_unit = _compact_units(model, payload, specs)
     masks: MaskDict = {}
     for name, p in params.items():
         if name in payload:
@@ -294,26 +469,20 @@ def build_client_model(
                 owner, _, leaf = name.rpartition(".")
                 row_scale = _RowScale(kept_unit_scale(kept, specs[name].splits))
                 parametrize.register_parametrization(model.get_submodule(owner), leaf, row_scale, unsafe=True)
+    sliced: dict[str, SlicedLinear] = {}
     for name in (n for n in params if n in specs and is_sliced(specs[n]) and n not in payload):
-        path = name.removesuffix(".weight")
-        linear = model.get_submodule(path)
-        assert isinstance(linear, nn.Linear | nn.Conv1d)
-        out_features = linear.out_features if isinstance(linear, nn.Linear) else linear.out_channels
-        blocks = []
-        i = 0
-        while f"{name}{SEP}w{i}" in payload:
-            rows, cols = payload.get(f"{name}{SEP}r{i}"), payload.get(f"{name}{SEP}c{i}")
-            blocks.append((rows, cols, payload[f"{name}{SEP}w{i}"]))
-            i += 1
-        scale: torch.Tensor | None = None
-        if rescale_kept:
-            _check_row_pattern(specs[name])
-            kept = torch.zeros(out_features, dtype=torch.bool)
-            for rows, _, _ in blocks:
-                kept[slice(None) if rows is None else rows.long()] = True
-            scale = kept_unit_scale(kept, specs[name].splits)
-        sliced = SlicedLinear if isinstance(linear, nn.Linear) else SlicedPointwiseConv1d
-        _replace_module(model, path, sliced(out_features, blocks, linear.bias, scale))
+        sliced[name] = _sliced_layer(model, name, payload, specs[name], readers, producers, rescale_kept)
+    for name, layer in sliced.items():
+        if not name.endswith("in_proj_weight") and not _owned_by_attention(model, name):
+            _replace_module(model, name.removesuffix(".weight"), layer)
+    for path, m in list(model.named_modules()):
+        if isinstance(m, nn.MultiheadAttention) and is_plain_attention(m):
+            prefix = f"{path}." if path else ""
+            in_proj, out_proj = sliced.get(f"{prefix}in_proj_weight"), sliced.get(f"{prefix}out_proj.weight")
+            if in_proj is not None or out_proj is not None:
+                _replace_module(model, path, SlicedMultiheadAttention(m, in_proj, out_proj or m.out_proj))
+    for path, live in per_unit.items():
+        _replace_module(model, path, live_module(model.get_submodule(path), live))
 
     def project() -> None:
         with torch.no_grad():
@@ -321,6 +490,57 @@ def build_client_model(
                 params[n].mul_(m)
 
     return ClientModel(model, project, masks, statistics)
+
+
+def _owned_by_attention(model: nn.Module, weight_name: str) -> bool:
+    """Whether `weight_name` is an attention's `out_proj.weight` (replaced with the attention)."""
+    owner = weight_name.removesuffix(".weight").rpartition(".")[0]
+    return isinstance(model.get_submodule(owner), nn.MultiheadAttention)
+
+
+def _sliced_layer(
+    model: nn.Module,
+    name: str,
+    payload: Payload,
+    spec: PrunableSpec,
+    readers: dict[str, _Compact],
+    producers: dict[str, tuple[_Compact, int]],
+    rescale_kept: bool,
+) -> SlicedLinear:
+    """The sliced layer that trains weight `name`'s payload blocks, in compact coordinates where its
+    inputs or outputs are live units."""
+    if name.endswith("in_proj_weight"):
+        owner = model.get_submodule(name.removesuffix("in_proj_weight").rstrip("."))
+        assert isinstance(owner, nn.MultiheadAttention)
+        out_features, bias, kind = spec.shape[0], None, SlicedLinear
+    else:
+        layer = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(layer, nn.Linear | nn.Conv1d)
+        out_features = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        bias, kind = layer.bias, SlicedLinear if isinstance(layer, nn.Linear) else SlicedPointwiseConv1d
+    in_features = spec.numel // spec.shape[0]
+    full = _blocks(payload, name, spec)
+    bias_index: torch.Tensor | None = None
+    if name in producers:
+        compact, width = producers[name]
+        copies = out_features // width
+        out_features = copies * compact.live.numel()
+        bias_index = (compact.live[None, :] + width * torch.arange(copies)[:, None]).flatten()
+        full = [(compact.rows(r, width), c, w) for r, c, w in full]
+    if name in readers:
+        in_features = readers[name].live.numel()
+        full = [(r, readers[name].pos[c], w) for r, c, w in full]
+    blocks: list[Block] = [
+        (_identity_to_none(r, out_features), _identity_to_none(c, in_features), w) for r, c, w in full
+    ]
+    scale: torch.Tensor | None = None
+    if rescale_kept:
+        _check_row_pattern(spec)
+        kept = torch.zeros(out_features, dtype=torch.bool)
+        for rows, _, _ in blocks:
+            kept[slice(None) if rows is None else rows] = True
+        scale = kept_unit_scale(kept, spec.splits)
+    return kind(out_features, blocks, bias, scale, bias_index)
 
 
 def client_update(
@@ -342,7 +562,7 @@ def client_update(
     for parametrized_name, t in params.items():
         name = _PARAMETRIZED.sub(r"\1\2", parametrized_name)  # a rescaled masked weight: its own name
         path, _, leaf = name.rpartition(".")
-        weight_name = f"{path}.weight"
+        weight_name = f"{path}.weight" if f"{path}.weight" in specs else f"{path}_weight"  # fused: in_proj_weight
         if weight_name in specs and is_sliced(specs[weight_name]) and leaf.startswith("w"):
             update[f"{weight_name}{SEP}{leaf}"] = t.detach().clone()
         elif name in client.masks:

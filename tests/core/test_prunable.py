@@ -42,9 +42,12 @@ def test_specs_describe_shapes_splits_and_sliceability() -> None:
     assert specs["conv.weight"].linear is False and specs["conv.weight"].matrix_shape == (4, 18)
     assert specs["conv.weight"].numel == 72
     attn = specs["attn.in_proj_weight"]
-    assert (attn.splits, attn.matrix_shape, attn.linear) == (3, (4, 4), False)
-    # out_proj is a Linear that attention multiplies with directly, bypassing Linear.forward
-    assert specs["attn.out_proj.weight"].linear is False
+    # a plain attention's projections: a client runs them as sliced layers (SlicedMultiheadAttention)
+    assert (attn.splits, attn.matrix_shape, attn.linear) == (3, (4, 4), True)
+    assert specs["attn.out_proj.weight"].linear is True
+    other = nn.ModuleDict({"a": nn.MultiheadAttention(4, 2, batch_first=True)})
+    batch_first = find_prunable(other, ("*weight",), "row")
+    assert not batch_first["a.in_proj_weight"].linear and not batch_first["a.out_proj.weight"].linear
     assert specs["embed.weight"].linear is False
 
 

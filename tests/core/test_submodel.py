@@ -37,7 +37,7 @@ def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class Net(nn.Module):
-    """Linear layers (sliced), a conv (masked) and attention (fused in_proj, raw out_proj: masked)."""
+    """Linear layers (sliced), a conv (masked) and attention (fused in_proj and out_proj: sliced)."""
 
     def __init__(self, width: int = 4) -> None:
         super().__init__()
@@ -89,10 +89,12 @@ def test_payload_bytes_of_half_row_and_of_row_by_hand() -> None:
     )
     mask = keep[:, :, None].expand(6, 2, 2).reshape(6, 4)
     payload = extract(weights, {"0.weight": mask}, specs)
-    # left half: rows 0, 1, 4 x columns 0-1; right half: rows 1, 3 x columns 2-3
+    # left half: rows 0, 1, 4 x columns 0-1; right half: rows 1, 3 x columns 2-3 (each block spans
+    # its half's columns, so no column indices travel)
     assert payload["0.weight|w0"].shape == (3, 2) and payload["0.weight|r0"].tolist() == [0, 1, 4]
-    assert payload["0.weight|w1"].shape == (2, 2) and payload["0.weight|c1"].tolist() == [2, 3]
-    assert payload_nbytes(payload) == (6 + 4) * 4 + (3 + 2 + 2 + 2) * 4 + 24
+    assert payload["0.weight|w1"].shape == (2, 2) and payload["0.weight|r1"].tolist() == [1, 3]
+    assert "0.weight|c0" not in payload and "0.weight|c1" not in payload
+    assert payload_nbytes(payload) == (6 + 4) * 4 + (3 + 2) * 4 + 24
     row_specs = find_prunable(fc, ("0.weight",), "row")
     row_payload = extract(weights, {"0.weight": keep[:, :1].expand(6, 4)}, row_specs)
     assert payload_nbytes(row_payload) == 3 * 4 * 4 + 3 * 4 + 24  # rows 0, 1, 4
@@ -137,7 +139,9 @@ def test_extract_then_expand_without_training_is_the_identity(
             assert torch.equal(values[name], w)
     sliced = [n for n, s in specs.items() if s.linear]
     assert (pattern != "unstructured") == all(
-        isinstance(client.module.get_submodule(n.removesuffix(".weight")), SlicedLinear) for n in sliced
+        isinstance(client.module.get_submodule(n.removesuffix(".weight").replace("in_proj_weight", "in_proj")),
+                   SlicedLinear)
+        for n in sliced
     )
 
 

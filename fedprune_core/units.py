@@ -1,0 +1,195 @@
+"""Units a pruned layer no longer reads, and the work they free in the layers before it.
+
+Column pruning removes input features of a layer. When that layer is the only reader of a hidden
+unit (a feed-forward module's hidden unit, a convolution module's channel, a joint network
+dimension), every weight that only computes that unit is dead: it cannot change the output, and
+its gradient is exactly zero. A client therefore need not download, compute or upload it: the
+layers that produce the unit emit only the live units (compact), the per-unit layers between them
+(depthwise convolution, batch norm) run on the live channels, and the reading layer takes the
+compact input as it is. The arithmetic of every live unit is unchanged, so training is the same
+as with the dead weights present (Adam leaves an entry with zero gradient where it was).
+
+A `UnitGroup` names one such set of units. `find_unit_groups` recognizes the torchaudio blocks the
+speech workload is built from:
+
+- Conformer feed-forward module: ``Linear(d, h) -> SiLU -> Dropout -> Linear(h, d)``; units: the
+  h hidden units (producer ``sequential.1``, reader ``sequential.4``).
+- Conformer convolution module with batch norm: ``pointwise(d, 2c) -> GLU -> depthwise(c) ->
+  BatchNorm(c) -> SiLU -> pointwise(c, d)``; units: the c channels, each produced by two rows of the
+  first pointwise convolution (value and gate).
+- Transducer joint network: ``ReLU(source + target) -> Linear(J, V)`` with the source from the
+  encoder's output ``Linear``; units: the J joint dimensions (the target, behind the prediction
+  network's layer norm, is computed whole and gathered).
+
+A group applies only when its reader and producers are all sliced (`PrunableSpec.linear`, a
+structured pattern). Per-unit layers that mix units (group norm, layer norm) stop a group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchaudio.models import RNNT
+from torchaudio.models.conformer import _ConvolutionModule, _FeedForwardModule
+from torchaudio.models.rnnt import _Joiner
+
+from fedprune_core.prunable import PrunableSpec
+from fedprune_core.types import MaskDict
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """Units read by one layer.
+
+    Attributes:
+        reader: weight name of the layer whose input features are the units.
+        producers: weight names of the layers whose output rows are the units (row r is unit
+            r % width: a GLU's value and gate halves are two rows per unit).
+        per_unit: module paths of the layers between that act on each unit alone (depthwise
+            convolution, batch norm) or gather the units (the joint network).
+        width: number of units.
+    """
+
+    reader: str
+    producers: tuple[str, ...]
+    per_unit: tuple[str, ...]
+    width: int
+
+
+def find_unit_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[UnitGroup, ...]:
+    """The unit groups of `model` whose reader and producers are all sliced under `specs`."""
+    found: list[UnitGroup] = []
+    for path, m in model.named_modules():
+        p = f"{path}." if path else ""
+        if isinstance(m, _FeedForwardModule):
+            hidden = m.sequential[1]
+            found.append(UnitGroup(f"{p}sequential.4.weight", (f"{p}sequential.1.weight",), (), hidden.out_features))
+        elif isinstance(m, _ConvolutionModule) and type(m.sequential[3]) is nn.BatchNorm1d:
+            depthwise = m.sequential[2]
+            found.append(UnitGroup(
+                f"{p}sequential.5.weight", (f"{p}sequential.0.weight",), (f"{p}sequential.2", f"{p}sequential.3"),
+                depthwise.out_channels,
+            ))
+        elif isinstance(m, RNNT) and isinstance(m.joiner, _Joiner):
+            output = getattr(m.transcriber, "output", None)
+            if type(output) is nn.Linear:
+                found.append(UnitGroup(
+                    f"{p}joiner.linear.weight", (f"{p}transcriber.output.weight",), (f"{p}joiner",), output.out_features
+                ))
+    return tuple(g for g in found if all(_sliced(specs.get(n)) for n in (g.reader, *g.producers)))
+
+
+def _sliced(spec: PrunableSpec | None) -> bool:
+    return spec is not None and spec.linear and spec.splits == 1 and spec.pattern != "unstructured"
+
+
+def link_units(model: nn.Module, specs: dict[str, PrunableSpec]) -> dict[str, PrunableSpec]:
+    """`specs` with each producer's `feeds` set to its group's reader."""
+    out = dict(specs)
+    for g in find_unit_groups(model, specs):
+        for name in g.producers:
+            out[name] = replace(out[name], feeds=g.reader)
+    return out
+
+
+def live_units(reader_mask: torch.Tensor) -> torch.Tensor:
+    """Bool (in_features,): the input features of a Linear / pointwise conv mask that are read."""
+    return reader_mask.reshape(reader_mask.shape[0], -1).any(0)
+
+
+def live_masks(masks: MaskDict, specs: dict[str, PrunableSpec]) -> MaskDict:
+    """`masks` with the rows of each producer that only compute dead units removed."""
+    out = dict(masks)
+    for name, spec in specs.items():
+        if not spec.feeds or name not in masks or spec.feeds not in masks:
+            continue
+        live = live_units(masks[spec.feeds])
+        if bool(live.all()):
+            continue
+        rows = live.repeat(spec.shape[0] // live.numel())
+        out[name] = masks[name] & rows.view(-1, *([1] * (masks[name].dim() - 1)))
+    return out
+
+
+# --- client side: per-unit layers on the live units -----------------------------------------------
+
+
+class LiveDepthwiseConv1d(nn.Module):
+    """A depthwise `nn.Conv1d` run on the live channels: same parameters (full shape), compact input."""
+
+    def __init__(self, conv: nn.Conv1d, units: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.register_buffer("units", units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        units: torch.Tensor = self.units  # type: ignore[assignment]
+        bias = None if self.bias is None else self.bias.index_select(0, units)
+        return F.conv1d(x, self.weight.index_select(0, units), bias, self.stride, self.padding, self.dilation,
+                        groups=units.numel())
+
+
+class LiveBatchNorm1d(nn.Module):
+    """An `nn.BatchNorm1d` run on the live channels; their running statistics update in place."""
+
+    def __init__(self, norm: nn.BatchNorm1d, units: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = norm.weight, norm.bias
+        self.register_buffer("running_mean", norm.running_mean)
+        self.register_buffer("running_var", norm.running_var)
+        self.register_buffer("num_batches_tracked", norm.num_batches_tracked)
+        self.momentum, self.eps = norm.momentum, norm.eps
+        self.register_buffer("units", units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        units: torch.Tensor = self.units  # type: ignore[assignment]
+        mean: torch.Tensor = self.running_mean  # type: ignore[assignment]
+        var: torch.Tensor = self.running_var  # type: ignore[assignment]
+        live_mean, live_var = mean.index_select(0, units), var.index_select(0, units)
+        weight = None if self.weight is None else self.weight.index_select(0, units)
+        bias = None if self.bias is None else self.bias.index_select(0, units)
+        y = F.batch_norm(x, live_mean, live_var, weight, bias, self.training, self.momentum or 0.0, self.eps)
+        if self.training:
+            with torch.no_grad():
+                mean.index_copy_(0, units, live_mean)
+                var.index_copy_(0, units, live_var)
+                self.num_batches_tracked.add_(1)  # type: ignore[operator]
+        return y
+
+
+class LiveJoiner(nn.Module):
+    """The transducer joint network on the live joint dimensions: the (compact) source encodings plus
+    the target encodings' live dimensions, ReLU or tanh, then the output layer (compact input)."""
+
+    def __init__(self, joiner: _Joiner, units: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = joiner.linear
+        self.activation = joiner.activation
+        self.register_buffer("units", units)
+
+    def forward(
+        self, source_encodings: torch.Tensor, source_lengths: torch.Tensor, target_encodings: torch.Tensor,
+        target_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        units: torch.Tensor = self.units  # type: ignore[assignment]
+        target = target_encodings.index_select(-1, units)
+        joint = source_encodings.unsqueeze(2).contiguous() + target.unsqueeze(1).contiguous()
+        return self.linear(self.activation(joint)), source_lengths, target_lengths
+
+
+def live_module(module: nn.Module, units: torch.Tensor) -> nn.Module:
+    """The per-unit `module` run on `units` (long indices) only."""
+    if isinstance(module, nn.Conv1d):
+        return LiveDepthwiseConv1d(module, units)
+    if isinstance(module, nn.BatchNorm1d):
+        if module.momentum is None:
+            raise ValueError("a batch norm with momentum=None (cumulative average) cannot run on live units: set one")
+        return LiveBatchNorm1d(module, units)
+    if isinstance(module, _Joiner):
+        return LiveJoiner(module, units)
+    raise TypeError(f"{type(module).__name__} is not a per-unit layer find_unit_groups knows")
