@@ -54,7 +54,14 @@ from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
-from fedprune_core.submodel import ClientModel, SlicedPointwiseConv1d, build_client_model, extract, is_sliced
+from fedprune_core.submodel import (
+    ClientModel,
+    SlicedMultiheadAttention,
+    SlicedPointwiseConv1d,
+    build_client_model,
+    extract,
+    is_sliced,
+)
 from fedprune_core.training import LocalTrainingConfig, train_local
 from fedprune_core.types import Payload
 from fedprune_core.units import LiveBatchNorm1d, LiveDepthwiseConv1d
@@ -232,7 +239,7 @@ def sliced_paths(pair: list[Variant]) -> set[str]:
 
 def is_unit(module: nn.Module) -> bool:
     """Whether costs are attributed to `module` as a whole (leaves, and attention with its out_proj)."""
-    return not list(module.children()) or isinstance(module, nn.MultiheadAttention)
+    return not list(module.children()) or isinstance(module, nn.MultiheadAttention | SlicedMultiheadAttention)
 
 
 def parameter_bytes(model: nn.Module, sliced: set[str]) -> dict[str, int]:
