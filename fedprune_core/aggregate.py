@@ -7,6 +7,7 @@ a coordinate that no client trained keeps the server's value.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +62,13 @@ def server_step(
     momentum: StateDict,
     server_lr: float = 1.0,
     server_momentum: float = 0.0,
+    averaged: Collection[str] = (),
 ) -> tuple[StateDict, StateDict, StateDict]:
     """FedOpt server update on the pseudo-gradient Δ = W - average.
 
     m <- μ m + Δ and W <- W - η m on trained coordinates; untrained ones keep W and m.
-    With η = 1 and μ = 0 this is plain FedAvg (W <- average).
+    With η = 1 and μ = 0 this is plain FedAvg (W <- average). Entries named in `averaged`
+    (statistics, not weights) always take the plain average and keep their momentum.
 
     Returns:
         (new weights, new momentum, pseudo-gradient Δ (0 where untrained)).
@@ -75,7 +78,7 @@ def server_step(
     grads: StateDict = {}
     for name, w in weights.items():
         delta = torch.where(trained[name], w - average[name], torch.zeros_like(w))
-        if server_lr == 1.0 and server_momentum == 0.0:
+        if name in averaged or (server_lr == 1.0 and server_momentum == 0.0):
             new_w[name] = average[name]
             new_m[name] = momentum.get(name, torch.zeros_like(w))
         else:

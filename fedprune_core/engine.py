@@ -265,9 +265,9 @@ def aggregate(
     average, trained = masked_fedavg(state.weights, contributions)
     fed = config.federated
     weights, momentum, grads = server_step(
-        state.weights, average, trained, state.momentum, fed.server_lr, fed.server_momentum
+        state.weights, average, trained, state.momentum, fed.server_lr, fed.server_momentum,
+        averaged=shapes.keys() - param_shapes.keys(),
     )
-    weights.update({n: average[n] for n in average if is_running_stat(n)})  # statistics: plain average
     grad_sq = {n: sum(p[n] for p in grad_sq_parts) for n in param_shapes} if grad_sq_parts else None
     extra = strategy.observe(state, masks, grads, trained, grad_sq)  # type: ignore[arg-type]
     return ServerState(round_num, weights, masks, scores, momentum, extra)

@@ -55,6 +55,12 @@ class PrunableSpec:
         return rows, self.numel // self.shape[0]
 
 
+def is_sliced(spec: PrunableSpec) -> bool:
+    """Whether a parameter travels as physically smaller Linear blocks (Linear, pointwise Conv1d,
+    attention projections) under a structured pattern."""
+    return spec.linear and spec.pattern != "unstructured"
+
+
 def is_pointwise_conv(m: nn.Module) -> bool:
     """A Conv1d that is a Linear over channels: kernel 1, one group, stride 1, no padding or dilation."""
     return (

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fedprune_core.masks import GROUP_SCORES, expand_groups, groups_of
-from fedprune_core.prunable import PrunableSpec, from_matrices, is_plain_attention, matrices
+from fedprune_core.prunable import PrunableSpec, from_matrices, is_plain_attention, is_sliced, matrices
 from fedprune_core.types import MaskDict, Payload, StateDict
 from fedprune_core.units import find_unit_groups, live_masks, live_module
 
@@ -47,12 +47,6 @@ _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 def payload_nbytes(payload: Payload) -> int:
     """Exact bytes of a payload's tensor data."""
     return sum(t.numel() * t.element_size() for t in payload.values())
-
-
-def is_sliced(spec: PrunableSpec) -> bool:
-    """Whether a parameter travels as physically smaller Linear blocks (Linear, pointwise Conv1d,
-    attention projections)."""
-    return spec.linear and spec.pattern != "unstructured"
 
 
 # --- masks <-> group ids and bits -------------------------------------------------------------
@@ -386,10 +380,10 @@ class _Compact:
 
     def rows(self, rows: torch.Tensor, width: int) -> torch.Tensor:
         """Compact positions of a producer's global output rows (row r: copy r // width of unit r % width)."""
-        local = self.pos[rows % width] + (rows // width) * self.live.numel()
-        if bool((self.pos[rows % width] < 0).any()):
+        pos = self.pos[rows % width]
+        if bool((pos < 0).any()):
             raise ValueError("the payload holds rows of dead units: it was not built by extract() with live masks")
-        return local
+        return pos + (rows // width) * self.live.numel()
 
 
 Block = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]
@@ -472,15 +466,15 @@ def build_client_model(
     sliced: dict[str, SlicedLinear] = {}
     for name in (n for n in params if n in specs and is_sliced(specs[n]) and n not in payload):
         sliced[name] = _sliced_layer(model, name, payload, specs[name], readers, producers, rescale_kept)
-    for name, layer in sliced.items():
-        if not name.endswith("in_proj_weight") and not _owned_by_attention(model, name):
-            _replace_module(model, name.removesuffix(".weight"), layer)
-    for path, m in list(model.named_modules()):
+    for path, m in list(model.named_modules()):  # attention takes its own projections
         if isinstance(m, nn.MultiheadAttention) and is_plain_attention(m):
             prefix = f"{path}." if path else ""
-            in_proj, out_proj = sliced.get(f"{prefix}in_proj_weight"), sliced.get(f"{prefix}out_proj.weight")
+            in_proj = sliced.pop(f"{prefix}in_proj_weight", None)
+            out_proj = sliced.pop(f"{prefix}out_proj.weight", None)
             if in_proj is not None or out_proj is not None:
                 _replace_module(model, path, SlicedMultiheadAttention(m, in_proj, out_proj or m.out_proj))
+    for name, layer in sliced.items():
+        _replace_module(model, name.removesuffix(".weight"), layer)
     for path, live in per_unit.items():
         _replace_module(model, path, live_module(model.get_submodule(path), live))
 
@@ -490,12 +484,6 @@ def build_client_model(
                 params[n].mul_(m)
 
     return ClientModel(model, project, masks, statistics)
-
-
-def _owned_by_attention(model: nn.Module, weight_name: str) -> bool:
-    """Whether `weight_name` is an attention's `out_proj.weight` (replaced with the attention)."""
-    owner = weight_name.removesuffix(".weight").rpartition(".")[0]
-    return isinstance(model.get_submodule(owner), nn.MultiheadAttention)
 
 
 def _sliced_layer(
@@ -509,9 +497,7 @@ def _sliced_layer(
 ) -> SlicedLinear:
     """The sliced layer that trains weight `name`'s payload blocks, in compact coordinates where its
     inputs or outputs are live units."""
-    if name.endswith("in_proj_weight"):
-        owner = model.get_submodule(name.removesuffix("in_proj_weight").rstrip("."))
-        assert isinstance(owner, nn.MultiheadAttention)
+    if name.endswith("in_proj_weight"):  # its bias is added by the attention
         out_features, bias, kind = spec.shape[0], None, SlicedLinear
     else:
         layer = model.get_submodule(name.removesuffix(".weight"))

@@ -36,7 +36,7 @@ from torchaudio.models import RNNT
 from torchaudio.models.conformer import _ConvolutionModule, _FeedForwardModule
 from torchaudio.models.rnnt import _Joiner
 
-from fedprune_core.prunable import PrunableSpec
+from fedprune_core.prunable import PrunableSpec, is_sliced
 from fedprune_core.types import MaskDict
 
 
@@ -83,7 +83,7 @@ def find_unit_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[
 
 
 def _sliced(spec: PrunableSpec | None) -> bool:
-    return spec is not None and spec.linear and spec.splits == 1 and spec.pattern != "unstructured"
+    return spec is not None and is_sliced(spec) and spec.splits == 1
 
 
 def link_units(model: nn.Module, specs: dict[str, PrunableSpec]) -> dict[str, PrunableSpec]:
