@@ -19,6 +19,8 @@ from fedprune_core.scores import validate_score
 from fedprune_core.training import LocalTrainingConfig
 
 STRATEGIES: tuple[str, ...] = ("fedprune", "fedavg", "fed_dropout", "prunefl")
+DROPOUT_UNITS: tuple[str, ...] = ("rows", "hidden")
+"""`fed_dropout.units`: what Federated Dropout drops (see `FedDropoutConfig`)."""
 
 
 @dataclass(frozen=True)
@@ -95,17 +97,30 @@ class FedDropoutConfig:
         rate: fraction of units dropped in each layer, per client and round, in [0, 1).
         layer_rates: (glob, rate) pairs overriding `rate` for matching parameters (Guliani et al. 2022).
         rescale: clients train their sub-model as inverted dropout: a kept unit's output is scaled by
-            rows / kept rows of its layer, so activations keep the full model's expected size (the
+            units / kept units of its layer, so activations keep the full model's expected size (the
             server evaluates the full model unscaled). False: no scaling; at rate 0.5 on every layer
             of the speech model the sub-models then start at a loss of ~9.5 and do not learn.
+        units: what a dropped unit is. "rows": an output row of every prunable weight, each weight
+            drawn alone (the next layer keeps its input column). "hidden": a hidden unit of the
+            model's unit groups (`fedprune_core.units`: feed-forward hidden units, convolution
+            channels, joint dimensions): its producer rows and its reader's input column go together,
+            as Caldas et al. drop a neuron; layers outside the groups stay dense, and `layer_rates`
+            globs match a group's reader.
     """
 
     rate: float = 0.5
     layer_rates: tuple[tuple[str, float], ...] = ()
     rescale: bool = True
+    units: str = "rows"
 
     def __post_init__(self) -> None:
         validate_sparsity(self.rate, "fed_dropout.rate")
+        if self.units not in DROPOUT_UNITS:
+            raise ValueError(
+                f"fed_dropout.units={self.units!r} is not a kind of unit: use one of {', '.join(DROPOUT_UNITS)} "
+                "(rows: every weight's output rows; hidden: the model's hidden units, producer rows with reader "
+                "columns)"
+            )
         for glob, rate in self.layer_rates:
             validate_sparsity(rate, f"fed_dropout.layer_rates[{glob!r}]")
 

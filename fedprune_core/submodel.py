@@ -19,9 +19,11 @@ units run on the live units only. `payload_nbytes` is the exact number of bytes 
 tensors.
 
 With `rescale_kept` (Federated Dropout) a client trains its sub-model as inverted dropout: the
-outputs of a row-pruned weight's kept units are scaled by rows / kept rows of their matrix, so
-activations keep the full model's expected size; the weights themselves are not scaled, and the
-server evaluates the full model unscaled, as dropout does at inference.
+outputs of a row-pruned weight's kept units are scaled by rows / kept rows of their matrix (a unit
+group's hidden units, dropped as the reader's columns: the reader's product by units / kept
+units, once, where they are read), so activations keep the full model's expected size; the
+weights themselves are not scaled, and the server evaluates the full model unscaled, as dropout
+does at inference.
 """
 
 from __future__ import annotations
@@ -428,6 +430,14 @@ def _compact_units(
     return readers, producers, per_unit
 
 
+def _hidden_unit_weights(specs: dict[str, PrunableSpec]) -> frozenset[str]:
+    """Weights of unit groups whose units are dropped as columns of the reader (and rows of its
+    producers): Federated Dropout of hidden units, scaled once, where the units are read."""
+    by_columns = {n for n, s in specs.items() if s.pattern == "column"}
+    readers = {s.feeds for s in specs.values() if s.feeds in by_columns}
+    return frozenset(n for n, s in specs.items() if n in readers or s.feeds in readers)
+
+
 def _identity_to_none(index: torch.Tensor, size: int) -> torch.Tensor | None:
     return None if torch.equal(index, torch.arange(size)) else index
 
@@ -464,8 +474,9 @@ def build_client_model(
                 row_scale = _RowScale(kept_unit_scale(kept, specs[name].splits))
                 parametrize.register_parametrization(model.get_submodule(owner), leaf, row_scale, unsafe=True)
     sliced: dict[str, SlicedLinear] = {}
+    hidden_units = _hidden_unit_weights(specs)
     for name in (n for n in params if n in specs and is_sliced(specs[n]) and n not in payload):
-        sliced[name] = _sliced_layer(model, name, payload, specs[name], readers, producers, rescale_kept)
+        sliced[name] = _sliced_layer(model, name, payload, specs[name], readers, producers, rescale_kept, hidden_units)
     for path, m in list(model.named_modules()):  # attention takes its own projections
         if isinstance(m, nn.MultiheadAttention) and is_plain_attention(m):
             prefix = f"{path}." if path else ""
@@ -494,6 +505,7 @@ def _sliced_layer(
     readers: dict[str, _Compact],
     producers: dict[str, tuple[_Compact, int]],
     rescale_kept: bool,
+    hidden_units: frozenset[str] = frozenset(),
 ) -> SlicedLinear:
     """The sliced layer that trains weight `name`'s payload blocks, in compact coordinates where its
     inputs or outputs are live units."""
@@ -520,7 +532,10 @@ def _sliced_layer(
         (_identity_to_none(r, out_features), _identity_to_none(c, in_features), w) for r, c, w in full
     ]
     scale: torch.Tensor | None = None
-    if rescale_kept:
+    if rescale_kept and name in hidden_units:  # scaled once, where the kept units are read
+        if name in readers:
+            scale = torch.full((out_features,), readers[name].pos.numel() / readers[name].live.numel())
+    elif rescale_kept:
         _check_row_pattern(spec)
         kept = torch.zeros(out_features, dtype=torch.bool)
         for rows, _, _ in blocks:

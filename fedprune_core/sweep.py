@@ -67,6 +67,10 @@ class Sweep:
 VOCAB_KEPT = [["joiner.linear.weight", 0.0], ["predictor.embedding.weight", 0.0]]
 """Federated Dropout layer rates that keep the vocabulary-sized layers whole (no symbol dropped)."""
 
+FD_HIDDEN_RATE = 0.78
+"""Federated Dropout of hidden units at FP@0.5's client size: on `small` a client downloads 0.505 of
+dense (FP@0.5 column, adaptive: 0.507); feed-forward, convolution and joint units are 64% of it."""
+
 PRUNEFL: dict[str, Any] = {"reconfig_every": 4, "time_constant": 1000.0, "initial_samples": 64,
                            "initial_max_steps": 40, "initial_reconfig_every": 10, "initial_stable_changes": 2}
 """PruneFL's settings in the sweep: T0 = 1000 s calibrated on the warm-up weights (initial density 0.56)."""
@@ -154,6 +158,10 @@ def paper_sweep(
         fp("fd-rescaled-vocab", "Federated Dropout (rate 0.5, inverted-dropout scaling, vocabulary layers kept)",
            ("baseline",), strategy="fed_dropout",
            fed_dropout={"rate": 0.5, "rescale": True, "layer_rates": VOCAB_KEPT}),
+        fp("fd-hidden", f"Federated Dropout (hidden units, rate {FD_HIDDEN_RATE}, inverted-dropout scaling)",
+           ("baseline",), strategy="fed_dropout", fed_dropout={"units": "hidden", "rate": FD_HIDDEN_RATE}),
+        fp("fd-hidden-unscaled", f"Federated Dropout (hidden units, rate {FD_HIDDEN_RATE}, unscaled)", ("baseline",),
+           strategy="fed_dropout", fed_dropout={"units": "hidden", "rate": FD_HIDDEN_RATE, "rescale": False}),
         fp("prunefl", "PruneFL", ("baseline",), strategy="prunefl", prunefl=PRUNEFL),
         fp("prunefl-d50", "PruneFL (density at most 0.5)", ("baseline",), strategy="prunefl",
            prunefl={**PRUNEFL, "max_density": 0.5}),

@@ -6,18 +6,27 @@ The server maps the updates back into the full model, and each coordinate is ave
 clients that held it (`fedprune_core.aggregate.masked_fedavg`). Per-layer rates follow Guliani
 et al. (ICASSP 2022, arXiv 2110.03634), who tune them per layer for speech models.
 
-A unit is an output row of a weight: for an `nn.Linear` weight of shape (out, in), dropping unit
-j removes row j, so the client trains a physically smaller (out - k, in) block (`SlicedLinear`);
-for a convolution of shape (out, in, kh, kw) it removes filter j (trained as a masked dense
-tensor). Biases and other 1-D parameters stay dense, and the next layer keeps its input column
-j: see docs/baselines.md for how this differs from the paper. The global model has no masks.
+What a unit is (`fed_dropout.units`):
+
+- "rows": an output row of every prunable weight, each weight drawn alone. For an `nn.Linear`
+  weight of shape (out, in), dropping unit j removes row j, so the client trains a physically
+  smaller (out - k, in) block (`SlicedLinear`); for a convolution of shape (out, in, kh, kw) it
+  removes filter j (trained as a masked dense tensor). Biases and other 1-D parameters stay dense,
+  and the next layer keeps its input column j.
+- "hidden": a hidden unit of the model's unit groups (`fedprune_core.units`: a feed-forward
+  module's hidden units, a convolution module's channels, the joint network's dimensions), as
+  Caldas et al. drop a neuron: its producer rows and its reader's input column go together, and
+  the client trains the narrower module (the per-unit depthwise convolution and batch norm on the
+  kept channels). The residual stream, attention and every layer outside a group stay dense.
+
+See docs/baselines.md for how each differs from the paper. The global model has no masks.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,6 +38,7 @@ from fedprune_core.masks import expand_groups, num_pruned
 from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices
 from fedprune_core.rng import generator_for
 from fedprune_core.types import MaskDict, StateDict
+from fedprune_core.units import UnitGroup, find_unit_groups
 
 PATTERN = "row"
 """Units are output rows (the Linear's neurons, a convolution's filters)."""
@@ -67,12 +77,25 @@ def dropout_mask(spec: PrunableSpec, rate: float, generator: torch.Generator) ->
     return from_matrices(parts, spec)
 
 
-def _check_layer_rates(config: ExperimentConfig, specs: dict[str, PrunableSpec]) -> None:
+def unit_masks(group: UnitGroup, specs: dict[str, PrunableSpec], keep: torch.Tensor) -> MaskDict:
+    """Full-shape masks of a unit group with the units `keep` marks: the reader's input columns and
+    each producer's output rows (row r is unit r % width)."""
+    reader = specs[group.reader]
+    rows, cols = reader.shape[0], reader.numel // reader.shape[0]
+    masks = {group.reader: keep.view(1, cols).expand(rows, cols).reshape(reader.shape)}
+    for name in group.producers:
+        shape = specs[name].shape
+        kept_rows = keep.repeat(shape[0] // group.width)
+        masks[name] = kept_rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+    return masks
+
+
+def _check_layer_rates(config: ExperimentConfig, names: Sequence[str], what: str) -> None:
     for glob, _ in config.fed_dropout.layer_rates:
-        if not any(fnmatch.fnmatchcase(name, glob) for name in specs):
+        if not any(fnmatch.fnmatchcase(name, glob) for name in names):
             raise ValueError(
-                f"fed_dropout.layer_rates glob {glob!r} matches no prunable parameter: use globs over "
-                f"the parameters selected by pruning.prunable, such as {', '.join(list(specs)[:5])}"
+                f"fed_dropout.layer_rates glob {glob!r} matches no {what}: use globs over them, such as "
+                f"{', '.join(list(names)[:5])}"
             )
 
 
@@ -81,11 +104,13 @@ class FedDropout:
     """The Federated Dropout strategy.
 
     Attributes:
-        specs: the parameters whose units are dropped (those with a rate > 0), pattern "row".
-        rates: the dropout rate of each parameter in `specs`.
+        specs: the parameters whose units are dropped (those with a rate > 0): pattern "row"; with
+            hidden units, a group's reader has pattern "column" and its producers feed it.
+        rates: the dropout rate of each parameter in `specs` (hidden units: of each group's reader).
         seed: the experiment seed the per-client draws derive from.
-        rescale_kept: clients train as inverted dropout (kept units' outputs scaled by rows / kept
-            rows, `fed_dropout.rescale`).
+        rescale_kept: clients train as inverted dropout (kept units' outputs scaled by units / kept
+            units, `fed_dropout.rescale`).
+        groups: with hidden units (`fed_dropout.units`), the unit groups whose units are dropped.
     """
 
     specs: dict[str, PrunableSpec]
@@ -93,19 +118,37 @@ class FedDropout:
     seed: int
     rescale_kept: bool = True
     track_grad_sq: bool = False
+    groups: tuple[UnitGroup, ...] = ()
 
     @classmethod
     def build(cls, config: ExperimentConfig, model: nn.Module) -> FedDropout:
         """Select `config.pruning.prunable` parameters of `model`; a layer with rate 0 stays dense.
 
         Raises:
-            ValueError: a `fed_dropout.layer_rates` glob matches no prunable parameter.
+            ValueError: a `fed_dropout.layer_rates` glob matches no prunable parameter (hidden
+                units: no group's reader), or hidden units and no unit group among them.
         """
         found = find_prunable(model, config.pruning.prunable, PATTERN)
-        _check_layer_rates(config, found)
-        rates = {n: config.fed_dropout.rate_for(n) for n in found}
-        specs = {n: s for n, s in found.items() if rates[n] > 0}
-        return cls(specs, {n: rates[n] for n in specs}, config.seed, config.fed_dropout.rescale)
+        rate_for, rescale = config.fed_dropout.rate_for, config.fed_dropout.rescale
+        if config.fed_dropout.units == "rows":
+            _check_layer_rates(config, list(found), "prunable parameter (pruning.prunable)")
+            rates = {n: rate_for(n) for n in found}
+            specs = {n: s for n, s in found.items() if rates[n] > 0}
+            return cls(specs, {n: rates[n] for n in specs}, config.seed, rescale)
+        every = find_unit_groups(model, found)
+        if not every:
+            raise ValueError(
+                "fed_dropout.units='hidden' found no unit group (feed-forward hidden units, convolution "
+                "channels, joint dimensions) among the parameters of pruning.prunable: select their Linear "
+                "and pointwise convolution weights (e.g. '*weight'), or use fed_dropout.units='rows'"
+            )
+        _check_layer_rates(config, [g.reader for g in every], "unit group's reader (fed_dropout.units='hidden')")
+        groups = tuple(g for g in every if rate_for(g.reader) > 0)
+        specs = {}
+        for g in groups:
+            specs[g.reader] = replace(found[g.reader], pattern="column")
+            specs.update({n: replace(found[n], feeds=g.reader) for n in g.producers})
+        return cls(specs, {g.reader: rate_for(g.reader) for g in groups}, config.seed, rescale, groups=groups)
 
     def initialize(
         self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]
@@ -126,9 +169,15 @@ class FedDropout:
     def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
         """The random sub-model of `client_id` in `round_num`.
 
-        Each layer draws from its own generator seeded from (seed, round, client, layer name), so
-        a layer's draw does not depend on which other layers are dropped or in which order.
+        Each layer (hidden units: each group) draws from its own generator seeded from (seed, round,
+        client, layer name), so a draw does not depend on which others are dropped or in which order.
         """
+        if self.groups:
+            drawn: MaskDict = {}
+            for g in self.groups:
+                generator = generator_for(self.seed, round_num, client_id, f"fed_dropout:{g.reader}")
+                drawn.update(unit_masks(g, self.specs, drop_rows(g.width, self.rates[g.reader], generator)))
+            return drawn
         return {
             name: dropout_mask(spec, self.rates[name], generator_for(self.seed, round_num, client_id,
                                                                      f"fed_dropout:{name}"))

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from fedprune_core.engine import ServerState
 from fedprune_core.presets import preset
+from fedprune_core.speech.model import build_model
+from fedprune_core.strategies import make_strategy
+from fedprune_core.submodel import extract, payload_nbytes
 from fedprune_core.sweep import paper_sweep
 
 
 def test_every_variant_is_a_valid_configuration_starting_from_the_warmup() -> None:
     plan = paper_sweep()
     names = [v.name for v in plan.variants]
-    assert len(names) == len(set(names)) == 23
+    assert len(names) == len(set(names)) == 25
     warm = preset(plan.preset, plan.warmups[0].overrides)
     assert warm.strategy == "fedavg" and warm.init_from == ""
     for v in plan.variants:
@@ -37,6 +41,8 @@ def test_the_comparisons_differ_from_fp05_in_exactly_their_factor() -> None:
     assert by_name["fd"].strategy == "fed_dropout" and by_name["fd"].fed_dropout.rate == 0.5
     assert dict(by_name["fd-vocab"].fed_dropout.layer_rates) == {"joiner.linear.weight": 0.0,
                                                                  "predictor.embedding.weight": 0.0}
+    hidden = by_name["fd-hidden"].fed_dropout
+    assert (hidden.units, hidden.rescale, by_name["fd-hidden-unscaled"].fed_dropout.rescale) == ("hidden", True, False)
     assert by_name["prunefl"].strategy == "prunefl"
     assert by_name["dense"].strategy == "fedavg"
     assert sorted(c.seed for n, c in by_name.items() if n.startswith("fp-s50")) == [0, 1, 2]
@@ -69,3 +75,13 @@ def test_warmup_from_starts_every_variant_from_that_run_without_a_warmup() -> No
     plan = paper_sweep("again", warmup_from="paper/paper-warmup2")
     assert plan.warmups == ()
     assert {preset(plan.preset, v.overrides).init_from for v in plan.variants} == {"paper/paper-warmup2"}
+
+
+def test_federated_dropout_of_hidden_units_sends_half_the_model_as_fp05_does() -> None:
+    plan = paper_sweep()
+    config = preset(plan.preset, next(v for v in plan.variants if v.name == "fd-hidden").overrides)
+    model = build_model(config.model)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    strategy = make_strategy(config, model)
+    sent = extract(weights, strategy.client_masks(ServerState(0, weights), {}, 1, 0), strategy.specs)
+    assert 0.49 < payload_nbytes(sent) / payload_nbytes(extract(weights, {}, {})) < 0.51  # FP@0.5: 0.507

@@ -1,0 +1,109 @@
+"""Federated Dropout of hidden units (`fed_dropout.units: hidden`) on the speech model: a dropped
+unit loses its producer rows and its reader's column together, the client trains the narrower
+modules, and with inverted-dropout scaling it computes what the full model does with those units
+dropped and the kept ones scaled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedprune_core.config import ExperimentConfig, FedDropoutConfig
+from fedprune_core.engine import ServerState
+from fedprune_core.speech.model import build_model
+from fedprune_core.speech.utterance import Utterance
+from fedprune_core.speech.workload import SpeechWorkload
+from fedprune_core.strategies import make_strategy
+from fedprune_core.strategies.fed_dropout import FedDropout
+from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
+from fedprune_core.units import LiveBatchNorm1d, LiveJoiner
+
+WORKLOAD = SpeechWorkload(model="tiny")
+FFN = "transcriber.conformer.conformer_layers.0.ffn1.sequential"
+CONV = "transcriber.conformer.conformer_layers.0.conv_module.sequential"
+
+
+def _strategy(**fed_dropout: object) -> FedDropout:
+    config = ExperimentConfig.from_dict({
+        "strategy": "fed_dropout", "model": "tiny", "fed_dropout": {"units": "hidden", **fed_dropout},
+    })
+    strategy = make_strategy(config, build_model("tiny"))
+    assert isinstance(strategy, FedDropout)
+    return strategy
+
+
+def test_a_dropped_hidden_unit_takes_its_producer_rows_and_its_reader_column() -> None:
+    strategy = _strategy(rate=0.5)
+    assert {g.reader for g in strategy.groups} == {f"{FFN}.4.weight", f"{CONV}.5.weight", "joiner.linear.weight",
+                                                  FFN.replace("ffn1", "ffn2") + ".4.weight"}
+    masks = strategy.client_masks(ServerState(0, {}), {}, 3, 1)
+    assert set(masks) == set(strategy.specs)  # attention, the residual stream's layers, the predictor: dense
+    for g in strategy.groups:
+        reader = masks[g.reader].reshape(masks[g.reader].shape[0], -1)
+        kept = reader[0]
+        assert torch.equal(reader, kept.expand_as(reader))  # whole columns
+        assert int((~kept).sum()) == g.width // 2  # exactly the rate
+        for p in g.producers:  # row r computes unit r % width (value and gate rows of a GLU)
+            rows = masks[p].reshape(masks[p].shape[0], -1)
+            assert torch.equal(rows[:, 0], kept.repeat(rows.shape[0] // g.width))
+            assert torch.equal(rows, rows[:, :1].expand_as(rows))
+    again = strategy.client_masks(ServerState(0, {}), {}, 3, 1)
+    other = strategy.client_masks(ServerState(0, {}), {}, 3, 2)
+    assert all(torch.equal(masks[n], again[n]) for n in masks)
+    assert not torch.equal(masks[f"{FFN}.4.weight"], other[f"{FFN}.4.weight"])
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_the_client_trains_the_full_model_with_those_units_dropped(rescale: bool) -> None:
+    strategy = _strategy(rate=0.5, rescale=rescale)
+    model = build_model("tiny", seed=3)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = strategy.client_masks(ServerState(0, weights), {}, 2, 0)
+    payload = extract(weights, masks, strategy.specs)
+    dropped = sum(int((~m).sum()) for m in masks.values())
+    floats = sum(t.numel() for t in payload.values() if t.is_floating_point())
+    assert floats == sum(w.numel() for w in weights.values()) - dropped  # every dropped weight stays home
+    assert payload_nbytes(payload) < payload_nbytes(extract(weights, {}, {})) - 3 * dropped  # indices: < 1 B each
+    client = build_client_model(build_model("tiny", seed=9), payload, strategy.specs, strategy.rescale_kept)
+    assert {LiveBatchNorm1d, LiveJoiner} <= {type(m) for m in client.module.modules()}
+
+    # The reference: the full model with the dropped units' reader columns zeroed and, with
+    # rescaling, the kept ones multiplied by units / kept units (inverted dropout before the reader).
+    reference = build_model("tiny", seed=9)
+    scaled = dict(weights)
+    for g in strategy.groups:
+        keep = masks[g.reader]
+        factor = g.width / int(keep.reshape(keep.shape[0], -1)[0].sum()) if rescale else 1.0
+        scaled[g.reader] = weights[g.reader] * keep * factor
+    reference.load_state_dict(scaled, strict=False)
+    batch = WORKLOAD.collate(_utterances(3))
+    for m in (client.module, reference):
+        m.train()
+    loss_client, loss_reference = WORKLOAD.loss_fn(client.module, batch), WORKLOAD.loss_fn(reference, batch)
+    torch.testing.assert_close(loss_client, loss_reference, rtol=1e-5, atol=1e-6)
+
+    # The upload scatters back to the kept units only; the weights themselves are never scaled.
+    update = client_update(client, strategy.specs)
+    values, held = expand(update, masks, strategy.specs, {n: w.shape for n, w in weights.items()})
+    for g in strategy.groups:
+        for name in (g.reader, *g.producers):
+            assert torch.equal(held[name], masks[name])
+            assert torch.equal(values[name][held[name]], weights[name][held[name]])
+
+
+def test_units_are_validated_before_any_work() -> None:
+    with pytest.raises(ValueError, match="fed_dropout.units='neurons' is not a kind of unit: use one of rows, hidden"):
+        FedDropoutConfig(units="neurons")
+    with pytest.raises(ValueError, match=r"glob '\*ffn1.sequential.1.weight' matches no unit group's reader"):
+        _strategy(layer_rates=[["*ffn1.sequential.1.weight", 0.2]])  # a producer: rates go by reader
+    config = ExperimentConfig.from_dict({"strategy": "fed_dropout", "model": "tiny",
+                                         "fed_dropout": {"units": "hidden"},
+                                         "pruning": {"prunable": ["*self_attn*"]}})
+    with pytest.raises(ValueError, match="found no unit group"):
+        make_strategy(config, build_model("tiny"))
+
+
+def _utterances(n: int) -> list[Utterance]:
+    g = torch.Generator().manual_seed(0)
+    texts = ["a cat", "the dog sat", "one"]
+    return [Utterance(f"u{i}", "spk", texts[i % 3], 0.05 * torch.randn(8000 + 1600 * i, generator=g)) for i in range(n)]
