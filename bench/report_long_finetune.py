@@ -1,0 +1,92 @@
+"""The 64-round fine-tune of dense FedAvg and FP@0.5 (issue 6's accuracy target), read from MLflow.
+
+The runs (sparsify rounds 1-8, refine 9-16, fine-tune to 64, WER every 8 rounds; configurations in
+docs/results/longer-finetune/), one `fedprune run` each, two at a time on 2 cores:
+
+    for seed in 0 1 2; do for f in dense fp-s50; do
+      OMP_NUM_THREADS=1 .venv/bin/fedprune run --preset small --experiment paper2 \\
+          --run-id paper2-long64-$f$([ $seed = 0 ] || echo -seed$seed) \\
+          --config docs/results/longer-finetune/$f.json --set seed=$seed &
+    done; wait; done
+
+This script prints each seed's WER at every evaluation, the mean of the last two evaluations (the
+sweep's measure) and of the last four, FP@0.5 / dense per seed and over the seeds' means, and
+writes the WER-over-rounds plot of all seeds to docs/results/longer-finetune/wer_over_rounds.png.
+
+    .venv/bin/python bench/report_long_finetune.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from mlflow.tracking import MlflowClient
+
+from infra.results import collect
+from infra.settings import Settings
+
+TARGET = 1.10
+"""Issue 6: FP@0.5 (column, adaptive, refined) WER within 1.10x of dense."""
+
+
+def run_id(kind: str, seed: int) -> str:
+    return f"paper2-long64-{kind}" + ("" if seed == 0 else f"-seed{seed}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experiment", default="paper2")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default="docs/results/longer-finetune/wer_over_rounds.png")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = [(run_id(k, s), k, (), s) for s in seeds for k in ("dense", "fp-s50")]
+    found = {(r.label, r.seed): r for r in collect(MlflowClient(Settings().tracking_uri), args.experiment, runs)}
+
+    means: dict[int, dict[str, list[float]]] = {2: {"dense": [], "fp-s50": []}, 4: {"dense": [], "fp-s50": []}}
+    print("| seed | run | WER % at each evaluation | mean of last 2 | mean of last 4 |")
+    print("|---|---|---|---|---|")
+    for seed in seeds:
+        for kind in ("dense", "fp-s50"):
+            wers = [100 * v for _, v in found[kind, seed].history["eval_wer"]]
+            for k in means:
+                means[k][kind].append(statistics.fmean(wers[-k:]))
+            print(f"| {seed} | {kind} | {', '.join(f'{w:.1f}' for w in wers)} | {means[2][kind][-1]:.2f} | "
+                  f"{means[4][kind][-1]:.2f} |")
+    for k in means:
+        dense, fp = means[k]["dense"], means[k]["fp-s50"]
+        per_seed = ", ".join(f"{f / d:.3f}" for d, f in zip(dense, fp, strict=True))
+        ratio = statistics.fmean(fp) / statistics.fmean(dense)
+        spread = (f" ± {statistics.stdev(dense):.2f}", f" ± {statistics.stdev(fp):.2f}") if len(seeds) > 1 else ("", "")
+        print(f"last {k}: dense {statistics.fmean(dense):.2f}{spread[0]}, "
+              f"FP@0.5 {statistics.fmean(fp):.2f}{spread[1]}; "
+              f"FP@0.5 / dense per seed {per_seed}; over the seeds' means {ratio:.3f} "
+              f"({'met' if ratio <= TARGET else 'missed'}: target <= {TARGET})")
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for seed in seeds:
+        for kind, style in (("dense", "-"), ("fp-s50", "--")):
+            points = found[kind, seed].history["eval_wer"]
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], style, marker=".", color=f"C{seed}",
+                    label=f"{'dense FedAvg' if kind == 'dense' else 'FP@0.5 column, adaptive, refined'}, seed {seed}")
+    ax.axvspan(0, 8, alpha=0.08, color="k")
+    ax.axvspan(8, 16, alpha=0.04, color="k")
+    ax.set_title("64 rounds after the warm-up: sparsify 1-8, refine 9-16 (shaded), fine-tune 17-64", fontsize=9)
+    ax.set_xlabel("round (after the warm-up)")
+    ax.set_ylabel("WER % (held-out speakers)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    print(f"plot: {out}")
+
+
+if __name__ == "__main__":
+    main()
