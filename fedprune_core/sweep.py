@@ -162,6 +162,8 @@ def paper_sweep(
            ("baseline",), strategy="fed_dropout", fed_dropout={"units": "hidden", "rate": FD_HIDDEN_RATE}),
         fp("fd-hidden-unscaled", f"Federated Dropout (hidden units, rate {FD_HIDDEN_RATE}, unscaled)", ("baseline",),
            strategy="fed_dropout", fed_dropout={"units": "hidden", "rate": FD_HIDDEN_RATE, "rescale": False}),
+        fp("fd-hidden-r50", "Federated Dropout (hidden units, rate 0.5, inverted-dropout scaling; 0.68 of dense)",
+           ("baseline",), strategy="fed_dropout", fed_dropout={"units": "hidden", "rate": 0.5}),
         fp("prunefl", "PruneFL", ("baseline",), strategy="prunefl", prunefl=PRUNEFL),
         fp("prunefl-d50", "PruneFL (density at most 0.5)", ("baseline",), strategy="prunefl",
            prunefl={**PRUNEFL, "max_density": 0.5}),

@@ -15,7 +15,7 @@ from fedprune_core.sweep import paper_sweep
 def test_every_variant_is_a_valid_configuration_starting_from_the_warmup() -> None:
     plan = paper_sweep()
     names = [v.name for v in plan.variants]
-    assert len(names) == len(set(names)) == 25
+    assert len(names) == len(set(names)) == 26
     warm = preset(plan.preset, plan.warmups[0].overrides)
     assert warm.strategy == "fedavg" and warm.init_from == ""
     for v in plan.variants:
