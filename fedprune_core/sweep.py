@@ -90,7 +90,7 @@ def paper_sweep(
     only: tuple[str, ...] = (),
     warmup_from: str = "",
 ) -> Sweep:
-    """The runs of the paper's comparisons, sized by rounds (defaults: about 2.5 hours on 2 CPU cores).
+    """The runs of the paper's comparisons, sized by rounds (defaults: about 2.5-3 hours on 2 CPU cores).
 
     A variant's `rounds` split as: sparsify rounds // 3 (cubic ramp), refine rounds // 3 (re-rank
     every 2 rounds), fine-tune the rest; 4 evaluations on held-out speakers. `only`: keep just the

@@ -188,7 +188,7 @@ def sweep(
         help="EXPERIMENT/RUN_ID of a finished warm-up (e.g. paper/paper-warmup2) to start from instead of "
              "running the warm-up.")] = "",
 ) -> None:
-    """The paper's experiments on the speech benchmark (about 2.5 hours on 2 cores); skips finished runs."""
+    """The paper's experiments on the speech benchmark (about 2.5-3 hours on 2 cores); skips finished runs."""
     from fedprune_core.presets import preset as make_preset
     from fedprune_core.sweep import paper_sweep
     from infra.checkpoint import validate_run_id
