@@ -81,12 +81,11 @@ def unit_masks(group: UnitGroup, specs: dict[str, PrunableSpec], keep: torch.Ten
     """Full-shape masks of a unit group with the units `keep` marks: the reader's input columns and
     each producer's output rows (row r is unit r % width)."""
     reader = specs[group.reader]
-    rows, cols = reader.shape[0], reader.numel // reader.shape[0]
-    masks = {group.reader: keep.view(1, cols).expand(rows, cols).reshape(reader.shape)}
+    masks = {group.reader: from_matrices([expand_groups(keep, "column", reader.matrix_shape)], reader)}
     for name in group.producers:
-        shape = specs[name].shape
-        kept_rows = keep.repeat(shape[0] // group.width)
-        masks[name] = kept_rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+        spec = specs[name]
+        kept_rows = keep.repeat(spec.shape[0] // group.width)
+        masks[name] = from_matrices([expand_groups(kept_rows, PATTERN, spec.matrix_shape)], spec)
     return masks
 
 

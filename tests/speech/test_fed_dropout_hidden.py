@@ -54,7 +54,9 @@ def test_a_dropped_hidden_unit_takes_its_producer_rows_and_its_reader_column() -
 
 
 @pytest.mark.parametrize("rescale", [False, True])
-def test_the_client_trains_the_full_model_with_those_units_dropped(rescale: bool) -> None:
+def test_the_client_trains_the_full_model_with_those_units_dropped(
+    rescale: bool, noise_utterances: list[Utterance]
+) -> None:
     strategy = _strategy(rate=0.5, rescale=rescale)
     model = build_model("tiny", seed=3)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -76,7 +78,7 @@ def test_the_client_trains_the_full_model_with_those_units_dropped(rescale: bool
         factor = g.width / int(keep.reshape(keep.shape[0], -1)[0].sum()) if rescale else 1.0
         scaled[g.reader] = weights[g.reader] * keep * factor
     reference.load_state_dict(scaled, strict=False)
-    batch = WORKLOAD.collate(_utterances(3))
+    batch = WORKLOAD.collate(noise_utterances)
     for m in (client.module, reference):
         m.train()
     loss_client, loss_reference = WORKLOAD.loss_fn(client.module, batch), WORKLOAD.loss_fn(reference, batch)
@@ -101,9 +103,3 @@ def test_units_are_validated_before_any_work() -> None:
                                          "pruning": {"prunable": ["*self_attn*"]}})
     with pytest.raises(ValueError, match="found no unit group"):
         make_strategy(config, build_model("tiny"))
-
-
-def _utterances(n: int) -> list[Utterance]:
-    g = torch.Generator().manual_seed(0)
-    texts = ["a cat", "the dog sat", "one"]
-    return [Utterance(f"u{i}", "spk", texts[i % 3], 0.05 * torch.randn(8000 + 1600 * i, generator=g)) for i in range(n)]

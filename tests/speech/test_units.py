@@ -47,7 +47,9 @@ def test_the_speech_model_has_its_feed_forward_convolution_and_joint_units() -> 
 
 
 @pytest.mark.parametrize("pattern", ["column", "half_column"])
-def test_a_client_without_dead_units_trains_exactly_the_masked_full_model(pattern: str) -> None:
+def test_a_client_without_dead_units_trains_exactly_the_masked_full_model(
+    pattern: str, noise_utterances: list[Utterance]
+) -> None:
     torch.manual_seed(0)
     model = build_model("tiny", seed=3)
     specs, masks = _masks(model, pattern, 0.5, seed=1)
@@ -64,7 +66,7 @@ def test_a_client_without_dead_units_trains_exactly_the_masked_full_model(patter
 
     reference = build_model("tiny", seed=9)
     reference.load_state_dict({n: w * masks[n] if n in masks else w for n, w in weights.items()}, strict=False)
-    batch = WORKLOAD.collate(_utterances(3))
+    batch = WORKLOAD.collate(noise_utterances)
     for m in (client.module, reference):
         m.train()
     loss_client, loss_reference = WORKLOAD.loss_fn(client.module, batch), WORKLOAD.loss_fn(reference, batch)
@@ -105,10 +107,3 @@ def test_dropping_dead_units_shrinks_the_download() -> None:
     live_rows = int(live_units(masks[ffn_in.replace(".1.", ".4.")]).sum())
     assert with_units[f"{ffn_in}|w0"].shape[0] == live_rows < without[f"{ffn_in}|w0"].shape[0]
     assert sum(t.numel() for t in with_units.values()) < sum(t.numel() for t in without.values())
-
-
-def _utterances(n: int) -> list[Utterance]:
-    """Noise audio with short transcripts: the arithmetic, not the content, is under test."""
-    g = torch.Generator().manual_seed(0)
-    texts = ["a cat", "the dog sat", "one"]
-    return [Utterance(f"u{i}", "spk", texts[i % 3], 0.05 * torch.randn(8000 + 1600 * i, generator=g)) for i in range(n)]
