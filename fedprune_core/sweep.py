@@ -111,23 +111,39 @@ def paper_sweep(
                  "local": {"steps": local_steps, "batch_size": 16, "lr": 0.002, "optimizer": "adam"}}
     schedule = {"num_rounds": rounds, "sparsify_rounds": sparsify, "ramp": "cubic", "refine_rounds": sparsify,
                 "refine_every": 2}
-    warmups: list[Variant] = []
+    warmups = [] if warmup_from else _warmup_stages(name, warmup_rounds, federated, local_steps)
+    base = {"name": name, "init_from": warmup_from or f"{name}-{warmups[-1].name}", "schedule": schedule,
+            "federated": federated, "pruning": FP_05}
+    # The half patterns need an even number of rows and columns: they prune the weights that allow it
+    # (98.4% of the small model's weight bytes; not the embedding, joint output, depthwise and first convs).
+    halvable = every_pattern_weights(build_model(PRESETS[preset]["model"]))
+    variants = _variants(base, halvable, seeds)
+    names = [v.name for v in variants]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ValueError(f"only={unknown[0]!r} is not a variant of the sweep: use some of {', '.join(names)}")
+    return Sweep(name, preset, tuple(warmups), tuple(v for v in variants if not only or v.name in only))
+
+
+def _warmup_stages(
+    name: str, warmup_rounds: tuple[int, ...], federated: dict[str, Any], local_steps: int
+) -> list[Variant]:
+    """Dense FedAvg stages, each continuing the one before, with twice the variants' local steps."""
+    stages: list[Variant] = []
     for i, stage_rounds in enumerate(warmup_rounds):
         stage = "warmup" if i == 0 else f"warmup{i + 1}"
-        warmups.append(Variant(stage, f"dense FedAvg warm-up, stage {i + 1}", (), {
+        stages.append(Variant(stage, f"dense FedAvg warm-up, stage {i + 1}", (), {
             "name": f"{name}-{stage}", "strategy": "fedavg", "seed": 0,
-            "init_from": f"{name}-{warmups[-1].name}" if warmups else "",
+            "init_from": f"{name}-{stages[-1].name}" if stages else "",
             "schedule": {"num_rounds": stage_rounds, "sparsify_rounds": 1, "refine_rounds": 0},
             "federated": {**federated, "eval_every": max(1, stage_rounds // 4),
                           "local": {**federated["local"], "steps": 2 * local_steps}},
         }))
-    # The half patterns need an even number of rows and columns: they prune the weights that allow it
-    # (98.4% of the small model's weight bytes; not the embedding, joint output, depthwise and first convs).
-    halvable = every_pattern_weights(build_model(PRESETS[preset]["model"]))
-    if warmup_from:
-        warmups = []
-    base = {"name": name, "init_from": warmup_from or f"{name}-{warmups[-1].name}", "schedule": schedule,
-            "federated": federated, "pruning": FP_05}
+    return stages
+
+
+def _variants(base: dict[str, Any], halvable: tuple[str, ...], seeds: tuple[int, ...]) -> list[Variant]:
+    """Every comparison, as overrides of FP@0.5 (`base`); the extra seeds of dense and FP@0.5 last."""
 
     def fp(vname: str, label: str, groups: tuple[str, ...], **over: Any) -> Variant:
         return Variant(vname, label, groups, _merge(copy.deepcopy(base), over))
@@ -173,8 +189,4 @@ def paper_sweep(
                         pruning={"sparsity": 0.0}, seed=seed),
                      fp(f"fp-s50-seed{seed}", "FP S=0.5 (column, adaptive, weight L2, refined)", ("seed",),
                         seed=seed)]
-    names = [v.name for v in variants]
-    unknown = sorted(set(only) - set(names))
-    if unknown:
-        raise ValueError(f"only={unknown[0]!r} is not a variant of the sweep: use some of {', '.join(names)}")
-    return Sweep(name, preset, tuple(warmups), tuple(v for v in variants if not only or v.name in only))
+    return variants
