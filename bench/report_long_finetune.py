@@ -3,7 +3,7 @@
 The runs (sparsify rounds 1-8, refine 9-16, fine-tune to 64, WER every 8 rounds; configurations in
 docs/results/longer-finetune/), one `fedprune run` each, two at a time on 2 cores:
 
-    for seed in 0 1 2; do for f in dense fp-s50; do
+    for seed in 0 1 2 3 4; do for f in dense fp-s50; do
       OMP_NUM_THREADS=1 .venv/bin/fedprune run --preset small --experiment paper2 \\
           --run-id paper2-long64-$f$([ $seed = 0 ] || echo -seed$seed) \\
           --config docs/results/longer-finetune/$f.json --set seed=$seed &
@@ -42,7 +42,7 @@ def run_id(kind: str, seed: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", default="paper2")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--out", default="docs/results/longer-finetune/wer_over_rounds.png")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -61,7 +61,10 @@ def main() -> None:
                   f"{means[4][kind][-1]:.2f} |")
     for k in means:
         dense, fp = means[k]["dense"], means[k]["fp-s50"]
-        per_seed = ", ".join(f"{f / d:.3f}" for d, f in zip(dense, fp, strict=True))
+        ratios = [f / d for d, f in zip(dense, fp, strict=True)]
+        per_seed = ", ".join(f"{r:.3f}" for r in ratios)
+        if len(ratios) > 1:
+            per_seed += f" (mean {statistics.fmean(ratios):.3f} ± {statistics.stdev(ratios):.3f})"
         ratio = statistics.fmean(fp) / statistics.fmean(dense)
         spread = (f" ± {statistics.stdev(dense):.2f}", f" ± {statistics.stdev(fp):.2f}") if len(seeds) > 1 else ("", "")
         print(f"last {k}: dense {statistics.fmean(dense):.2f}{spread[0]}, "
@@ -70,11 +73,14 @@ def main() -> None:
               f"({'met' if ratio <= TARGET else 'missed'}: target <= {TARGET})")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for seed in seeds:
-        for kind, style in (("dense", "-"), ("fp-s50", "--")):
-            points = found[kind, seed].history["eval_wer"]
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], style, marker=".", color=f"C{seed}",
-                    label=f"{'dense FedAvg' if kind == 'dense' else 'FP@0.5 column, adaptive, refined'}, seed {seed}")
+    for kind, color, label in (("dense", "C0", "dense FedAvg"), ("fp-s50", "C3", "FP@0.5 column, adaptive, refined")):
+        curves = [found[kind, seed].history["eval_wer"] for seed in seeds]
+        for points in curves:
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], "-", color=color, alpha=0.25, lw=0.8)
+        rounds = [p[0] for p in curves[0]]
+        mean = [statistics.fmean(100 * c[i][1] for c in curves) for i in range(len(rounds))]
+        ax.plot(rounds, mean, "-", marker="o", color=color, lw=2,
+                label=f"{label}: mean of {len(seeds)} seeds (thin: each seed)")
     ax.axvspan(0, 8, alpha=0.08, color="k")
     ax.axvspan(8, 16, alpha=0.04, color="k")
     ax.set_title("64 rounds after the warm-up: sparsify 1-8, refine 9-16 (shaded), fine-tune 17-64", fontsize=9)
