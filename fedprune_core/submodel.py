@@ -29,8 +29,9 @@ does at inference.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -221,14 +222,34 @@ class SlicedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
-        ys = []
-        for i in range(self.num_blocks):
-            cols = getattr(self, f"c{i}")
-            ys.append(F.linear(x if cols is None else x.index_select(-1, cols), getattr(self, f"w{i}")))
+        cols = [getattr(self, f"c{i}") for i in range(self.num_blocks)]
+        weights = [getattr(self, f"w{i}") for i in range(self.num_blocks)]
+        if all(c is not None for c in cols) and sum(c.numel() for c in cols) > x.shape[-1]:
+            # the blocks' gathered inputs would outweigh x itself: keep x once, gather again in backward
+            return self._combine(_GatheredLinear.apply(x, _identity, tuple(cols), *weights))
+        products = [F.linear(x if c is None else x.index_select(-1, c), w) for c, w in zip(cols, weights, strict=True)]
+        return self._combine(products)
+
+    def forward_from(self, source: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``forward(to_input(source))`` for a ``source`` that backward keeps anyway (an activation's
+        output): the layer keeps ``source`` instead of its own gathered copy of the input.
+
+        Args:
+            source: the tensor the input is a reshaping of.
+            to_input: a differentiable reshaping (permute, reshape) of ``source`` to ``(..., in_features)``.
+        """
+        cols = [getattr(self, f"c{i}") for i in range(self.num_blocks)]
+        if any(c is None for c in cols):
+            return self.forward(to_input(source))
+        weights = [getattr(self, f"w{i}") for i in range(self.num_blocks)]
+        return self._combine(_GatheredLinear.apply(source, to_input, tuple(cols), *weights))
+
+    def _combine(self, ys: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The layer's output from its blocks' products ``ys``: placed in their rows, scaled, biased."""
         if self.tiled:
-            out = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+            out = ys[0] if len(ys) == 1 else torch.cat(list(ys), dim=-1)
         else:
-            out = x.new_zeros(*x.shape[:-1], self.out_features)
+            out = ys[0].new_zeros(*ys[0].shape[:-1], self.out_features)
             for i, y in enumerate(ys):
                 rows = getattr(self, f"r{i}")
                 out = out + y if rows is None else out.index_add(-1, rows, y)
@@ -239,6 +260,52 @@ class SlicedLinear(nn.Module):
             return out
         bias_index: torch.Tensor | None = self.bias_index  # type: ignore[assignment]
         return out + (self.bias if bias_index is None else self.bias.index_select(0, bias_index))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """``y_i = to_input(source)[..., cols_i] @ W_i^T`` for every block i, keeping only ``source``
+    for backward, where the gathered inputs are taken again.
+
+    Used where ``source`` is kept for backward anyway (attention's output, a ReLU's output) or
+    where the blocks' gathered copies together outweigh it (q, k and v each reading their own
+    columns of one input): the bytes a client's training holds fall, at the cost of a second
+    gather in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, source: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor],
+        cols: tuple[torch.Tensor, ...], *weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        x = to_input(source)
+        ctx.to_input, ctx.cols = to_input, cols
+        ctx.save_for_backward(source, *weights)
+        return tuple(F.linear(x.index_select(-1, c), w) for c, w in zip(cols, weights, strict=True))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        source, *weights = ctx.saved_tensors
+        with torch.enable_grad():
+            src = source.detach().requires_grad_(ctx.needs_input_grad[0])
+            x = ctx.to_input(src)
+        flat = x.detach().reshape(-1, x.shape[-1])
+        grad_x = torch.zeros_like(flat) if ctx.needs_input_grad[0] else None
+        grad_w: list[torch.Tensor | None] = []
+        for c, w, g, needed in zip(ctx.cols, weights, grads, ctx.needs_input_grad[3:], strict=True):
+            g2 = g.reshape(-1, g.shape[-1])
+            grad_w.append(g2.t() @ flat.index_select(-1, c) if needed else None)
+            if grad_x is not None:
+                grad_x.index_add_(-1, c, g2 @ w)
+        grad_source = None
+        if grad_x is not None:
+            grad_source = grad_x.view(x.shape)
+            if x is not src:  # back through the reshaping
+                grad_source = torch.autograd.grad(x, src, grad_source)[0]
+        return (grad_source, None, None, *grad_w)
 
 
 class SlicedMultiheadAttention(nn.Module):
@@ -283,8 +350,12 @@ class SlicedMultiheadAttention(nn.Module):
             heads[0], heads[1], heads[2], attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal and mask is None,
         )
-        out = out.permute(2, 0, 1, 3).reshape(length, batch, self.embed_dim)
-        return self.out_proj(out), None
+        def merge_heads(heads_out: torch.Tensor) -> torch.Tensor:  # (N, H, L, E/H) -> (L, N, E)
+            return heads_out.permute(2, 0, 1, 3).reshape(length, batch, self.embed_dim)
+
+        if isinstance(self.out_proj, SlicedLinear):  # scaled dot-product attention keeps `out` for backward
+            return self.out_proj.forward_from(out, merge_heads), None
+        return self.out_proj(merge_heads(out)), None
 
 
 def _attention_mask(

@@ -34,8 +34,10 @@ from torch import nn
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, c: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    # fused: one kernel for every parameter; a sliced client has many small blocks, and the
+    # per-tensor loop cost as much for them as for the dense model's (bench/bench_client.py)
     "adam": lambda params, c: torch.optim.Adam(
-        params, lr=c.lr, betas=(c.momentum or 0.9, 0.999), weight_decay=c.weight_decay
+        params, lr=c.lr, betas=(c.momentum or 0.9, 0.999), weight_decay=c.weight_decay, fused=True
     ),
 }
 

@@ -176,10 +176,12 @@ class LiveJoiner(nn.Module):
         self, source_encodings: torch.Tensor, source_lengths: torch.Tensor, target_encodings: torch.Tensor,
         target_lengths: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.linear(self.hidden(source_encodings, target_encodings)), source_lengths, target_lengths
+
+    def hidden(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(..., T, live)`` compact source and ``(..., U, D)`` target encodings -> ``(..., T, U, live)``."""
         units: torch.Tensor = self.units  # type: ignore[assignment]
-        target = target_encodings.index_select(-1, units)
-        joint = source_encodings.unsqueeze(2).contiguous() + target.unsqueeze(1).contiguous()
-        return self.linear(self.activation(joint)), source_lengths, target_lengths
+        return self.activation(source.unsqueeze(-2) + target.index_select(-1, units).unsqueeze(-3))
 
 
 def live_module(module: nn.Module, units: torch.Tensor) -> nn.Module:

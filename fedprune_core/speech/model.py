@@ -120,9 +120,16 @@ class ConvSubsampling(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map ``(B, T, F)`` features to ``(B, ceil(T/4), d_model)`` and subsampled lengths."""
-        x = self.conv(features.unsqueeze(1))  # (B, C, T', F')
-        x = x.permute(0, 2, 1, 3).flatten(2)  # (B, T', C * F')
-        return self.linear(x), subsampled_length(lengths)
+        x = self.conv(features.unsqueeze(1))  # (B, C, T', F'), kept by the ReLU for backward
+        # a client's sliced Linear can keep x instead of a gathered copy of its flattening
+        reads_from = getattr(self.linear, "forward_from", None)
+        out = reads_from(x, _frames_first) if reads_from else self.linear(_frames_first(x))
+        return out, subsampled_length(lengths)
+
+
+def _frames_first(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, T', F')`` -> ``(B, T', C * F')``."""
+    return x.permute(0, 2, 1, 3).flatten(2)
 
 
 class ConformerEncoder(nn.Module, _Transcriber):
@@ -158,6 +165,14 @@ class ConformerEncoder(nn.Module, _Transcriber):
         raise NotImplementedError("ConformerEncoder is full-context: call forward(), not infer()")
 
 
+class Joiner(_Joiner):
+    """torchaudio's joint network, with its hidden layer exposed so a loss can recompute the rest."""
+
+    def hidden(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(T, D)`` source and ``(U, D)`` target encodings -> ``(T, U, D)`` activations."""
+        return self.activation(source.unsqueeze(-2) + target.unsqueeze(-3))
+
+
 class ConformerTransducer(RNNT):
     """A ``torchaudio.models.RNNT`` with a :class:`ConformerEncoder`; ``config`` records its sizes."""
 
@@ -170,7 +185,7 @@ class ConformerTransducer(RNNT):
             lstm_hidden_dim=config.pred_hidden_dim,
             lstm_dropout=config.dropout,
         )
-        super().__init__(ConformerEncoder(config), predictor, _Joiner(config.joint_dim, config.num_symbols))
+        super().__init__(ConformerEncoder(config), predictor, Joiner(config.joint_dim, config.num_symbols))
         self.config = config
 
 

@@ -4,8 +4,9 @@ One object bundles what the federated loop needs from a workload: build the mode
 utterances into batches, the transducer loss, one client's local training (through
 :func:`fedprune_core.training.train_local`) and evaluation by WER and CER.
 
-The loss is the RNN-T negative log-likelihood (``torchaudio.functional.rnnt_loss``) summed over
-the batch and divided by the number of target characters: nats per character, comparable across
+The loss is the RNN-T negative log-likelihood (:mod:`fedprune_core.speech.transducer`:
+the value of ``torchaudio.functional.rnnt_loss`` at a quarter of its CPU time) summed over the
+batch and divided by the number of target characters: nats per character, comparable across
 batch compositions.
 """
 
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
-import torchaudio.functional as AF
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchaudio.models import RNNT
 
 from fedprune_core.speech.decode import beam_decode, greedy_decode
@@ -26,6 +27,7 @@ from fedprune_core.speech.features import FeatureConfig, SpecAugmentConfig, log_
 from fedprune_core.speech.metrics import char_error_rate, word_error_rate
 from fedprune_core.speech.model import ConformerTransducer, ModelConfig, build_model, resolve_model_config
 from fedprune_core.speech.text import CharVocabulary
+from fedprune_core.speech.transducer import lattice_log_probs, lattice_nll
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.training import ClientResult, LocalTrainingConfig, train_local
 
@@ -132,20 +134,31 @@ class SpeechWorkload:
         predictions, _, _ = transducer.predict(blank_first, b.target_lengths + 1, None)  # (B, U + 1, D)
         # The joint tensor is (T', U + 1, D) per utterance; joining each one at its own size
         # instead of the padded (B, T'max, Umax + 1, D) halves the cost of the joint and the loss.
-        losses = [
-            self._utterance_loss(transducer, encodings[i, :t], predictions[i, : u + 1], b.targets[i, :u])
+        lattices = [
+            self._lattice(transducer, encodings[i, :t], predictions[i, : u + 1], b.targets[i, :u])
             for i, (t, u) in enumerate(zip(frames.tolist(), b.target_lengths.tolist(), strict=True))
         ]
-        return torch.stack(losses).sum() / b.target_lengths.sum()
+        return lattice_nll(lattices).sum() / b.target_lengths.sum()
 
-    def _utterance_loss(
+    def _lattice(
         self, model: RNNT, encoding: torch.Tensor, prediction: torch.Tensor, target: torch.Tensor
     ) -> torch.Tensor:
-        """RNN-T loss of one utterance: ``(T', D)`` encoding, ``(U + 1, D)`` prediction, ``(U,)`` target."""
-        frames = torch.tensor([encoding.shape[0]], dtype=torch.int32, device=encoding.device)
-        symbols = torch.tensor([target.shape[0]], dtype=torch.int32, device=encoding.device)
-        logits, _, _ = model.join(encoding[None], frames, prediction[None], symbols)  # (1, T', U + 1, V)
-        return AF.rnnt_loss(logits, target[None], frames, symbols, blank=self.vocabulary.blank, reduction="sum")
+        """Blank and next-symbol log-probabilities ``(T', U + 1, 2)`` of one utterance from its
+        ``(T', D)`` encoding, ``(U + 1, D)`` prediction and ``(U,)`` target.
+
+        The joint's hidden activations are kept for backward anyway (by its ReLU); its output
+        layer and softmax are recomputed in the backward pass instead of keeping ``(T', U + 1, V)``
+        log-probabilities (a few percent of a client's training memory).
+        """
+        joiner = model.joiner
+        hidden = joiner.hidden(encoding, prediction)  # (T', U + 1, D)
+
+        def read(h: torch.Tensor) -> torch.Tensor:
+            return lattice_log_probs(joiner.linear(h), target, self.vocabulary.blank)
+
+        if not torch.is_grad_enabled():
+            return read(hidden)
+        return cast(torch.Tensor, checkpoint(read, hidden, use_reentrant=False))
 
     def train_client(
         self,

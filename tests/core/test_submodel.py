@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -225,3 +227,76 @@ def test_sliced_linear_keeps_working_with_everything_or_nothing_kept() -> None:
         client = build_client_model(nn.Sequential(nn.Linear(4, 2)), payload, specs)
         expected = nn.functional.linear(x, weights["0.weight"] * kept, weights["0.bias"])
         assert torch.allclose(client.module(x), expected, atol=1e-6)
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> tuple[torch.Tensor, set[int], int]:
+    """Run `fn` recording the distinct float storages saved for backward (minus `exclude`'s; not indices)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip and t.is_floating_point():
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn()
+    return y, set(storages), sum(storages.values())
+
+
+def _three_blocks(in_features: int, kept: int) -> SlicedLinear:
+    """q/k/v-like: three blocks of 4 rows, each reading its own `kept` columns."""
+    g = torch.Generator().manual_seed(11)
+    blocks = [
+        (torch.arange(4 * i, 4 * i + 4), torch.randperm(in_features, generator=g)[:kept].sort().values,
+         torch.randn(4, kept, generator=g))
+        for i in range(3)
+    ]
+    return SlicedLinear(12, blocks, nn.Parameter(torch.randn(12, generator=g)))  # type: ignore[arg-type]
+
+
+def _by_gathering(layer: SlicedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The reference: each block's product on its own gathered copy of x."""
+    ys = [nn.functional.linear(x.index_select(-1, getattr(layer, f"c{i}")), getattr(layer, f"w{i}")) for i in range(3)]
+    return torch.cat(ys, -1) + layer.bias
+
+
+def test_blocks_reading_more_columns_than_the_input_has_keep_the_input_once() -> None:
+    layer = _three_blocks(in_features=8, kept=5)  # 15 gathered columns > 8
+    x = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    params = list(layer.parameters())
+    y, storages, nbytes = _saved_bytes(lambda: layer(x), params)
+    assert storages == {x.untyped_storage().data_ptr()} and nbytes == x.numel() * 4  # x alone, not 3 copies
+    expected = _by_gathering(layer, x)
+    torch.testing.assert_close(y, expected)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(13))
+    ours = torch.autograd.grad(y, [x, *params], g)
+    reference = torch.autograd.grad(expected, [x, *params], g)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_blocks_reading_fewer_columns_keep_their_gathered_copies() -> None:
+    layer = _three_blocks(in_features=16, kept=5)  # 15 gathered columns < 16: copies are smaller
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    _, storages, nbytes = _saved_bytes(lambda: layer(x), list(layer.parameters()))
+    assert x.untyped_storage().data_ptr() not in storages and len(storages) == 3 and nbytes == 3 * 2 * 7 * 5 * 4
+
+
+def test_forward_from_keeps_the_source_and_equals_forward_of_its_reshaping() -> None:
+    layer = _three_blocks(in_features=12, kept=3)
+    source = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(14), requires_grad=True)
+
+    def reshape(s: torch.Tensor) -> torch.Tensor:  # (B, C, T, F) -> (B, T, C * F): a copy
+        return s.permute(0, 2, 1, 3).flatten(2)
+
+    params = list(layer.parameters())
+    y, storages, _ = _saved_bytes(lambda: layer.forward_from(source, reshape), params)
+    assert storages == {source.untyped_storage().data_ptr()}
+    expected = _by_gathering(layer, reshape(source))
+    torch.testing.assert_close(y, expected)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(15))
+    for a, b in zip(torch.autograd.grad(y, [source, *params], g), torch.autograd.grad(expected, [source, *params], g),
+                    strict=True):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,73 @@
+"""The batched RNN-T loss against torchaudio's kernel and against hand-computed lattices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchaudio.functional as AF
+
+from fedprune_core.speech.transducer import lattice_log_probs, lattice_nll, rnnt_nll
+
+BLANK = 4
+
+
+def _random_lattices(lengths: list[tuple[int, int]], seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    logits = [(3 * torch.randn(t, u + 1, BLANK + 1, generator=g)).requires_grad_() for t, u in lengths]
+    targets = [torch.randint(0, BLANK, (u,), generator=g) for _, u in lengths]
+    return logits, targets
+
+
+def _torchaudio(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    one = torch.ones(1, dtype=torch.int32)
+    return AF.rnnt_loss(logits[None], target[None].int(), one * logits.shape[0], one * target.numel(), blank=BLANK,
+                        reduction="sum")
+
+
+@pytest.mark.parametrize("lengths", [[(7, 3)], [(9, 4), (5, 6), (1, 2), (6, 0), (8, 8)]])
+def test_losses_and_gradients_match_torchaudio(lengths: list[tuple[int, int]]) -> None:
+    logits, targets = _random_lattices(lengths, seed=len(lengths))
+    weights = torch.rand(len(lengths), generator=torch.Generator().manual_seed(1))  # a different grad per utterance
+
+    ours = rnnt_nll(logits, targets, BLANK)
+    (ours * weights).sum().backward()
+    our_grads = [x.grad.clone() for x in logits]
+    for x in logits:
+        x.grad = None
+    reference = torch.stack([_torchaudio(x, t) for x, t in zip(logits, targets, strict=True)])
+    (reference * weights).sum().backward()
+
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
+    for ours_g, x in zip(our_grads, logits, strict=True):
+        torch.testing.assert_close(ours_g, x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_two_node_lattice_by_hand() -> None:
+    # T = 1, U = 1: the only path emits the symbol at (0, 0), then blank at (0, 1)
+    logits = torch.log(torch.tensor([[[0.2, 0.1, 0.0, 0.0, 0.7], [0.05, 0.05, 0.0, 0.0, 0.9]]]) + 1e-30)
+    loss = rnnt_nll([logits], [torch.tensor([1])], BLANK)
+    torch.testing.assert_close(loss, -torch.log(torch.tensor([0.1 * 0.9])), rtol=1e-6, atol=1e-6)
+
+
+def test_no_target_symbols_means_blank_at_every_frame() -> None:
+    logits = torch.log_softmax(torch.randn(3, 1, BLANK + 1, generator=torch.Generator().manual_seed(2)), -1)
+    loss = rnnt_nll([logits], [torch.zeros(0, dtype=torch.long)], BLANK)
+    torch.testing.assert_close(loss, -logits[:, 0, BLANK].sum(0, keepdim=True))
+
+
+def test_the_lattice_reads_blank_and_the_next_symbol() -> None:
+    logits = torch.randn(2, 3, BLANK + 1, generator=torch.Generator().manual_seed(3))
+    pairs = lattice_log_probs(logits, torch.tensor([2, 0]), BLANK)
+    log_probs = logits.log_softmax(-1)
+    assert pairs.shape == (2, 3, 2)
+    torch.testing.assert_close(pairs[..., 0], log_probs[..., BLANK])
+    torch.testing.assert_close(pairs[:, :2, 1], log_probs[:, [0, 1], [2, 0]])
+    torch.testing.assert_close(lattice_nll([pairs]), rnnt_nll([logits], [torch.tensor([2, 0])], BLANK))
+
+
+def test_bad_shapes_are_named() -> None:
+    need = r"logits of shape \(4, 3, 5\) for a target of 3 symbols: need \(T >= 1, 4, V\)"
+    with pytest.raises(ValueError, match=need):
+        rnnt_nll([torch.zeros(4, 3, 5)], [torch.zeros(3, dtype=torch.long)], BLANK)
+    with pytest.raises(ValueError, match="got 1 logits and 2 targets"):
+        rnnt_nll([torch.zeros(4, 3, 5)], [torch.zeros(2, dtype=torch.long)] * 2, BLANK)
