@@ -262,6 +262,17 @@ class SlicedLinear(nn.Module):
         return out + (self.bias if bias_index is None else self.bias.index_select(0, bias_index))
 
 
+def dense_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of a layer that computes ``F.linear(x, weight, bias)``: an ``nn.Linear``, or
+    a `SlicedLinear` trained as one whole block; None for anything else."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight, layer.bias
+    if isinstance(layer, SlicedLinear) and layer.num_blocks == 1 and layer.tiled and layer.c0 is None:
+        if layer.scale is None and layer.bias_index is None:
+            return layer.w0, layer.bias
+    return None
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 

@@ -6,8 +6,9 @@ that a client's CPU step does not wait on it: torchaudio's CPU kernel took about
 
 1. :func:`lattice_log_probs` keeps, of an utterance's ``(T, U + 1, V)`` joint output, only the
    two log-probabilities the lattice reads at each node, blank and the next target symbol; its
-   backward writes the logits' gradient in one pass. A caller may recompute it in the backward
-   pass (``torch.utils.checkpoint``) instead of keeping its ``(T, U + 1, V)`` log-probabilities;
+   backward writes the logits' gradient in one pass. :func:`joint_lattice_log_probs` does the
+   same from the joint's activations and output layer, computing the ``(T, U + 1, V)`` logits
+   again in backward instead of keeping them;
 2. :func:`lattice_nll` (:class:`_TransducerNLL`) runs the forward (alpha) and backward (beta) recursions for the whole
    batch, one encoder frame at a time: along the target axis a row of the lattice is a running
    log-sum, so each frame is one ``logcumsumexp`` over ``(B, U + 1)`` instead of U + 1 small steps,
@@ -71,8 +72,7 @@ def lattice_log_probs(logits: torch.Tensor, target: torch.Tensor, blank: int) ->
             f"logits of shape {tuple(logits.shape)} for a target of {target.numel()} symbols: need "
             f"(T >= 1, {target.numel() + 1}, V), one lattice row per target symbol plus one"
         )
-    after = torch.cat([target.long(), target.new_full((1,), blank).long()])  # (U + 1,)
-    return _SymbolLogProbs.apply(logits, after, blank)
+    return _SymbolLogProbs.apply(logits, _after(target, blank), blank)
 
 
 def lattice_nll(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -89,23 +89,86 @@ def lattice_nll(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
     return _TransducerNLL.apply(padded[..., 0], padded[..., :-1, 1], frames, symbols)
 
 
+def joint_lattice_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, blank: int
+) -> torch.Tensor:
+    """:func:`lattice_log_probs` of ``F.linear(hidden, weight, bias)``, keeping for backward only
+    ``hidden`` (which the joint's activation keeps anyway) and one log-normaliser per node: the
+    ``(T, U + 1, V)`` logits are computed again in the backward pass.
+
+    Args:
+        hidden: ``(T, U + 1, D)`` joint network activations.
+        weight: ``(V, D)`` output layer weight; bias: ``(V,)`` or None.
+        target: ``(U,)`` symbol indices.
+        blank: index of the blank symbol.
+    """
+    if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] != target.numel() + 1:
+        raise ValueError(
+            f"joint activations of shape {tuple(hidden.shape)} for a target of {target.numel()} symbols: need "
+            f"(T >= 1, {target.numel() + 1}, D)"
+        )
+    return _JointSymbolLogProbs.apply(hidden, weight, bias, _after(target, blank), blank)
+
+
+def _after(target: torch.Tensor, blank: int) -> torch.Tensor:
+    """``(U + 1,)``: the symbol each lattice row emits next (blank on the last row)."""
+    return torch.cat([target.long(), target.new_full((1,), blank).long()])
+
+
+def _read(log_probs: torch.Tensor, after: torch.Tensor, blank: int) -> torch.Tensor:
+    """``(T, U + 1, V)`` log-probabilities -> ``(T, U + 1, 2)`` at blank and at ``after[u]``."""
+    index = after.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)
+    return torch.cat([log_probs[..., blank : blank + 1], log_probs.gather(-1, index)], -1)
+
+
+def _logits_grad(log_probs: torch.Tensor, grad: torch.Tensor, after: torch.Tensor, blank: int) -> torch.Tensor:
+    """Gradient of :func:`_read` ``(log_softmax(z))`` w.r.t. z; overwrites ``log_probs``."""
+    out = log_probs.exp_().mul_(-grad.sum(-1, keepdim=True))  # d log p_k / d z_j = [j = k] - p_j
+    out[..., blank] += grad[..., 0]
+    index = after.view(1, -1, 1).expand(log_probs.shape[0], -1, 1)
+    return out.scatter_add_(-1, index, grad[..., 1:])
+
+
 class _SymbolLogProbs(torch.autograd.Function):
     """``log_softmax(logits)`` at blank and at ``after[u]`` along each row u: ``(T, U + 1, V) -> (T, U + 1, 2)``."""
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, after: torch.Tensor, blank: int) -> torch.Tensor:
         log_probs = logits.log_softmax(-1)
-        index = after.view(1, -1, 1).expand(logits.shape[0], -1, 1)
         ctx.blank = blank
-        ctx.save_for_backward(log_probs, index)
-        return torch.cat([log_probs[..., blank : blank + 1], log_probs.gather(-1, index)], -1)
+        ctx.save_for_backward(log_probs, after)
+        return _read(log_probs, after, blank)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        log_probs, index = ctx.saved_tensors
-        out = log_probs.exp().mul_(-grad.sum(-1, keepdim=True))  # d log p_k / d z_j = [j = k] - p_j
-        out[..., ctx.blank] += grad[..., 0]
-        return out.scatter_add_(-1, index, grad[..., 1:]), None, None
+        log_probs, after = ctx.saved_tensors
+        return _logits_grad(log_probs.clone(), grad, after, ctx.blank), None, None
+
+
+class _JointSymbolLogProbs(torch.autograd.Function):
+    """:class:`_SymbolLogProbs` of ``F.linear(hidden, weight, bias)``, recomputing the logits in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, after: torch.Tensor,
+        blank: int,
+    ) -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        normaliser = logits.logsumexp(-1, keepdim=True)  # (T, U + 1, 1)
+        ctx.blank, ctx.has_bias = blank, bias is not None
+        ctx.save_for_backward(hidden, weight, bias, after, normaliser)
+        return _read(logits, after, blank) - normaliser
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, after, normaliser = ctx.saved_tensors
+        log_probs = torch.nn.functional.linear(hidden, weight, bias).sub_(normaliser)
+        grad_logits = _logits_grad(log_probs, grad, after, ctx.blank)  # (T, U + 1, V)
+        flat = grad_logits.reshape(-1, grad_logits.shape[-1])
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = flat.t() @ hidden.reshape(-1, hidden.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 class _TransducerNLL(torch.autograd.Function):

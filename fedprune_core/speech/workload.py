@@ -19,7 +19,6 @@ from typing import cast
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchaudio.models import RNNT
 
 from fedprune_core.speech.decode import beam_decode, greedy_decode
@@ -27,8 +26,9 @@ from fedprune_core.speech.features import FeatureConfig, SpecAugmentConfig, log_
 from fedprune_core.speech.metrics import char_error_rate, word_error_rate
 from fedprune_core.speech.model import ConformerTransducer, ModelConfig, build_model, resolve_model_config
 from fedprune_core.speech.text import CharVocabulary
-from fedprune_core.speech.transducer import lattice_log_probs, lattice_nll
+from fedprune_core.speech.transducer import joint_lattice_log_probs, lattice_log_probs, lattice_nll
 from fedprune_core.speech.utterance import Utterance
+from fedprune_core.submodel import dense_linear
 from fedprune_core.training import ClientResult, LocalTrainingConfig, train_local
 
 
@@ -147,18 +147,15 @@ class SpeechWorkload:
         ``(T', D)`` encoding, ``(U + 1, D)`` prediction and ``(U,)`` target.
 
         The joint's hidden activations are kept for backward anyway (by its ReLU); its output
-        layer and softmax are recomputed in the backward pass instead of keeping ``(T', U + 1, V)``
+        layer is computed again in the backward pass instead of keeping ``(T', U + 1, V)``
         log-probabilities (a few percent of a client's training memory).
         """
         joiner = model.joiner
         hidden = joiner.hidden(encoding, prediction)  # (T', U + 1, D)
-
-        def read(h: torch.Tensor) -> torch.Tensor:
-            return lattice_log_probs(joiner.linear(h), target, self.vocabulary.blank)
-
-        if not torch.is_grad_enabled():
-            return read(hidden)
-        return cast(torch.Tensor, checkpoint(read, hidden, use_reentrant=False))
+        dense = dense_linear(joiner.linear)
+        if dense is None or not torch.is_grad_enabled():
+            return lattice_log_probs(joiner.linear(hidden), target, self.vocabulary.blank)
+        return joint_lattice_log_probs(hidden, *dense, target, self.vocabulary.blank)
 
     def train_client(
         self,

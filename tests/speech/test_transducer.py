@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchaudio.functional as AF
 
-from fedprune_core.speech.transducer import lattice_log_probs, lattice_nll, rnnt_nll
+from fedprune_core.speech.transducer import joint_lattice_log_probs, lattice_log_probs, lattice_nll, rnnt_nll
 
 BLANK = 4
 
@@ -71,3 +71,29 @@ def test_bad_shapes_are_named() -> None:
         rnnt_nll([torch.zeros(4, 3, 5)], [torch.zeros(3, dtype=torch.long)], BLANK)
     with pytest.raises(ValueError, match="got 1 logits and 2 targets"):
         rnnt_nll([torch.zeros(4, 3, 5)], [torch.zeros(2, dtype=torch.long)] * 2, BLANK)
+
+
+def test_the_joint_output_layer_is_recomputed_not_kept() -> None:
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.relu(torch.randn(6, 4, 8, generator=g)).requires_grad_()
+    weight = torch.randn(BLANK + 1, 8, generator=g, requires_grad=True)
+    bias = torch.randn(BLANK + 1, generator=g, requires_grad=True)
+    target = torch.tensor([1, 3, 0])
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ours = joint_lattice_log_probs(hidden, weight, bias, target, BLANK)
+    reference = lattice_log_probs(torch.nn.functional.linear(hidden, weight, bias), target, BLANK)
+    torch.testing.assert_close(ours, reference)
+    logits_bytes = 6 * 4 * (BLANK + 1) * 4
+    assert hidden.untyped_storage().data_ptr() in saved
+    assert sum(saved.values()) - hidden.untyped_storage().nbytes() - weight.untyped_storage().nbytes() \
+        - bias.untyped_storage().nbytes() < logits_bytes / 2  # a normaliser per node and indices, no logits
+    grad = torch.randn(ours.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(ours, [hidden, weight, bias], grad),
+                    torch.autograd.grad(reference, [hidden, weight, bias], grad), strict=True):
+        torch.testing.assert_close(a, b)
