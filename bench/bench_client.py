@@ -325,6 +325,9 @@ SCOPES: dict[str, str] = {
     "Optimizer.zero_grad": "optimizer step (Adam)",
     "project": "mask projection (after_step)",
     "collate": "batch features (log-mel, SpecAugment)",
+    "_JointSymbolLogProbs": "transducer loss (joint output layer, log-softmax, lattice)",
+    "_SymbolLogProbs": "transducer loss (joint output layer, log-softmax, lattice)",
+    "_TransducerNLL": "transducer loss (joint output layer, log-softmax, lattice)",
 }
 """Profiler scopes (name prefixes) whose operations count as one kind, whatever they are."""
 
@@ -333,7 +336,7 @@ OP_KINDS: list[tuple[str, tuple[str, ...]]] = [
     ("convolution", ("conv",)),
     ("scaled dot-product attention", ("scaled_dot_product",)),
     ("gather / scatter of sliced Linear inputs", ("index", "scatter")),
-    ("rnnt loss", ("rnnt",)),
+    ("transducer loss (joint output layer, log-softmax, lattice)", ("rnnt", "logcumsumexp")),
     ("fill / copy / zero", ("aten::fill_", "aten::copy_", "aten::zero_", "aten::zeros", "aten::empty")),
 ]
 
