@@ -222,6 +222,9 @@ class SlicedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
+        if self.num_blocks == 1 and self.tiled and self.scale is None:  # one product, the bias fused into it
+            cols0: torch.Tensor | None = self.c0  # type: ignore[assignment]
+            return F.linear(x if cols0 is None else x.index_select(-1, cols0), self.w0, self._bias())
         cols = [getattr(self, f"c{i}") for i in range(self.num_blocks)]
         weights = [getattr(self, f"w{i}") for i in range(self.num_blocks)]
         if all(c is not None for c in cols) and sum(c.numel() for c in cols) > x.shape[-1]:
@@ -256,10 +259,15 @@ class SlicedLinear(nn.Module):
         scale: torch.Tensor | None = self.scale  # type: ignore[assignment]
         if scale is not None:
             out = out * scale
-        if self.bias is None:
-            return out
+        bias = self._bias()
+        return out if bias is None else out + bias
+
+    def _bias(self) -> torch.Tensor | None:
+        """The bias of the layer's (compact) outputs."""
         bias_index: torch.Tensor | None = self.bias_index  # type: ignore[assignment]
-        return out + (self.bias if bias_index is None else self.bias.index_select(0, bias_index))
+        if self.bias is None or bias_index is None:
+            return self.bias
+        return self.bias.index_select(0, bias_index)
 
 
 def dense_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -1,0 +1,93 @@
+"""How much of the dense model a Federated Pruning client holds, against the sparsity asked for.
+
+FedPrune's `pruning.sparsity` counts the prunable weights the masks remove. A client holds
+less than 1 - sparsity of the dense model: hidden units that no layer reads after column pruning
+are dropped with the rows that compute them (`fedprune_core.units`), and what stays unpruned
+(biases, norms) is counted too. Issue 6 compares FP@0.5 with dense "with half the client
+parameters"; this finds the sparsity at which a client holds a given fraction of the dense
+model's parameters, for the masks the server would build from a trained run's weights.
+
+For each sparsity: one-shot masks of the configuration's pruning section (pattern, allocation,
+score, prunable) from the run's last committed weights, the payload a client downloads
+(`extract`), and the number of float entries in it (the client's parameters and running
+statistics) against the dense payload's. Then bisection for `--target`.
+
+    .venv/bin/python bench/client_size.py --run paper/paper-warmup2 \\
+        --config docs/results/learning-rate/long64lr1-fp-s50.json --target 0.5
+
+Pure computation on stored weights; a printed figure, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from fedprune_core.config import ExperimentConfig
+from fedprune_core.engine import ServerState
+from fedprune_core.presets import preset
+from fedprune_core.prunable import find_prunable
+from fedprune_core.schedule import ScheduleConfig
+from fedprune_core.speech.model import build_model
+from fedprune_core.strategies.fedprune import FedPrune
+from fedprune_core.submodel import extract
+from fedprune_core.types import Payload, StateDict
+from infra.checkpoint import CheckpointStore
+from infra.runs import STATE_OBJECT
+from infra.settings import Settings
+from infra.storage import open_storage
+
+ONE_SHOT = ScheduleConfig(num_rounds=2, sparsify_rounds=1, ramp="one_shot", refine_rounds=0)
+
+
+def load_weights(run: str) -> StateDict:
+    """The last committed weights of run "EXPERIMENT/RUN_ID" in the configured storage."""
+    experiment, _, run_id = run.rpartition("/")
+    settings = Settings()
+    store = CheckpointStore(open_storage(settings.storage_url, settings.s3_endpoint_url), experiment, run_id)
+    checkpoint = store.load()
+    return ServerState.from_flat(checkpoint.round_num, checkpoint.tensors[STATE_OBJECT]).weights
+
+
+def float_entries(payload: Payload) -> int:
+    """Entries of the float tensors of a payload: values a client holds (indices left out)."""
+    return sum(t.numel() for t in payload.values() if t.is_floating_point())
+
+
+def client_fraction(config: ExperimentConfig, weights: StateDict, sparsity: float) -> tuple[float, float]:
+    """(client parameters / dense, realized sparsity of the prunable weights) at `sparsity`."""
+    pruning = dataclasses.replace(config.pruning, sparsity=sparsity)
+    specs = find_prunable(build_model(config.model), pruning.prunable, pruning.pattern, pruning.include_1d)
+    strategy = FedPrune(specs, pruning, ONE_SHOT)
+    state = ServerState(0, weights)
+    masks = strategy.mask(state, strategy.score(state, 1), 1)
+    pruned = sum(int((~m).sum()) for m in masks.values()) / sum(s.numel for s in specs.values())
+    return float_entries(extract(weights, masks, specs)) / float_entries(extract(weights, {}, {})), pruned
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="EXPERIMENT/RUN_ID whose last weights to score")
+    parser.add_argument("--config", type=Path, required=True, help="JSON overrides of the small preset")
+    parser.add_argument("--target", type=float, default=0.5, help="client parameters / dense to find")
+    args = parser.parse_args()
+    config = preset("small", json.loads(args.config.read_text()))
+    weights = load_weights(args.run)
+    print(f"{args.run}, {config.pruning.pattern}, {config.pruning.allocation}, score {config.pruning.score_source} "
+          f"{config.pruning.score_norm}\n\n| sparsity | realized | client parameters / dense |\n|---|---|---|")
+    for s in (0.3, 0.35, 0.4, 0.45, 0.5):
+        fraction, realized = client_fraction(config, weights, s)
+        print(f"| {s:.2f} | {realized:.4f} | {fraction:.4f} |", flush=True)
+    lo, hi = 0.0, config.pruning.sparsity if config.pruning.sparsity > 0 else 0.9
+    for _ in range(12):  # the client's share falls as sparsity grows
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if client_fraction(config, weights, mid)[0] > args.target else (lo, mid)
+    fraction, realized = client_fraction(config, weights, hi)
+    print(f"\nsparsity {hi:.4f} (realized {realized:.4f}): a client holds {fraction:.4f} of the dense parameters "
+          f"(target {args.target})")
+
+
+if __name__ == "__main__":
+    main()
