@@ -25,29 +25,25 @@ import dataclasses
 import json
 from pathlib import Path
 
+from bench_communication import ONE_SHOT
+
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import ServerState
 from fedprune_core.presets import preset
-from fedprune_core.prunable import find_prunable
-from fedprune_core.schedule import ScheduleConfig
+from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import build_model
 from fedprune_core.strategies.fedprune import FedPrune
 from fedprune_core.submodel import extract
 from fedprune_core.types import Payload, StateDict
-from infra.checkpoint import CheckpointStore
-from infra.runs import STATE_OBJECT
+from infra.runs import STATE_OBJECT, warm_start_source
 from infra.settings import Settings
 from infra.storage import open_storage
-
-ONE_SHOT = ScheduleConfig(num_rounds=2, sparsify_rounds=1, ramp="one_shot", refine_rounds=0)
 
 
 def load_weights(run: str) -> StateDict:
     """The last committed weights of run "EXPERIMENT/RUN_ID" in the configured storage."""
-    experiment, _, run_id = run.rpartition("/")
     settings = Settings()
-    store = CheckpointStore(open_storage(settings.storage_url, settings.s3_endpoint_url), experiment, run_id)
-    checkpoint = store.load()
+    checkpoint = warm_start_source(open_storage(settings.storage_url, settings.s3_endpoint_url), "", run).load()
     return ServerState.from_flat(checkpoint.round_num, checkpoint.tensors[STATE_OBJECT]).weights
 
 
@@ -56,10 +52,11 @@ def float_entries(payload: Payload) -> int:
     return sum(t.numel() for t in payload.values() if t.is_floating_point())
 
 
-def client_fraction(config: ExperimentConfig, weights: StateDict, sparsity: float) -> tuple[float, float]:
+def client_fraction(
+    config: ExperimentConfig, specs: dict[str, PrunableSpec], weights: StateDict, sparsity: float
+) -> tuple[float, float]:
     """(client parameters / dense, realized sparsity of the prunable weights) at `sparsity`."""
     pruning = dataclasses.replace(config.pruning, sparsity=sparsity)
-    specs = find_prunable(build_model(config.model), pruning.prunable, pruning.pattern, pruning.include_1d)
     strategy = FedPrune(specs, pruning, ONE_SHOT)
     state = ServerState(0, weights)
     masks = strategy.mask(state, strategy.score(state, 1), 1)
@@ -75,16 +72,18 @@ def main() -> None:
     args = parser.parse_args()
     config = preset("small", json.loads(args.config.read_text()))
     weights = load_weights(args.run)
+    p = config.pruning
+    specs = find_prunable(build_model(config.model), p.prunable, p.pattern, p.include_1d)
     print(f"{args.run}, {config.pruning.pattern}, {config.pruning.allocation}, score {config.pruning.score_source} "
           f"{config.pruning.score_norm}\n\n| sparsity | realized | client parameters / dense |\n|---|---|---|")
     for s in (0.3, 0.35, 0.4, 0.45, 0.5):
-        fraction, realized = client_fraction(config, weights, s)
+        fraction, realized = client_fraction(config, specs, weights, s)
         print(f"| {s:.2f} | {realized:.4f} | {fraction:.4f} |", flush=True)
     lo, hi = 0.0, config.pruning.sparsity if config.pruning.sparsity > 0 else 0.9
     for _ in range(12):  # the client's share falls as sparsity grows
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if client_fraction(config, weights, mid)[0] > args.target else (lo, mid)
-    fraction, realized = client_fraction(config, weights, hi)
+        lo, hi = (mid, hi) if client_fraction(config, specs, weights, mid)[0] > args.target else (lo, mid)
+    fraction, realized = client_fraction(config, specs, weights, hi)
     print(f"\nsparsity {hi:.4f} (realized {realized:.4f}): a client holds {fraction:.4f} of the dense parameters "
           f"(target {args.target})")
 

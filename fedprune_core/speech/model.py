@@ -168,6 +168,13 @@ class ConformerEncoder(nn.Module, _Transcriber):
 class Joiner(_Joiner):
     """torchaudio's joint network, with its hidden layer exposed so a loss can recompute the rest."""
 
+    def forward(
+        self, source_encodings: torch.Tensor, source_lengths: torch.Tensor, target_encodings: torch.Tensor,
+        target_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B, T, D)`` and ``(B, U, D)`` encodings -> ``(B, T, U, V)`` logits, and both lengths."""
+        return self.linear(self.hidden(source_encodings, target_encodings)), source_lengths, target_lengths
+
     def hidden(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(T, D)`` source and ``(U, D)`` target encodings -> ``(T, U, D)`` activations."""
         return self.activation(source.unsqueeze(-2) + target.unsqueeze(-3))

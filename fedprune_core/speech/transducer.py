@@ -9,8 +9,8 @@ that a client's CPU step does not wait on it: torchaudio's CPU kernel took about
    backward writes the logits' gradient in one pass. :func:`joint_lattice_log_probs` does the
    same from the joint's activations and output layer, computing the ``(T, U + 1, V)`` logits
    again in backward instead of keeping them;
-2. :func:`lattice_nll` (:class:`_TransducerNLL`) runs the forward (alpha) and backward (beta) recursions for the whole
-   batch, one encoder frame at a time: along the target axis a row of the lattice is a running
+2. :func:`lattice_nll` (:class:`_TransducerNLL`) runs the forward (alpha) and backward (beta)
+   recursions for the whole batch, one encoder frame at a time: along the target axis a row of the lattice is a running
    log-sum, so each frame is one ``logcumsumexp`` over ``(B, U + 1)`` instead of U + 1 small steps,
    and the gradient is ``exp(alpha + log p + beta - log P)`` at every edge (no autograd graph).
 
@@ -67,11 +67,7 @@ def lattice_log_probs(logits: torch.Tensor, target: torch.Tensor, blank: int) ->
     Raises:
         ValueError: ``logits`` is not ``(T >= 1, U + 1, V)``.
     """
-    if logits.dim() != 3 or logits.shape[0] == 0 or logits.shape[1] != target.numel() + 1:
-        raise ValueError(
-            f"logits of shape {tuple(logits.shape)} for a target of {target.numel()} symbols: need "
-            f"(T >= 1, {target.numel() + 1}, V), one lattice row per target symbol plus one"
-        )
+    _check_lattice("logits", logits, target, "V")
     return _SymbolLogProbs.apply(logits, _after(target, blank), blank)
 
 
@@ -102,12 +98,16 @@ def joint_lattice_log_probs(
         target: ``(U,)`` symbol indices.
         blank: index of the blank symbol.
     """
-    if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] != target.numel() + 1:
-        raise ValueError(
-            f"joint activations of shape {tuple(hidden.shape)} for a target of {target.numel()} symbols: need "
-            f"(T >= 1, {target.numel() + 1}, D)"
-        )
+    _check_lattice("joint activations", hidden, target, "D")
     return _JointSymbolLogProbs.apply(hidden, weight, bias, _after(target, blank), blank)
+
+
+def _check_lattice(what: str, x: torch.Tensor, target: torch.Tensor, last: str) -> None:
+    if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] != target.numel() + 1:
+        raise ValueError(
+            f"{what} of shape {tuple(x.shape)} for a target of {target.numel()} symbols: need "
+            f"(T >= 1, {target.numel() + 1}, {last}), one lattice row per target symbol plus one"
+        )
 
 
 def _after(target: torch.Tensor, blank: int) -> torch.Tensor:
@@ -184,7 +184,7 @@ class _TransducerNLL(torch.autograd.Function):
     ) -> torch.Tensor:
         blank, emit = blank.detach(), emit.detach()
         rows = torch.arange(blank.shape[0], device=blank.device)
-        alpha = _alpha(blank, emit)
+        alpha = _alpha(blank, _cumulative(emit))
         log_p = alpha[rows, frames - 1, symbols] + blank[rows, frames - 1, symbols]
         ctx.save_for_backward(blank, emit, frames, symbols, alpha, log_p)
         return -log_p
@@ -195,25 +195,28 @@ class _TransducerNLL(torch.autograd.Function):
         t_axis = torch.arange(blank.shape[1], device=blank.device)[None, :, None]
         u_axis = torch.arange(blank.shape[2], device=blank.device)[None, None, :]
         valid = (t_axis < frames[:, None, None]) & (u_axis <= symbols[:, None, None])
-        beta_next = _beta_next(blank, emit, frames, symbols)  # beta of the node each blank leads to
+        beta_next, beta = _betas(blank, _cumulative(emit), frames, symbols)
         scale = -grad[:, None, None]
         through_blank = (alpha + blank + beta_next - log_p[:, None, None]).exp()
         grad_blank = torch.where(valid, through_blank, 0.0) * scale
         emit_valid = valid[..., :-1] & (u_axis[..., :-1] < symbols[:, None, None])
-        beta = _beta_from(beta_next, blank, emit)
         through_emit = (alpha[..., :-1] + emit + beta[..., 1:] - log_p[:, None, None]).exp()
         grad_emit = torch.where(emit_valid, through_emit, 0.0) * scale
         return grad_blank, grad_emit, None, None
 
 
-def _alpha(blank: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
+def _cumulative(emit: torch.Tensor) -> torch.Tensor:
+    """``(B, T, U + 1)``: C[t, u], the sum of the emits 0..u - 1 of row t (C[t, 0] = 0)."""
+    return torch.nn.functional.pad(emit.cumsum(-1), (1, 0))
+
+
+def _alpha(blank: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
     """Forward variables ``(B, T, U + 1)``: alpha[t, u] = log-sum of the paths into node (t, u).
 
     Along a row, alpha[t, u] = log-sum over k <= u of (alpha[t - 1, k] + blank[t - 1, k] + the
     emits k..u - 1), i.e. ``C[u] + logcumsumexp(a - C)`` with C the row's cumulative emits.
     """
     batch, frames, width = blank.shape
-    cum = torch.nn.functional.pad(emit.cumsum(-1), (1, 0))  # (B, T, U + 1)
     entry = blank.new_full((batch, width), _NEG)
     entry[:, 0] = 0.0
     out: list[torch.Tensor] = []
@@ -224,28 +227,25 @@ def _alpha(blank: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def _beta_next(blank: torch.Tensor, emit: torch.Tensor, frames: torch.Tensor, symbols: torch.Tensor) -> torch.Tensor:
-    """``(B, T, U + 1)``: beta of node (t + 1, u), the node a blank from (t, u) leads to.
+def _betas(
+    blank: torch.Tensor, cum: torch.Tensor, frames: torch.Tensor, symbols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward variables, each ``(B, T, U + 1)``: beta of node (t + 1, u), the node a blank from
+    (t, u) leads to, and beta of node (t, u).
 
     Beyond the last frame of utterance b sits a virtual row, 0 at its last symbol and log 0
     elsewhere, so the final blank closes the lattice; rows after it are never read.
     """
-    batch, t_max, width = blank.shape
-    cum = torch.nn.functional.pad(emit.cumsum(-1), (1, 0))
+    width = blank.shape[2]
     final = torch.where(torch.arange(width, device=blank.device) == symbols[:, None], 0.0, _NEG)
     nxt = final.clone()
-    out: list[torch.Tensor] = []
-    for t in range(t_max - 1, -1, -1):
+    nexts: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
+    for t in range(blank.shape[1] - 1, -1, -1):
         nxt = torch.where((frames - 1 == t)[:, None], final, nxt)
-        out.append(nxt)
+        nexts.append(nxt)
         # beta[t, u] = log-sum over k >= u of (nxt[k] + blank[t, k] + the emits u..k - 1)
         x = nxt + blank[:, t] + cum[:, t]
         nxt = torch.logcumsumexp(x.flip(-1), -1).flip(-1) - cum[:, t]
-    return torch.stack(out[::-1], 1)
-
-
-def _beta_from(beta_next: torch.Tensor, blank: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
-    """``(B, T, U + 1)`` backward variables of every node from the beta of its blank successor."""
-    cum = torch.nn.functional.pad(emit.cumsum(-1), (1, 0))
-    x = beta_next + blank + cum
-    return torch.logcumsumexp(x.flip(-1), -1).flip(-1) - cum
+        betas.append(nxt)
+    return torch.stack(nexts[::-1], 1), torch.stack(betas[::-1], 1)
