@@ -25,6 +25,8 @@ time by kind of operation (`torch.profiler`, median of interleaved profiled step
 
     .venv/bin/python bench/bench_client.py                          # small (batch 16) and paper (batch 2)
     .venv/bin/python bench/bench_client.py --models small --reps 6 --no-analysis
+    .venv/bin/python bench/bench_client.py --models small --reps 8 --no-analysis \\
+        --run paper/paper-warmup2 --config docs/results/learning-rate/lr1-fp-s50.json   # FP@0.5's own client
 
 Issue 6 target: pruned / dense <= 0.6 for both figures. The table is a printed figure, not a test.
 """
@@ -35,6 +37,7 @@ import argparse
 import ctypes
 import dataclasses
 import gc
+import json
 import os
 import statistics
 import time
@@ -42,18 +45,24 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from bench_communication import one_shot_masks
+from bench_communication import ONE_SHOT, one_shot_masks
+from client_size import load_weights
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedprune_core.config import ExperimentConfig
+from fedprune_core.engine import ServerState
+from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
+from fedprune_core.strategies.fedprune import FedPrune
 from fedprune_core.submodel import (
     ClientModel,
     SlicedMultiheadAttention,
@@ -126,6 +135,19 @@ def variants(model_name: str, sparsity: float) -> list[Variant]:
     prunable = ("*weight",)
     specs = find_prunable(model, prunable, "column")
     masks = one_shot_masks(weights, specs, "column", sparsity, prunable)
+    return [Variant("dense", {}, extract(weights, {}, {})),
+            Variant("pruned", specs, extract(weights, masks, specs))]
+
+
+def variants_from_run(config: ExperimentConfig, run: str, sparsity: float) -> list[Variant]:
+    """The dense client and the client FedPrune sends at `sparsity` from `run`'s last weights, its
+    masks built by `config`'s pruning section (pattern, allocation, score) in one shot."""
+    weights = load_weights(run)
+    p = config.pruning
+    specs = find_prunable(build_model(config.model), p.prunable, p.pattern, p.include_1d)
+    strategy = FedPrune(specs, dataclasses.replace(p, sparsity=sparsity), ONE_SHOT)
+    state = ServerState(0, weights)
+    masks = strategy.mask(state, strategy.score(state, 1), 1)
     return [Variant("dense", {}, extract(weights, {}, {})),
             Variant("pruned", specs, extract(weights, masks, specs))]
 
@@ -482,18 +504,32 @@ def main() -> None:
                         help="torch threads (1: on shared cores, OpenMP threads that wait for each other "
                              "make 2-thread timings mostly contention)")
     parser.add_argument("--no-analysis", action="store_true")
+    parser.add_argument("--run", help="EXPERIMENT/RUN_ID: instead of uniform column masks of the initial model, "
+                        "the client FedPrune sends from this run's last weights, masks by --config's pruning "
+                        "section at --sparsity (both variants start from the run's weights)")
+    parser.add_argument("--config", type=Path, help="with --run: JSON overrides of the preset named by --models")
     args = parser.parse_args()
+    config = None
+    if (args.run is None) != (args.config is None) or (args.run and len(args.models) != 1):
+        parser.error(f"--run {args.run} --config {args.config} --models {' '.join(args.models)}: --run and "
+                     "--config go together, with the one model the run trained: pass all three, e.g. "
+                     "--run paper/paper-warmup2 --config docs/results/learning-rate/lr1-fp-s50.json --models small")
+    if args.config is not None:
+        config = preset(args.models[0], json.loads(args.config.read_text()))
     torch.set_num_threads(args.threads)
 
+    masks = (f"{config.pruning.pattern} pattern, {config.pruning.allocation}, score {config.pruning.score_source} "
+             f"{config.pruning.score_norm}, from {args.run}'s weights" if config else
+             "column pattern, uniform, from the initial model")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; column pattern, sparsity "
-          f"{args.sparsity}, uniform; Adam; {args.seconds} s synthetic utterances; {args.reps} interleaved "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {masks}, sparsity "
+          f"{args.sparsity}; Adam; {args.seconds} s synthetic utterances; {args.reps} interleaved "
           f"trainings x {args.steps} timed steps per variant (medians)")
     rows = []
     for i, model_name in enumerate(args.models):
         batch = args.batch[i] if args.batch else BATCH[model_name]
         workload = SpeechWorkload(model_name)
-        pair = variants(model_name, args.sparsity)
+        pair = variants_from_run(config, args.run, args.sparsity) if config else variants(model_name, args.sparsity)
         utterances = synthetic_batch(workload, batch, args.seconds, seed=0)
         local = LocalTrainingConfig(steps=1 + args.steps, batch_size=batch, lr=1e-3, optimizer="adam")
         runs = compare(workload, pair, utterances, local, args.reps)

@@ -180,8 +180,13 @@ class LiveJoiner(nn.Module):
 
     def hidden(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(..., T, live)`` compact source and ``(..., U, D)`` target encodings -> ``(..., T, U, live)``."""
+        source, target = self.inputs(source, target)
+        return self.activation(source.unsqueeze(-2) + target.unsqueeze(-3))
+
+    def inputs(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compact source and the target encodings' live dimensions: what the joint adds."""
         units: torch.Tensor = self.units  # type: ignore[assignment]
-        return self.activation(source.unsqueeze(-2) + target.index_select(-1, units).unsqueeze(-3))
+        return source, target.index_select(-1, units)
 
 
 def live_module(module: nn.Module, units: torch.Tensor) -> nn.Module:

@@ -166,7 +166,8 @@ class ConformerEncoder(nn.Module, _Transcriber):
 
 
 class Joiner(_Joiner):
-    """torchaudio's joint network, with its hidden layer exposed so a loss can recompute the rest."""
+    """torchaudio's joint network, with its inputs and hidden layer exposed so a loss can compute
+    them again in backward instead of keeping them."""
 
     def forward(
         self, source_encodings: torch.Tensor, source_lengths: torch.Tensor, target_encodings: torch.Tensor,
@@ -177,7 +178,12 @@ class Joiner(_Joiner):
 
     def hidden(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(T, D)`` source and ``(U, D)`` target encodings -> ``(T, U, D)`` activations."""
+        source, target = self.inputs(source, target)
         return self.activation(source.unsqueeze(-2) + target.unsqueeze(-3))
+
+    def inputs(self, source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two encodings the joint adds, each frame to each target position."""
+        return source, target
 
 
 class ConformerTransducer(RNNT):

@@ -7,8 +7,8 @@ that a client's CPU step does not wait on it: torchaudio's CPU kernel took about
 1. :func:`lattice_log_probs` keeps, of an utterance's ``(T, U + 1, V)`` joint output, only the
    two log-probabilities the lattice reads at each node, blank and the next target symbol; its
    backward writes the logits' gradient in one pass. :func:`joint_lattice_log_probs` does the
-   same from the joint's activations and output layer, computing the ``(T, U + 1, V)`` logits
-   again in backward instead of keeping them;
+   same from the joint network's inputs, computing its ``(T, U + 1, D)`` activations and
+   ``(T, U + 1, V)`` logits again in backward instead of keeping them;
 2. :func:`lattice_nll` (:class:`_TransducerNLL`) runs the forward (alpha) and backward (beta)
    recursions for the whole batch, one encoder frame at a time: along the target axis a row of the lattice is a running
    log-sum, so each frame is one ``logcumsumexp`` over ``(B, U + 1)`` instead of U + 1 small steps,
@@ -85,21 +85,40 @@ def lattice_nll(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
     return _TransducerNLL.apply(padded[..., 0], padded[..., :-1, 1], frames, symbols)
 
 
+ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
+"""Joint activations :func:`joint_lattice_log_probs` computes again in backward (torchaudio's two)."""
+
+
 def joint_lattice_log_probs(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, blank: int
+    source: torch.Tensor, prediction: torch.Tensor, activation: str, weight: torch.Tensor,
+    bias: torch.Tensor | None, target: torch.Tensor, blank: int,
 ) -> torch.Tensor:
-    """:func:`lattice_log_probs` of ``F.linear(hidden, weight, bias)``, keeping for backward only
-    ``hidden`` (which the joint's activation keeps anyway) and one log-normaliser per node: the
-    ``(T, U + 1, V)`` logits are computed again in the backward pass.
+    """:func:`lattice_log_probs` of the joint network
+    ``F.linear(activation(source[:, None] + prediction[None]), weight, bias)``, keeping for backward
+    only its inputs and one log-normaliser per node: the ``(T, U + 1, D)`` activations and the
+    ``(T, U + 1, V)`` logits are computed again in the backward pass. The activations are the
+    largest tensor a transducer keeps (a fifth of a `small` client's training memory at batch 16).
 
     Args:
-        hidden: ``(T, U + 1, D)`` joint network activations.
+        source: ``(T, D)`` encoder output projected to the joint; prediction: ``(U + 1, D)``
+            predictor output.
+        activation: the joint's, one of :data:`ACTIVATIONS`.
         weight: ``(V, D)`` output layer weight; bias: ``(V,)`` or None.
         target: ``(U,)`` symbol indices.
         blank: index of the blank symbol.
+
+    Raises:
+        ValueError: an activation not in :data:`ACTIVATIONS`, or shapes that do not fit.
     """
-    _check_lattice("joint activations", hidden, target, "D")
-    return _JointSymbolLogProbs.apply(hidden, weight, bias, _after(target, blank), blank)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"joint activation {activation!r} is not one of {ACTIVATIONS}: use a ReLU or tanh joint")
+    if source.dim() != 2 or prediction.dim() != 2 or source.shape[-1] != prediction.shape[-1]:
+        raise ValueError(
+            f"source {tuple(source.shape)} and prediction {tuple(prediction.shape)}: need (T, D) and (U + 1, D) "
+            "with the same D, one utterance's encoder and predictor outputs"
+        )
+    _check_lattice("joint activations", source.unsqueeze(1).expand(-1, prediction.shape[0], -1), target, "D")
+    return _JointSymbolLogProbs.apply(source, prediction, activation, weight, bias, _after(target, blank), blank)
 
 
 def _check_lattice(what: str, x: torch.Tensor, target: torch.Tensor, last: str) -> None:
@@ -145,30 +164,45 @@ class _SymbolLogProbs(torch.autograd.Function):
         return _logits_grad(log_probs.clone(), grad, after, ctx.blank), None, None
 
 
+def _joint_hidden(source: torch.Tensor, prediction: torch.Tensor, activation: str) -> torch.Tensor:
+    hidden = source.unsqueeze(1) + prediction.unsqueeze(0)
+    return hidden.relu_() if activation == "relu" else hidden.tanh_()
+
+
 class _JointSymbolLogProbs(torch.autograd.Function):
-    """:class:`_SymbolLogProbs` of ``F.linear(hidden, weight, bias)``, recomputing the logits in backward."""
+    """:class:`_SymbolLogProbs` of the joint network, recomputing its activations and logits in backward."""
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, after: torch.Tensor,
-        blank: int,
+        ctx: Any, source: torch.Tensor, prediction: torch.Tensor, activation: str, weight: torch.Tensor,
+        bias: torch.Tensor | None, after: torch.Tensor, blank: int,
     ) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, weight, bias)
+        logits = torch.nn.functional.linear(_joint_hidden(source, prediction, activation), weight, bias)
         normaliser = logits.logsumexp(-1, keepdim=True)  # (T, U + 1, 1)
-        ctx.blank, ctx.has_bias = blank, bias is not None
-        ctx.save_for_backward(hidden, weight, bias, after, normaliser)
+        ctx.blank, ctx.activation, ctx.has_bias = blank, activation, bias is not None
+        ctx.save_for_backward(source, prediction, weight, bias, after, normaliser)
         return _read(logits, after, blank) - normaliser
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, after, normaliser = ctx.saved_tensors
+        source, prediction, weight, bias, after, normaliser = ctx.saved_tensors
+        hidden = _joint_hidden(source, prediction, ctx.activation)
         log_probs = torch.nn.functional.linear(hidden, weight, bias).sub_(normaliser)
         grad_logits = _logits_grad(log_probs, grad, after, ctx.blank)  # (T, U + 1, V)
         flat = grad_logits.reshape(-1, grad_logits.shape[-1])
-        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = flat.t() @ hidden.reshape(-1, hidden.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        grad_weight = flat.t() @ hidden.reshape(-1, hidden.shape[-1]) if ctx.needs_input_grad[3] else None
+        grad_bias = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        grad_source = grad_prediction = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_hidden = grad_logits @ weight
+            # through the activation, as autograd's own backward of relu / tanh computes it
+            if ctx.activation == "relu":
+                grad_sum = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0.0)
+            else:
+                grad_sum = torch.ops.aten.tanh_backward(grad_hidden, hidden)
+            grad_source = grad_sum.sum(1) if ctx.needs_input_grad[0] else None
+            grad_prediction = grad_sum.sum(0) if ctx.needs_input_grad[1] else None
+        return grad_source, grad_prediction, None, grad_weight, grad_bias, None, None
 
 
 class _TransducerNLL(torch.autograd.Function):

@@ -31,6 +31,9 @@ from fedprune_core.speech.utterance import Utterance
 from fedprune_core.submodel import dense_linear
 from fedprune_core.training import ClientResult, LocalTrainingConfig, train_local
 
+_JOINT_ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.Tanh: "tanh"}
+"""The joint activations whose lattice the loss computes from the joint's inputs (`joint_lattice_log_probs`)."""
+
 
 @dataclass(frozen=True)
 class SpeechBatch:
@@ -146,16 +149,18 @@ class SpeechWorkload:
         """Blank and next-symbol log-probabilities ``(T', U + 1, 2)`` of one utterance from its
         ``(T', D)`` encoding, ``(U + 1, D)`` prediction and ``(U,)`` target.
 
-        The joint's hidden activations are kept for backward anyway (by its ReLU); its output
-        layer is computed again in the backward pass instead of keeping ``(T', U + 1, V)``
-        log-probabilities (a few percent of a client's training memory).
+        Neither the joint's ``(T', U + 1, D)`` activations nor its ``(T', U + 1, V)`` output are
+        kept for backward: both are computed again in the backward pass from the joint's two
+        inputs (the largest tensors of a training step otherwise: a fifth of a `small` client's
+        training memory).
         """
         joiner = model.joiner
-        hidden = joiner.hidden(encoding, prediction)  # (T', U + 1, D)
         dense = dense_linear(joiner.linear)
-        if dense is None or not torch.is_grad_enabled():
-            return lattice_log_probs(joiner.linear(hidden), target, self.vocabulary.blank)
-        return joint_lattice_log_probs(hidden, *dense, target, self.vocabulary.blank)
+        activation = _JOINT_ACTIVATIONS.get(type(joiner.activation))
+        if dense is None or activation is None or not torch.is_grad_enabled():
+            return lattice_log_probs(joiner.linear(joiner.hidden(encoding, prediction)), target, self.vocabulary.blank)
+        source, joint_prediction = joiner.inputs(encoding, prediction)
+        return joint_lattice_log_probs(source, joint_prediction, activation, *dense, target, self.vocabulary.blank)
 
     def train_client(
         self,

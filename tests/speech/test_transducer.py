@@ -73,9 +73,11 @@ def test_bad_shapes_are_named() -> None:
         rnnt_nll([torch.zeros(4, 3, 5)], [torch.zeros(2, dtype=torch.long)] * 2, BLANK)
 
 
-def test_the_joint_output_layer_is_recomputed_not_kept() -> None:
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_the_joint_activations_and_logits_are_recomputed_not_kept(activation: str) -> None:
     g = torch.Generator().manual_seed(4)
-    hidden = torch.relu(torch.randn(6, 4, 8, generator=g)).requires_grad_()
+    source = torch.randn(6, 8, generator=g, requires_grad=True)
+    prediction = torch.randn(4, 8, generator=g, requires_grad=True)
     weight = torch.randn(BLANK + 1, 8, generator=g, requires_grad=True)
     bias = torch.randn(BLANK + 1, generator=g, requires_grad=True)
     target = torch.tensor([1, 3, 0])
@@ -86,14 +88,27 @@ def test_the_joint_output_layer_is_recomputed_not_kept() -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ours = joint_lattice_log_probs(hidden, weight, bias, target, BLANK)
+        ours = joint_lattice_log_probs(source, prediction, activation, weight, bias, target, BLANK)
+    hidden = getattr(torch, activation)(source[:, None] + prediction[None])
     reference = lattice_log_probs(torch.nn.functional.linear(hidden, weight, bias), target, BLANK)
     torch.testing.assert_close(ours, reference)
-    logits_bytes = 6 * 4 * (BLANK + 1) * 4
-    assert hidden.untyped_storage().data_ptr() in saved
-    assert sum(saved.values()) - hidden.untyped_storage().nbytes() - weight.untyped_storage().nbytes() \
-        - bias.untyped_storage().nbytes() < logits_bytes / 2  # a normaliser per node and indices, no logits
+    inputs = [source, prediction, weight, bias]
+    kept = sum(saved.values()) - sum(t.untyped_storage().nbytes() for t in inputs)
+    hidden_bytes = 6 * 4 * 8 * 4
+    assert all(t.untyped_storage().data_ptr() in saved for t in inputs)
+    assert kept < hidden_bytes / 2  # a normaliser per node and indices: no activations, no logits
     grad = torch.randn(ours.shape, generator=g)
-    for a, b in zip(torch.autograd.grad(ours, [hidden, weight, bias], grad),
-                    torch.autograd.grad(reference, [hidden, weight, bias], grad), strict=True):
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(reference, inputs, grad),
+                    strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_the_joint_lattice_names_a_bad_activation_or_shape() -> None:
+    source, prediction = torch.zeros(6, 8), torch.zeros(4, 8)
+    weight, target = torch.zeros(BLANK + 1, 8), torch.tensor([1, 3, 0])
+    with pytest.raises(ValueError, match="joint activation 'gelu' is not one of"):
+        joint_lattice_log_probs(source, prediction, "gelu", weight, None, target, BLANK)
+    with pytest.raises(ValueError, match=r"source \(6, 8\) and prediction \(4, 7\)"):
+        joint_lattice_log_probs(source, torch.zeros(4, 7), "relu", weight, None, target, BLANK)
+    with pytest.raises(ValueError, match=r"for a target of 2 symbols: need \(T >= 1, 3, D\)"):
+        joint_lattice_log_probs(source, prediction, "relu", weight, None, target[:2], BLANK)
