@@ -9,6 +9,13 @@ docs/results/longer-finetune/), one `fedprune run` each, two at a time on 2 core
           --config docs/results/longer-finetune/$f.json --set seed=$seed &
     done; wait; done
 
+The same for other pairs of runs named PREFIX + dense / FP kind (+ -seedN), e.g. the pair at half
+the client parameters (docs/results/client-size/):
+
+    .venv/bin/python bench/report_long_finetune.py --experiment paper --prefix paper-long64lr1- \\
+        --fp fp-half-client --fp-label "FP@0.38 (half the client parameters)" --seeds 0,1 \\
+        --out docs/results/client-size/wer_over_rounds.png
+
 This script prints each seed's WER at every evaluation, the mean of the last two evaluations (the
 sweep's measure) and of the last four, FP@0.5 / dense per seed and over the seeds' means, and
 writes the WER-over-rounds plot of all seeds to docs/results/longer-finetune/wer_over_rounds.png.
@@ -35,8 +42,8 @@ TARGET = 1.10
 """Issue 6: FP@0.5 (column, adaptive, refined) WER within 1.10x of dense."""
 
 
-def run_id(kind: str, seed: int) -> str:
-    return f"paper2-long64-{kind}" + ("" if seed == 0 else f"-seed{seed}")
+def run_id(prefix: str, kind: str, seed: int) -> str:
+    return f"{prefix}{kind}" + ("" if seed == 0 else f"-seed{seed}")
 
 
 def main() -> None:
@@ -44,23 +51,27 @@ def main() -> None:
     parser.add_argument("--experiment", default="paper2")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--out", default="docs/results/longer-finetune/wer_over_rounds.png")
+    parser.add_argument("--prefix", default="paper2-long64-", help="run ids: PREFIX + dense / --fp, + -seedN")
+    parser.add_argument("--fp", default="fp-s50", help="the FP run's kind in its run id")
+    parser.add_argument("--fp-label", default="FP@0.5 column, adaptive, refined")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = [(run_id(k, s), k, (), s) for s in seeds for k in ("dense", "fp-s50")]
+    fp_kind = args.fp
+    runs = [(run_id(args.prefix, k, s), k, (), s) for s in seeds for k in ("dense", fp_kind)]
     found = {(r.label, r.seed): r for r in collect(MlflowClient(Settings().tracking_uri), args.experiment, runs)}
 
-    means: dict[int, dict[str, list[float]]] = {2: {"dense": [], "fp-s50": []}, 4: {"dense": [], "fp-s50": []}}
+    means: dict[int, dict[str, list[float]]] = {k: {"dense": [], fp_kind: []} for k in (2, 4)}
     print("| seed | run | WER % at each evaluation | mean of last 2 | mean of last 4 |")
     print("|---|---|---|---|---|")
     for seed in seeds:
-        for kind in ("dense", "fp-s50"):
+        for kind in ("dense", fp_kind):
             wers = [100 * v for _, v in found[kind, seed].history["eval_wer"]]
             for k in means:
                 means[k][kind].append(statistics.fmean(wers[-k:]))
             print(f"| {seed} | {kind} | {', '.join(f'{w:.1f}' for w in wers)} | {means[2][kind][-1]:.2f} | "
                   f"{means[4][kind][-1]:.2f} |")
     for k in means:
-        dense, fp = means[k]["dense"], means[k]["fp-s50"]
+        dense, fp = means[k]["dense"], means[k][fp_kind]
         ratios = [f / d for d, f in zip(dense, fp, strict=True)]
         per_seed = ", ".join(f"{r:.3f}" for r in ratios)
         if len(ratios) > 1:
@@ -68,12 +79,12 @@ def main() -> None:
         ratio = statistics.fmean(fp) / statistics.fmean(dense)
         spread = (f" ± {statistics.stdev(dense):.2f}", f" ± {statistics.stdev(fp):.2f}") if len(seeds) > 1 else ("", "")
         print(f"last {k}: dense {statistics.fmean(dense):.2f}{spread[0]}, "
-              f"FP@0.5 {statistics.fmean(fp):.2f}{spread[1]}; "
-              f"FP@0.5 / dense per seed {per_seed}; over the seeds' means {ratio:.3f} "
+              f"{fp_kind} {statistics.fmean(fp):.2f}{spread[1]}; "
+              f"{fp_kind} / dense per seed {per_seed}; over the seeds' means {ratio:.3f} "
               f"({'met' if ratio <= TARGET else 'missed'}: target <= {TARGET})")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for kind, color, label in (("dense", "C0", "dense FedAvg"), ("fp-s50", "C3", "FP@0.5 column, adaptive, refined")):
+    for kind, color, label in (("dense", "C0", "dense FedAvg"), (fp_kind, "C3", args.fp_label)):
         curves = [found[kind, seed].history["eval_wer"] for seed in seeds]
         for points in curves:
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], "-", color=color, alpha=0.25, lw=0.8)
