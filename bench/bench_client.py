@@ -49,20 +49,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_communication import ONE_SHOT, one_shot_masks
-from client_size import load_weights
+from bench_communication import one_shot_masks
+from client_size import load_weights, one_shot_fp_masks
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedprune_core.config import ExperimentConfig
-from fedprune_core.engine import ServerState
 from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
-from fedprune_core.strategies.fedprune import FedPrune
 from fedprune_core.submodel import (
     ClientModel,
     SlicedMultiheadAttention,
@@ -145,9 +143,7 @@ def variants_from_run(config: ExperimentConfig, run: str, sparsity: float) -> li
     weights = load_weights(run)
     p = config.pruning
     specs = find_prunable(build_model(config.model), p.prunable, p.pattern, p.include_1d)
-    strategy = FedPrune(specs, dataclasses.replace(p, sparsity=sparsity), ONE_SHOT)
-    state = ServerState(0, weights)
-    masks = strategy.mask(state, strategy.score(state, 1), 1)
+    masks = one_shot_fp_masks(config, specs, weights, sparsity)
     return [Variant("dense", {}, extract(weights, {}, {})),
             Variant("pruned", specs, extract(weights, masks, specs))]
 

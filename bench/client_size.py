@@ -34,7 +34,7 @@ from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import build_model
 from fedprune_core.strategies.fedprune import FedPrune
 from fedprune_core.submodel import extract
-from fedprune_core.types import Payload, StateDict
+from fedprune_core.types import MaskDict, Payload, StateDict
 from infra.runs import STATE_OBJECT, warm_start_source
 from infra.settings import Settings
 from infra.storage import open_storage
@@ -52,14 +52,21 @@ def float_entries(payload: Payload) -> int:
     return sum(t.numel() for t in payload.values() if t.is_floating_point())
 
 
+def one_shot_fp_masks(
+    config: ExperimentConfig, specs: dict[str, PrunableSpec], weights: StateDict, sparsity: float
+) -> MaskDict:
+    """The masks FedPrune builds from `weights` at `sparsity` in one shot, by `config`'s pruning
+    section (pattern, allocation, score)."""
+    strategy = FedPrune(specs, dataclasses.replace(config.pruning, sparsity=sparsity), ONE_SHOT)
+    state = ServerState(0, weights)
+    return strategy.mask(state, strategy.score(state, 1), 1)
+
+
 def client_fraction(
     config: ExperimentConfig, specs: dict[str, PrunableSpec], weights: StateDict, sparsity: float
 ) -> tuple[float, float]:
     """(client parameters / dense, realized sparsity of the prunable weights) at `sparsity`."""
-    pruning = dataclasses.replace(config.pruning, sparsity=sparsity)
-    strategy = FedPrune(specs, pruning, ONE_SHOT)
-    state = ServerState(0, weights)
-    masks = strategy.mask(state, strategy.score(state, 1), 1)
+    masks = one_shot_fp_masks(config, specs, weights, sparsity)
     pruned = sum(int((~m).sum()) for m in masks.values()) / sum(s.numel for s in specs.values())
     return float_entries(extract(weights, masks, specs)) / float_entries(extract(weights, {}, {})), pruned
 
