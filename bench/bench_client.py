@@ -58,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, find_prunable
-from fedprune_core.speech.model import build_model
+from fedprune_core.speech.model import SubsamplingConvs, build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
 from fedprune_core.submodel import (
@@ -226,6 +226,7 @@ DEPTHWISE = "Conv1d depthwise (masked; live channels only when pruned)"
 JOINER = "joint output Linear (sliced when pruned)"
 POINTWISE = "Conv1d pointwise (sliced when pruned)"
 OTHER = "other (joint sum, loss, reshapes)"
+SUBSAMPLING = "Conv2d subsampling (masked dense)"
 
 
 def kind_of(path: str, module: nn.Module, sliced: set[str]) -> str:
@@ -237,12 +238,14 @@ def kind_of(path: str, module: nn.Module, sliced: set[str]) -> str:
     if path in sliced:
         return POINTWISE if isinstance(module, nn.Conv1d | SlicedPointwiseConv1d) else SLICED
     kinds: list[tuple[type | tuple[type, ...], str]] = [
-        (nn.Conv2d, "Conv2d subsampling (masked dense)"),
+        (nn.Conv2d, SUBSAMPLING),
         (nn.Embedding, "embedding (masked dense)"),
         ((nn.LayerNorm, nn.BatchNorm1d, LiveBatchNorm1d), "norms (not pruned)"),
         ((nn.SiLU, nn.ReLU, nn.GLU, nn.Tanh), "activation functions"),
         (nn.Linear, "Linear, not sliced"),
     ]
+    if isinstance(module, SubsamplingConvs):
+        return SUBSAMPLING
     if isinstance(module, LiveDepthwiseConv1d):
         return DEPTHWISE
     if isinstance(module, nn.Conv1d):
@@ -256,8 +259,10 @@ def sliced_paths(pair: list[Variant]) -> set[str]:
 
 
 def is_unit(module: nn.Module) -> bool:
-    """Whether costs are attributed to `module` as a whole (leaves, and attention with its out_proj)."""
-    return not list(module.children()) or isinstance(module, nn.MultiheadAttention | SlicedMultiheadAttention)
+    """Whether costs are attributed to `module` as a whole (leaves, attention with its out_proj, the
+    subsampling's convolutions, which save for backward as one)."""
+    return not list(module.children()) or isinstance(
+        module, nn.MultiheadAttention | SlicedMultiheadAttention | SubsamplingConvs)
 
 
 def parameter_bytes(model: nn.Module, sliced: set[str]) -> dict[str, int]:
@@ -332,7 +337,8 @@ def forward_flops(
     counts = counter.get_flop_counts()
     out: dict[str, int] = defaultdict(int)
     for key, ops in counts.items():
-        if key in modules and is_unit(modules[key][1]):
+        # without gradients SubsamplingConvs runs its layers, which count their own FLOPs
+        if key in modules and is_unit(modules[key][1]) and not isinstance(modules[key][1], SubsamplingConvs):
             out[kind_of(*modules[key], sliced)] += sum(ops.values())
     out[OTHER] += sum(counts["Global"].values()) - sum(out.values())
     return dict(out)
@@ -431,7 +437,7 @@ def print_breakdown(
           f"{(total_d - total_p) / total_d:+.1%} |", flush=True)
 
 
-MASKED_DENSE = ("Conv2d subsampling (masked dense)",)
+MASKED_DENSE = (SUBSAMPLING,)
 
 
 def print_what_if(params: dict[str, dict[str, int]], saved: dict[str, dict[str, int]], copies: int,

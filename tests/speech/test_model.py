@@ -5,6 +5,7 @@ from torch import nn
 from fedprune_core.speech.model import (
     MODEL_PRESETS,
     ModelConfig,
+    SubsamplingConvs,
     build_model,
     count_parameters,
     subsampled_length,
@@ -21,6 +22,65 @@ def test_tiny_forward_shapes_and_backward_reaches_every_parameter():
     assert frames.tolist() == [14, 8]
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _plain_copy(convs: SubsamplingConvs) -> nn.Sequential:
+    plain = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+    plain.load_state_dict(convs.state_dict())
+    return plain
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_subsampling_convs_train_as_the_plain_layers_do(input_grad):
+    torch.manual_seed(0)
+    convs = SubsamplingConvs(8)
+    plain = _plain_copy(convs)
+    assert list(convs.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    x = torch.randn(3, 1, 37, 20)
+    grad = torch.randn(3, 8, 10, 5)
+    outs, input_grads = [], []
+    for m in (convs, plain):
+        xi = x.clone().requires_grad_(input_grad)
+        out = m(xi)
+        out.backward(grad)
+        outs.append(out)
+        input_grads.append(xi.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for (name, a), b in zip(convs.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+    if input_grad:
+        torch.testing.assert_close(input_grads[0], input_grads[1], rtol=0, atol=0)
+    else:
+        assert input_grads == [None, None]
+
+
+def test_subsampling_convs_keep_the_input_and_output_not_the_first_layers_output():
+    torch.manual_seed(0)
+    convs = SubsamplingConvs(8)
+    x = torch.randn(3, 1, 37, 20)
+    shapes = {m: [] for m in ("recomputing", "plain")}
+    for name, m in (("recomputing", convs), ("plain", _plain_copy(convs))):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, n=name: shapes[n].append(tuple(t.shape)) or t,
+                                                      lambda t: t):
+            m(x)
+    hidden = (3, 8, 19, 10)
+    assert hidden in shapes["plain"]
+    assert hidden not in shapes["recomputing"]
+    assert {(3, 1, 37, 20), (3, 8, 10, 5)} <= set(shapes["recomputing"])
+
+
+def test_subsampling_convs_without_gradients_run_their_layers():
+    convs = SubsamplingConvs(8)
+    calls = []
+    convs[0].register_forward_hook(lambda *_: calls.append("conv"))
+    x = torch.randn(1, 1, 9, 9)
+    with torch.no_grad():
+        out = convs(x)
+        torch.testing.assert_close(out, _plain_copy(convs)(x), rtol=0, atol=0)
+    assert calls == ["conv"]
+    convs(x)  # with gradients: one autograd function, not the layers
+    assert calls == ["conv"]
 
 
 def test_subsampled_length_is_ceil_of_a_quarter():
