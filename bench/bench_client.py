@@ -14,7 +14,9 @@ other made steps several times slower and erratic.
 Reported per variant (repetitions interleaved dense/pruned, the order alternating):
 - step s: median wall time and median process CPU time of a training step after the first
   (batch features included; CPU time does not count the time other jobs hold the core), and the
-  CPU time without building the batch (log-mel, SpecAugment).
+  CPU time without building the batch (log-mel, SpecAugment); after the table, the mean kernel
+  time per step (page faults, mostly; `--malloc-defaults` trains with glibc's default malloc
+  settings instead of `fedprune_core.training.reuse_freed_heap`'s, to measure that side by side).
 - peak MB: `train_local`'s peak tensor memory (parameters + gradients + optimiser state + the
   tensors saved for backward in one step); RSS MB: the process's peak resident memory during
   training above its resident memory before it (Linux VmHWM after resetting it).
@@ -55,6 +57,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedprune_core import training
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, find_prunable
@@ -89,6 +92,7 @@ class Run:
         step_s: per timed step, wall seconds.
         cpu_s, model_cpu_s: per timed step, CPU seconds of the process, and the same without
             building the batch (log-mel, SpecAugment).
+        sys_s: per timed step, the part of `cpu_s` spent in the kernel (page faults, mostly).
         peak_bytes: `train_local`'s peak tensor memory.
         rss_bytes: peak resident memory during training above the resident memory before it.
     """
@@ -96,6 +100,7 @@ class Run:
     step_s: list[float]
     cpu_s: list[float]
     model_cpu_s: list[float]
+    sys_s: list[float]
     peak_bytes: int
     rss_bytes: int
 
@@ -171,7 +176,7 @@ def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utte
     client = build_client_model(workload.build_model(), variant.payload, variant.specs)
     generator = torch.Generator().manual_seed(seed)
     collate_cpu: list[float] = []
-    marks: list[tuple[float, float]] = []
+    marks: list[tuple[float, float, float]] = []
 
     def collate(batch: list[Utterance]) -> SpeechBatch:
         start = time.process_time()
@@ -181,15 +186,16 @@ def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utte
 
     def after_step() -> None:
         client.project()
-        marks.append((time.perf_counter(), time.process_time()))
+        marks.append((time.perf_counter(), time.process_time(), os.times().system))
 
     rss_before = _reset_peak_rss()
     result = train_local(client.module, utterances, workload.loss_fn, collate, local, generator, after_step)
     rss = 1024 * _status_kb("VmHWM") - rss_before
     step_s = [b[0] - a[0] for a, b in zip(marks, marks[1:], strict=False)]
     cpu_s = [b[1] - a[1] for a, b in zip(marks, marks[1:], strict=False)]
+    sys_s = [b[2] - a[2] for a, b in zip(marks, marks[1:], strict=False)]
     model_cpu_s = [s - c for s, c in zip(cpu_s, collate_cpu[1:], strict=True)]
-    return Run(step_s, cpu_s, model_cpu_s, result.peak_memory_bytes, rss)
+    return Run(step_s, cpu_s, model_cpu_s, sys_s, result.peak_memory_bytes, rss)
 
 
 def compare(workload: SpeechWorkload, pair: list[Variant], utterances: list[Utterance],
@@ -213,6 +219,7 @@ def summary(runs: list[Run]) -> dict[str, float]:
         "cpu_min": min(cpu),
         "cpu_max": max(cpu),
         "model_cpu": statistics.median(s for r in runs for s in r.model_cpu_s),
+        "sys": statistics.mean(s for r in runs for s in r.sys_s),
         "peak": max(r.peak_bytes for r in runs),
         "rss": statistics.median(r.rss_bytes for r in runs),
     }
@@ -506,6 +513,9 @@ def main() -> None:
                         help="torch threads (1: on shared cores, OpenMP threads that wait for each other "
                              "make 2-thread timings mostly contention)")
     parser.add_argument("--no-analysis", action="store_true")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="train with glibc's default malloc settings, as clients did before "
+                             "fedprune_core.training.reuse_freed_heap (for a side-by-side measurement)")
     parser.add_argument("--run", help="EXPERIMENT/RUN_ID: instead of uniform column masks of the initial model, "
                         "the client FedPrune sends from this run's last weights, masks by --config's pruning "
                         "section at --sparsity (both variants start from the run's weights)")
@@ -519,6 +529,8 @@ def main() -> None:
     if args.config is not None:
         config = preset(args.models[0], json.loads(args.config.read_text()))
     torch.set_num_threads(args.threads)
+    if args.malloc_defaults:
+        training.reuse_freed_heap = lambda: False  # type: ignore[assignment]
 
     masks = (f"{config.pruning.pattern} pattern, {config.pruning.allocation}, score {config.pruning.score_source} "
              f"{config.pruning.score_norm}, from {args.run}'s weights" if config else
@@ -553,7 +565,8 @@ def main() -> None:
     for model_name, _, d, p in rows:
         print(f"{model_name} step s, min-max: wall dense {d['step_min']:.3f}-{d['step_max']:.3f}, pruned "
               f"{p['step_min']:.3f}-{p['step_max']:.3f}; CPU dense {d['cpu_min']:.3f}-{d['cpu_max']:.3f}, "
-              f"pruned {p['cpu_min']:.3f}-{p['cpu_max']:.3f}")
+              f"pruned {p['cpu_min']:.3f}-{p['cpu_max']:.3f}; of the CPU time in the kernel (mean): dense "
+              f"{d['sys']:.3f}, pruned {p['sys']:.3f}")
         for figure in ("step", "cpu", "peak"):
             ratio = p[figure] / d[figure]
             met = "met" if ratio <= TARGET else "missed"
