@@ -17,7 +17,8 @@ the client parameters (docs/results/client-size/):
         --out docs/results/client-size/wer_over_rounds.png
 
 This script prints each seed's WER at every evaluation, the mean of the last two evaluations (the
-sweep's measure) and of the last four, FP@0.5 / dense per seed and over the seeds' means, and
+sweep's measure) and of the last four, FP@0.5 / dense per seed and over the seeds' means (with a
+95% paired bootstrap interval over the seeds: with 5-10 seeds, a rough one), and
 writes the WER-over-rounds plot of all seeds to docs/results/longer-finetune/wer_over_rounds.png.
 
     .venv/bin/python bench/report_long_finetune.py
@@ -26,6 +27,7 @@ writes the WER-over-rounds plot of all seeds to docs/results/longer-finetune/wer
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 from pathlib import Path
 
@@ -40,6 +42,23 @@ from infra.settings import Settings
 
 TARGET = 1.10
 """Issue 6: FP@0.5 (column, adaptive, refined) WER within 1.10x of dense."""
+
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def bootstrap_interval(dense: list[float], fp: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of mean(fp) / mean(dense) over seeds resampled with replacement, pairs kept
+    together (a seed's dense and FP runs share their client sampling); seeded, so it reprints the same."""
+    rng = random.Random(0)
+    n = len(dense)
+    ratios = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        picks = [rng.randrange(n) for _ in range(n)]
+        ratios.append(sum(fp[i] for i in picks) / sum(dense[i] for i in picks))
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * len(ratios))], ratios[int((1 - tail) * len(ratios)) - 1]
 
 
 def run_id(prefix: str, kind: str, seed: int) -> str:
@@ -74,13 +93,16 @@ def main() -> None:
         dense, fp = means[k]["dense"], means[k][fp_kind]
         ratios = [f / d for d, f in zip(dense, fp, strict=True)]
         per_seed = ", ".join(f"{r:.3f}" for r in ratios)
+        ratio = statistics.fmean(fp) / statistics.fmean(dense)
+        interval = ""
         if len(ratios) > 1:
             per_seed += f" (mean {statistics.fmean(ratios):.3f} ± {statistics.stdev(ratios):.3f})"
-        ratio = statistics.fmean(fp) / statistics.fmean(dense)
+            low, high = bootstrap_interval(dense, fp)
+            interval = f", 95% bootstrap interval over seeds {low:.3f}-{high:.3f}"
         spread = (f" ± {statistics.stdev(dense):.2f}", f" ± {statistics.stdev(fp):.2f}") if len(seeds) > 1 else ("", "")
         print(f"last {k}: dense {statistics.fmean(dense):.2f}{spread[0]}, "
               f"{fp_kind} {statistics.fmean(fp):.2f}{spread[1]}; "
-              f"{fp_kind} / dense per seed {per_seed}; over the seeds' means {ratio:.3f} "
+              f"{fp_kind} / dense per seed {per_seed}; over the seeds' means {ratio:.3f}{interval} "
               f"({'met' if ratio <= TARGET else 'missed'}: target <= {TARGET})")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
