@@ -112,6 +112,8 @@ def main() -> None:
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], "-", color=color, alpha=0.25, lw=0.8)
         rounds = [p[0] for p in curves[0]]
         mean = [statistics.fmean(100 * c[i][1] for c in curves) for i in range(len(rounds))]
+        print(f"{kind}, mean over the seeds at rounds {', '.join(map(str, rounds))}: "
+              f"{', '.join(f'{m:.1f}' for m in mean)}")
         ax.plot(rounds, mean, "-", marker="o", color=color, lw=2,
                 label=f"{label}: mean of {len(seeds)} seeds (thin: each seed)")
     ax.axvspan(0, 8, alpha=0.08, color="k")
