@@ -123,8 +123,7 @@ class _ConvReLUPair(torch.autograd.Function):
         b2: torch.Tensor | None, convs: tuple[nn.Conv2d, nn.Conv2d],
     ) -> torch.Tensor:
         first, second = convs
-        hidden = F.relu(F.conv2d(x, w1, b1, first.stride, first.padding, first.dilation, first.groups))
-        out = F.relu(F.conv2d(hidden, w2, b2, second.stride, second.padding, second.dilation, second.groups))
+        out = _conv_relu(_conv_relu(x, w1, b1, first), w2, b2, second)
         ctx.convs = convs
         ctx.save_for_backward(x, w1, b1, w2, b2, out)
         return out
@@ -135,7 +134,7 @@ class _ConvReLUPair(torch.autograd.Function):
         x, w1, b1, w2, b2, out = ctx.saved_tensors
         first, second = ctx.convs
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        hidden = F.relu(F.conv2d(x, w1, b1, first.stride, first.padding, first.dilation, first.groups))
+        hidden = _conv_relu(x, w1, b1, first)
         grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
         grad_hidden, grad_w2, grad_b2 = _conv2d_backward(
             grad, hidden, w2, b2, second, (need_x or need_w1 or need_b1, need_w2, need_b2))
@@ -144,6 +143,11 @@ class _ConvReLUPair(torch.autograd.Function):
             grad = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)
             grad_x, grad_w1, grad_b1 = _conv2d_backward(grad, x, w1, b1, first, (need_x, need_w1, need_b1))
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias))`` with ``conv``'s geometry."""
+    return F.relu(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
 
 def _conv2d_backward(
