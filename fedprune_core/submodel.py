@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fedprune_core.depthwise import DepthwiseConv1d, kept_taps
 from fedprune_core.masks import GROUP_SCORES, expand_groups, groups_of
 from fedprune_core.prunable import PrunableSpec, from_matrices, is_plain_attention, is_sliced, matrices
 from fedprune_core.types import MaskDict, Payload, StateDict
-from fedprune_core.units import find_unit_groups, live_masks, live_module
+from fedprune_core.units import LiveDepthwiseConv1d, find_unit_groups, live_masks, live_module
 
 SEP = "|"
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
@@ -578,6 +579,7 @@ def build_client_model(
         _replace_module(model, name.removesuffix(".weight"), layer)
     for path, live in per_unit.items():
         _replace_module(model, path, live_module(model.get_submodule(path), live))
+    _skip_pruned_taps(model, masks)
 
     def project() -> None:
         with torch.no_grad():
@@ -585,6 +587,20 @@ def build_client_model(
                 params[n].mul_(m)
 
     return ClientModel(model, project, masks, statistics)
+
+
+def _skip_pruned_taps(model: nn.Module, masks: MaskDict) -> None:
+    """Depthwise convolutions with a masked weight sum over the kernel positions their (live)
+    channels keep only."""
+    for path, m in model.named_modules():
+        mask = masks.get(f"{path}.weight" if path else "weight")
+        if mask is None:
+            continue
+        if isinstance(m, LiveDepthwiseConv1d) and m.by_taps:
+            units: torch.Tensor = m.units  # type: ignore[assignment]
+            m.taps = kept_taps(mask, units)
+        elif isinstance(m, DepthwiseConv1d):
+            m.taps = kept_taps(mask)
 
 
 def _sliced_layer(

@@ -36,6 +36,7 @@ from torchaudio.models import RNNT
 from torchaudio.models.conformer import _ConvolutionModule, _FeedForwardModule
 from torchaudio.models.rnnt import _Joiner
 
+from fedprune_core.depthwise import DepthwiseConv1d, depthwise_conv1d
 from fedprune_core.prunable import PrunableSpec, is_sliced
 from fedprune_core.types import MaskDict
 
@@ -118,20 +119,28 @@ def live_masks(masks: MaskDict, specs: dict[str, PrunableSpec]) -> MaskDict:
 
 
 class LiveDepthwiseConv1d(nn.Module):
-    """A depthwise `nn.Conv1d` run on the live channels: same parameters (full shape), compact input."""
+    """A depthwise `nn.Conv1d` run on the live channels: same parameters (full shape), compact input.
+
+    Built from a `DepthwiseConv1d`, it sums over the kernel positions `taps` only (None: all), as
+    that layer does; from another depthwise `nn.Conv1d`, it calls ``F.conv1d``.
+    """
 
     def __init__(self, conv: nn.Conv1d, units: torch.Tensor) -> None:
         super().__init__()
         self.weight = conv.weight
         self.bias = conv.bias
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.by_taps = isinstance(conv, DepthwiseConv1d)
         self.register_buffer("units", units)
+        self.register_buffer("taps", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         units: torch.Tensor = self.units  # type: ignore[assignment]
         bias = None if self.bias is None else self.bias.index_select(0, units)
-        return F.conv1d(x, self.weight.index_select(0, units), bias, self.stride, self.padding, self.dilation,
-                        groups=units.numel())
+        weight = self.weight.index_select(0, units)
+        if self.by_taps:
+            return depthwise_conv1d(x, weight, bias, int(self.padding[0]), self.taps)  # type: ignore[arg-type]
+        return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, groups=units.numel())
 
 
 class LiveBatchNorm1d(nn.Module):

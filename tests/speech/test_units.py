@@ -13,7 +13,14 @@ from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechWorkload
 from fedprune_core.submodel import SlicedMultiheadAttention, build_client_model, client_update, expand, extract
-from fedprune_core.units import LiveBatchNorm1d, LiveJoiner, find_unit_groups, live_masks, live_units
+from fedprune_core.units import (
+    LiveBatchNorm1d,
+    LiveDepthwiseConv1d,
+    LiveJoiner,
+    find_unit_groups,
+    live_masks,
+    live_units,
+)
 
 WORKLOAD = SpeechWorkload(model="tiny")
 
@@ -63,6 +70,13 @@ def test_a_client_without_dead_units_trains_exactly_the_masked_full_model(
     kinds = {type(m) for m in client.module.modules()}
     assert {SlicedMultiheadAttention, LiveBatchNorm1d} <= kinds
     assert (LiveJoiner in kinds) == (pattern == "column")  # the joint output (29 rows) has no halves
+    depthwise_name = "transcriber.conformer.conformer_layers.0.conv_module.sequential.2"
+    depthwise = client.module.get_submodule(depthwise_name)  # taps no live channel keeps are left out
+    assert isinstance(depthwise, LiveDepthwiseConv1d)
+    if f"{depthwise_name}.weight" in masks:  # half patterns leave its odd-sized kernel unpruned
+        assert depthwise.taps is not None and 0 < depthwise.taps.numel() < depthwise.weight.shape[-1]
+    else:
+        assert pattern == "half_column" and depthwise.taps is None
 
     reference = build_model("tiny", seed=9)
     reference.load_state_dict({n: w * masks[n] if n in masks else w for n, w in weights.items()}, strict=False)
