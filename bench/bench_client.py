@@ -36,6 +36,7 @@ Issue 6 target: pruned / dense <= 0.6 for both figures. The table is a printed f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -45,12 +46,13 @@ import statistics
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from bench_communication import one_shot_masks
 from client_size import load_weights, one_shot_fp_masks
 from torch import nn
@@ -59,6 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedprune_core import training
 from fedprune_core.config import ExperimentConfig
+from fedprune_core.depthwise import DepthwiseConv1d
 from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import SubsamplingConvs, build_model
@@ -499,6 +502,28 @@ def analyse(workload: SpeechWorkload, pair: list[Variant], utterances: list[Utte
 # --- main ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def onednn_depthwise() -> Iterator[None]:
+    """Inside, `DepthwiseConv1d` and `LiveDepthwiseConv1d` call ``F.conv1d`` (oneDNN; every tap,
+    masked ones as zeros), as clients did before `fedprune_core.depthwise`."""
+
+    def dense(self: DepthwiseConv1d, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def live(self: LiveDepthwiseConv1d, x: torch.Tensor) -> torch.Tensor:
+        units: torch.Tensor = self.units  # type: ignore[assignment]
+        bias = None if self.bias is None else self.bias.index_select(0, units)
+        return F.conv1d(x, self.weight.index_select(0, units), bias, self.stride, self.padding, self.dilation,
+                        groups=units.numel())
+
+    saved = DepthwiseConv1d.forward, LiveDepthwiseConv1d.forward
+    DepthwiseConv1d.forward, LiveDepthwiseConv1d.forward = dense, live  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        DepthwiseConv1d.forward, LiveDepthwiseConv1d.forward = saved  # type: ignore[method-assign]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -513,6 +538,9 @@ def main() -> None:
                         help="torch threads (1: on shared cores, OpenMP threads that wait for each other "
                              "make 2-thread timings mostly contention)")
     parser.add_argument("--no-analysis", action="store_true")
+    parser.add_argument("--onednn-depthwise", action="store_true",
+                        help="compute the depthwise convolutions with F.conv1d (oneDNN), as clients did before "
+                             "fedprune_core.depthwise (for a side-by-side measurement)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="train with glibc's default malloc settings, as clients did before "
                              "fedprune_core.training.reuse_freed_heap (for a side-by-side measurement)")
@@ -529,6 +557,8 @@ def main() -> None:
     if args.config is not None:
         config = preset(args.models[0], json.loads(args.config.read_text()))
     torch.set_num_threads(args.threads)
+    if args.onednn_depthwise:
+        contextlib.ExitStack().enter_context(onednn_depthwise())  # for the whole process
     if args.malloc_defaults:
         training.reuse_freed_heap = lambda: False  # type: ignore[assignment]
 
