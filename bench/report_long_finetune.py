@@ -118,7 +118,9 @@ def main() -> None:
                 label=f"{label}: mean of {len(seeds)} seeds (thin: each seed)")
     ax.axvspan(0, 8, alpha=0.08, color="k")
     ax.axvspan(8, 16, alpha=0.04, color="k")
-    ax.set_title("64 rounds after the warm-up: sparsify 1-8, refine 9-16 (shaded), fine-tune 17-64", fontsize=9)
+    last = found["dense", seeds[0]].history["eval_wer"][-1][0]
+    ax.set_title(f"{last} rounds after the warm-up: sparsify 1-8, refine 9-16 (shaded), fine-tune 17-{last}",
+                 fontsize=9)
     ax.set_xlabel("round (after the warm-up)")
     ax.set_ylabel("WER % (held-out speakers)")
     ax.grid(alpha=0.3)
