@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--prefix", default="paper2-long64-", help="run ids: PREFIX + dense / --fp, + -seedN")
     parser.add_argument("--fp", default="fp-s50", help="the FP run's kind in its run id")
     parser.add_argument("--fp-label", default="FP@0.5 column, adaptive, refined")
+    parser.add_argument("--until", type=int, help="read only the evaluations up to this round (the plot shows all)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     fp_kind = args.fp
@@ -84,7 +85,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for seed in seeds:
         for kind in ("dense", fp_kind):
-            wers = [100 * v for _, v in found[kind, seed].history["eval_wer"]]
+            wers = [100 * v for r, v in found[kind, seed].history["eval_wer"] if args.until is None or r <= args.until]
             for k in means:
                 means[k][kind].append(statistics.fmean(wers[-k:]))
             print(f"| {seed} | {kind} | {', '.join(f'{w:.1f}' for w in wers)} | {means[2][kind][-1]:.2f} | "
