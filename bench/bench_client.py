@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedprune_core import training
+from fedprune_core import training, units
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.depthwise import DepthwiseConv1d
 from fedprune_core.presets import preset
@@ -507,21 +508,13 @@ def onednn_depthwise() -> Iterator[None]:
     """Inside, `DepthwiseConv1d` and `LiveDepthwiseConv1d` call ``F.conv1d`` (oneDNN; every tap,
     masked ones as zeros), as clients did before `fedprune_core.depthwise`."""
 
-    def dense(self: DepthwiseConv1d, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def every_tap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
+                  taps: torch.Tensor | None = None) -> torch.Tensor:
+        return F.conv1d(x, weight, bias, padding=padding, groups=weight.shape[0])
 
-    def live(self: LiveDepthwiseConv1d, x: torch.Tensor) -> torch.Tensor:
-        units: torch.Tensor = self.units  # type: ignore[assignment]
-        bias = None if self.bias is None else self.bias.index_select(0, units)
-        return F.conv1d(x, self.weight.index_select(0, units), bias, self.stride, self.padding, self.dilation,
-                        groups=units.numel())
-
-    saved = DepthwiseConv1d.forward, LiveDepthwiseConv1d.forward
-    DepthwiseConv1d.forward, LiveDepthwiseConv1d.forward = dense, live  # type: ignore[method-assign,assignment]
-    try:
+    with (mock.patch.object(DepthwiseConv1d, "forward", nn.Conv1d.forward),
+          mock.patch.object(units, "depthwise_conv1d", every_tap)):
         yield
-    finally:
-        DepthwiseConv1d.forward, LiveDepthwiseConv1d.forward = saved  # type: ignore[method-assign]
 
 
 def main() -> None:

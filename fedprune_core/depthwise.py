@@ -49,8 +49,8 @@ def depthwise_conv1d(
             f"{x.shape[-1]} frames with padding {padding} are fewer than the kernel's {weight.shape[-1]} taps: "
             "pad more or pass a longer input"
         )
-    kept = torch.arange(weight.shape[-1]) if taps is None else taps
-    out: torch.Tensor = _DepthwiseTaps.apply(x, weight, bias, padding, tuple(kept.tolist()))
+    kept = tuple(range(weight.shape[-1])) if taps is None else tuple(taps.tolist())
+    out: torch.Tensor = _DepthwiseTaps.apply(x, weight, bias, padding, kept)
     return out
 
 

@@ -593,7 +593,7 @@ def _skip_pruned_taps(model: nn.Module, masks: MaskDict) -> None:
     """Depthwise convolutions with a masked weight sum over the kernel positions their (live)
     channels keep only."""
     for path, m in model.named_modules():
-        mask = masks.get(f"{path}.weight" if path else "weight")
+        mask = masks.get(f"{path}.weight")
         if mask is None:
             continue
         if isinstance(m, LiveDepthwiseConv1d) and m.by_taps:
