@@ -5,6 +5,9 @@ Each service is a background process in its own session, with a pid file and a l
 service answers its health URL; `stack_down` stops them; `stack_status` reports them. The same
 builders (`prefect_spec`, `mlflow_spec`, `seaweed_spec`) and runners (`start_service`,
 `wait_healthy`, `stop_service`) start the throwaway servers of the integration tests.
+`running_or_started` is the one way the stack and the CLI start a service on demand: it holds
+an exclusive lock on ``<name>.lock`` while it reads the pid file and starts, so two runs
+launched at once start one server and both use it.
 
 SeaweedFS runs as ``weed mini`` (master, volume, filer and S3 in one process) bound to loopback,
 with WebDAV, Iceberg and Lance off and telemetry off. It opens the S3, master, volume, filer and
@@ -18,6 +21,7 @@ MLflow's server runs with MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: its backgrou
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import shlex
@@ -523,19 +527,31 @@ def stack_up(settings: Settings, timeout_s: float = 120.0) -> dict[str, ServiceS
     """
     run_dir = settings.stack_dir
     specs = stack_specs(settings)
-    pids = {name: _running_or_started(spec, run_dir) for name, spec in specs.items()}
+    pids = {name: running_or_started(spec, run_dir) for name, spec in specs.items()}
     for name, spec in specs.items():
         wait_healthy(spec, pids[name], run_dir, timeout_s)
     _ensure_buckets(settings)
     return stack_status(settings)
 
 
-def _running_or_started(spec: ServiceSpec, run_dir: Path) -> int:
-    pid = read_pid(run_dir, spec.name)
-    if pid is not None:
-        return pid
-    check_ports_free(spec)
-    return start_service(spec, run_dir)
+def running_or_started(spec: ServiceSpec, run_dir: Path) -> int:
+    """Pid of the service if its pid file names a live one, else of the one started now.
+
+    Holds an exclusive lock on ``<run_dir>/<name>.lock`` from reading the pid file to writing
+    it, so concurrent callers (two CLI runs started together) start the service once: the
+    others wait for the lock, then find its pid. Does not wait for it to answer (`wait_healthy`).
+
+    Raises:
+        StackError: no service is running and one of its ports is taken.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / f"{spec.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        pid = read_pid(run_dir, spec.name)
+        if pid is not None:
+            return pid
+        check_ports_free(spec)
+        return start_service(spec, run_dir)
 
 
 def _ensure_buckets(settings: Settings) -> None:

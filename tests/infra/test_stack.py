@@ -6,8 +6,10 @@ import os
 import socket
 import stat
 import sys
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from infra.stack import (
     ServiceSpec,
     check_ports_free,
     read_pid,
+    running_or_started,
     stack_down,
     stack_env,
     stack_specs,
@@ -184,6 +187,30 @@ def test_stop_service_ends_the_whole_process_group(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
     assert not (tmp_path / "fake.pid").exists()
+
+
+def test_callers_at_the_same_moment_start_a_service_once(tmp_path: Path) -> None:
+    # Two CLI runs launched together: without the lock both find no pid file and both start a
+    # server; the second cannot bind and overwrites the first's pid file.
+    port = free_port()
+    handler = "h.SimpleHTTPRequestHandler"
+    code = f"import http.server as h; h.HTTPServer(('127.0.0.1', {port}), {handler}).serve_forever()"
+    spec = _python_spec(tmp_path, code, port)
+    barrier = threading.Barrier(4)
+
+    def call(_: int) -> int:
+        barrier.wait()
+        return running_or_started(spec, tmp_path)
+
+    with ThreadPoolExecutor(4) as pool:
+        pids = list(pool.map(call, range(4)))
+    try:
+        assert len(set(pids)) == 1 and read_pid(tmp_path, "fake") == pids[0]
+        assert (tmp_path / "fake.log").read_text().count("starting fake") == 1
+        wait_healthy(spec, pids[0], tmp_path, timeout_s=20)
+        assert running_or_started(spec, tmp_path) == pids[0]  # later callers find it too
+    finally:
+        stop_service(tmp_path, "fake", timeout_s=5)
 
 
 def test_a_taken_port_is_named_before_starting(tmp_path: Path) -> None:
