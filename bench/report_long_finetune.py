@@ -61,8 +61,8 @@ def bootstrap_interval(dense: list[float], fp: list[float], level: float = 0.95)
     return ratios[int(tail * len(ratios))], ratios[int((1 - tail) * len(ratios)) - 1]
 
 
-def run_id(prefix: str, kind: str, seed: int) -> str:
-    return f"{prefix}{kind}" + ("" if seed == 0 else f"-seed{seed}")
+def run_id(prefix: str, kind: str, seed: int, seed0_suffix: bool = False) -> str:
+    return f"{prefix}{kind}" + ("" if seed == 0 and not seed0_suffix else f"-seed{seed}")
 
 
 def main() -> None:
@@ -74,10 +74,11 @@ def main() -> None:
     parser.add_argument("--fp", default="fp-s50", help="the FP run's kind in its run id")
     parser.add_argument("--fp-label", default="FP@0.5 column, adaptive, refined")
     parser.add_argument("--until", type=int, help="read only the evaluations up to this round (the plot shows all)")
+    parser.add_argument("--seed0-suffix", action="store_true", help="seed 0's run ids end in -seed0 too")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     fp_kind = args.fp
-    runs = [(run_id(args.prefix, k, s), k, (), s) for s in seeds for k in ("dense", fp_kind)]
+    runs = [(run_id(args.prefix, k, s, args.seed0_suffix), k, (), s) for s in seeds for k in ("dense", fp_kind)]
     found = {(r.label, r.seed): r for r in collect(MlflowClient(Settings().tracking_uri), args.experiment, runs)}
 
     means: dict[int, dict[str, list[float]]] = {k: {"dense": [], fp_kind: []} for k in (2, 4)}
