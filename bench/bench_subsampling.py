@@ -22,13 +22,12 @@ channels). Half of the ``C * 9`` columns kept, chosen by a seeded permutation.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_depthwise import cpu_ms
 
 from fedprune_core.training import reuse_freed_heap
 
@@ -101,18 +100,6 @@ def per_tap(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, taps: list[Tap]) 
         x = _tap_view(padded, i, j, height, width).index_select(1, channels).reshape(batch, -1, height * width)
         out = out + torch.matmul(w[:, channels, i, j], x)
     return out.view(batch, -1, height, width)
-
-
-def cpu_ms(fn: Callable[[], None], reps: int) -> float:
-    """Median process CPU time of `fn` in ms, after 2 warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return 1000 * statistics.median(times)
 
 
 def measure(batch: int, channels: int, reps: int) -> dict[str, float]:
