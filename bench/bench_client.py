@@ -60,7 +60,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedprune_core import training, units
+from fedprune_core import submodel, training, units
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.depthwise import DepthwiseConv1d
 from fedprune_core.presets import preset
@@ -534,6 +534,9 @@ def main() -> None:
     parser.add_argument("--onednn-depthwise", action="store_true",
                         help="compute the depthwise convolutions with F.conv1d (oneDNN), as clients did before "
                              "fedprune_core.depthwise (for a side-by-side measurement)")
+    parser.add_argument("--masked-conv2d", action="store_true",
+                        help="train pruned convolutions masked dense over all input channels, as clients did "
+                             "before fedprune_core.submodel.ChannelSlicedConv2d (for a side-by-side measurement)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="train with glibc's default malloc settings, as clients did before "
                              "fedprune_core.training.reuse_freed_heap (for a side-by-side measurement)")
@@ -552,6 +555,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.onednn_depthwise:
         contextlib.ExitStack().enter_context(onednn_depthwise())  # for the whole process
+    if args.masked_conv2d:
+        submodel._slice_channels = lambda model, masks: None  # type: ignore[assignment]
     if args.malloc_defaults:
         training.reuse_freed_heap = lambda: False  # type: ignore[assignment]
 

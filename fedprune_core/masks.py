@@ -12,6 +12,11 @@ highest-scoring groups. Group score = sum of its entries' scores, so with per-en
 | half_row      | the left or right half of a row (even in)     | (out, 2)      |
 | half_column   | the top or bottom half of a column (even out) | (2, in)       |
 
+A convolution with several input channels, seen as (out, in * taps), prunes whole input channels
+under the column patterns: its column is the `taps` adjacent columns of one input channel (all
+its kernel taps), so a client trains a narrower convolution (channel pruning). Each function
+below takes that width as `taps` (1: one column).
+
 Ties are broken stably: groups in `favored` (e.g. currently kept) first, then lower index first.
 """
 
@@ -23,6 +28,8 @@ from collections.abc import Callable
 import torch
 
 PATTERNS: tuple[str, ...] = ("unstructured", "row", "column", "half_row", "half_column")
+CHANNEL_PATTERNS: tuple[str, ...] = ("column", "half_column")
+"""The patterns whose column of a convolution weight is one input channel (`taps` columns)."""
 
 
 def validate_pattern(pattern: str) -> None:
@@ -81,9 +88,18 @@ GROUP_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def expand_groups(keep: torch.Tensor, pattern: str, shape: tuple[int, int]) -> torch.Tensor:
+def group_scores(scores: torch.Tensor, pattern: str, taps: int = 1) -> torch.Tensor:
+    """Scores of `pattern`'s groups of a 2-D weight (a column pattern's column: `taps` columns)."""
+    if taps > 1 and pattern in CHANNEL_PATTERNS:
+        scores = scores.reshape(scores.shape[0], -1, taps).sum(dim=2)
+    return GROUP_SCORES[pattern](scores)
+
+
+def expand_groups(keep: torch.Tensor, pattern: str, shape: tuple[int, int], taps: int = 1) -> torch.Tensor:
     """Entry mask (out, in) from a group mask on the pattern's group grid."""
     out_f, in_f = shape
+    if taps > 1 and pattern in CHANNEL_PATTERNS:
+        return expand_groups(keep, pattern, (out_f, in_f // taps)).repeat_interleave(taps, dim=1)
     if pattern == "unstructured":
         return keep.reshape(out_f, in_f)
     if pattern == "row":
@@ -95,8 +111,10 @@ def expand_groups(keep: torch.Tensor, pattern: str, shape: tuple[int, int]) -> t
     return keep[:, None, :].expand(2, out_f // 2, in_f).reshape(out_f, in_f)
 
 
-def groups_of(mask: torch.Tensor, pattern: str) -> torch.Tensor:
+def groups_of(mask: torch.Tensor, pattern: str, taps: int = 1) -> torch.Tensor:
     """Group mask (on the group grid) of an entry mask made with `pattern`."""
+    if taps > 1 and pattern in CHANNEL_PATTERNS:
+        mask = mask[:, ::taps]
     out_f, in_f = mask.shape
     if pattern == "unstructured":
         return mask
@@ -225,6 +243,7 @@ def make_mask(
     *,
     favored: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
+    taps: int = 1,
 ) -> torch.Tensor:
     """Binary mask (True = keep) over a 2-D weight, keeping its highest-scoring groups.
 
@@ -236,6 +255,7 @@ def make_mask(
             (pass the current mask so re-ranking does not flip tied groups).
         allowed: optional (out, in) bool entry mask; groups outside it are pruned first
             (pass the current mask to make a nested, monotone mask while sparsifying).
+        taps: columns per input channel of a convolution weight (see the module's docstring).
 
     Returns:
         (out, in) bool mask with exactly `num_pruned(groups, sparsity)` groups pruned.
@@ -249,10 +269,15 @@ def make_mask(
         )
     shape = (scores.shape[0], scores.shape[1])
     check_shape(shape, pattern, "scores")
-    grid = GROUP_SCORES[pattern](scores)
-    fav = None if favored is None else groups_of(favored, pattern)
-    allow = None if allowed is None else groups_of(allowed, pattern)
-    return expand_groups(make_group_mask(grid, sparsity, fav, allow), pattern, shape).contiguous()
+    if taps < 1 or shape[1] % taps:
+        raise ValueError(
+            f"taps={taps} must be a positive divisor of the scores' {shape[1]} columns: pass the number of "
+            "kernel taps per input channel (PrunableSpec.taps), or 1"
+        )
+    grid = group_scores(scores, pattern, taps)
+    fav = None if favored is None else groups_of(favored, pattern, taps)
+    allow = None if allowed is None else groups_of(allowed, pattern, taps)
+    return expand_groups(make_group_mask(grid, sparsity, fav, allow), pattern, shape, taps).contiguous()
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:

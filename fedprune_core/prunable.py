@@ -1,7 +1,10 @@
 """Which parameters are pruned, and how each is viewed as 2-D matrices.
 
 Prunable parameters are chosen by glob patterns over parameter names (`fnmatch`). Tensors of
-rank > 2 are reshaped to (dim 0, rest); a fused attention input projection
+rank > 2 are reshaped to (dim 0, rest); the weight of a convolution with several input channels
+per group, (out, in, *kernel), is pruned by whole input channels under the column patterns
+(`PrunableSpec.taps`: its kernel's taps travel together, as channel pruning does; a depthwise or
+one-input convolution keeps a column per tap); a fused attention input projection
 (`nn.MultiheadAttention.in_proj_weight`, q, k and v stacked on dim 0) is three matrices; 1-D
 tensors (biases, norms) are pruned only when `include_1d` is set, and then entry by entry.
 """
@@ -9,6 +12,7 @@ tensors (biases, norms) are pruned only when `include_1d` is set, and then entry
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +36,8 @@ class PrunableSpec:
         pattern: the pattern used for this parameter ("unstructured" for 1-D tensors).
         feeds: for a weight whose output rows are the units a later layer reads (see
             `fedprune_core.units`), that layer's weight name: output row r is unit r % its inputs.
+        taps: the adjacent columns the column patterns keep or prune together: the kernel taps of
+            one input channel of a convolution with several input channels per group, else 1.
     """
 
     name: str
@@ -40,6 +46,7 @@ class PrunableSpec:
     linear: bool
     pattern: str
     feeds: str = ""
+    taps: int = 1
 
     @property
     def numel(self) -> int:
@@ -78,6 +85,18 @@ def is_plain_attention(m: nn.Module) -> bool:
     )
 
 
+def channel_taps(model: nn.Module) -> dict[str, int]:
+    """Kernel taps per input channel of each convolution weight with several input channels per
+    group and a kernel of several taps, by weight name (see `PrunableSpec.taps`)."""
+    taps: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.in_channels // m.groups > 1:
+            k = math.prod(m.kernel_size)
+            if k > 1:
+                taps[f"{name}.weight" if name else "weight"] = k
+    return taps
+
+
 def _sliceable_linears(model: nn.Module) -> set[str]:
     """Names of the weights a client can slice: Linear layers run through `Linear.forward`, pointwise
     Conv1d layers, and the projections of plain attention (other attention reads them raw)."""
@@ -113,13 +132,14 @@ def find_prunable(
                 f"prunable pattern {glob!r} matches no parameter of the model: use globs over parameter "
                 f"names such as {sample}"
             )
-    linears = _sliceable_linears(model)
+    linears, taps = _sliceable_linears(model), channel_taps(model)
     specs: dict[str, PrunableSpec] = {}
     for name, p in params.items():
         if not any(fnmatch.fnmatchcase(name, g) for g in patterns) or (p.dim() < 2 and not include_1d):
             continue
         splits = 3 if name.endswith("in_proj_weight") else 1
-        spec = PrunableSpec(name, tuple(p.shape), splits, name in linears, pattern if p.dim() >= 2 else "unstructured")
+        spec = PrunableSpec(name, tuple(p.shape), splits, name in linears, pattern if p.dim() >= 2 else "unstructured",
+                            taps=taps.get(name, 1))
         check_shape(spec.matrix_shape, spec.pattern, name)
         specs[name] = spec
     from fedprune_core.units import link_units  # units builds on this module

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fedprune_core.depthwise import DepthwiseConv1d, kept_taps
-from fedprune_core.masks import GROUP_SCORES, expand_groups, groups_of
+from fedprune_core.masks import expand_groups, group_scores, groups_of
 from fedprune_core.prunable import PrunableSpec, from_matrices, is_plain_attention, is_sliced, matrices
 from fedprune_core.types import MaskDict, Payload, StateDict
 from fedprune_core.units import LiveDepthwiseConv1d, find_unit_groups, live_masks, live_module
@@ -73,19 +73,30 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def mask_to_groups(mask: torch.Tensor, spec: PrunableSpec) -> torch.Tensor:
-    """Kept group ids (int32), numbered across the spec's stacked matrices."""
-    grids = [groups_of(m, spec.pattern).flatten() for m in matrices(mask, spec)]
-    return torch.cat(grids).nonzero().flatten().to(torch.int32)
+    """Kept group ids (int32), numbered across the spec's stacked matrices.
+
+    Raises:
+        ValueError: the mask keeps part of a group (it was not made with the spec's pattern and taps).
+    """
+    parts = matrices(mask, spec)
+    grids = [groups_of(m, spec.pattern, spec.taps) for m in parts]
+    rebuilt = [expand_groups(g, spec.pattern, spec.matrix_shape, spec.taps) for g in grids]
+    if not all(torch.equal(r, m) for r, m in zip(rebuilt, parts, strict=True)):
+        raise ValueError(
+            f"the mask of {spec.name} keeps part of a {spec.pattern} group (taps={spec.taps}): make masks with "
+            "fedprune_core.masks.make_mask(..., pattern=spec.pattern, taps=spec.taps)"
+        )
+    return torch.cat([g.flatten() for g in grids]).nonzero().flatten().to(torch.int32)
 
 
 def groups_to_mask(ids: torch.Tensor, spec: PrunableSpec) -> torch.Tensor:
     """Full-shape bool mask from kept group ids."""
     shape2d = spec.matrix_shape
-    grid_shape = GROUP_SCORES[spec.pattern](torch.zeros(shape2d)).shape
+    grid_shape = group_scores(torch.zeros(shape2d), spec.pattern, spec.taps).shape
     per = grid_shape.numel()
     keep = torch.zeros(per * spec.splits, dtype=torch.bool)
     keep[ids.long()] = True
-    parts = [expand_groups(g.reshape(grid_shape), spec.pattern, shape2d) for g in keep.split(per)]
+    parts = [expand_groups(g.reshape(grid_shape), spec.pattern, shape2d, spec.taps) for g in keep.split(per)]
     return from_matrices(parts, spec)
 
 
@@ -435,6 +446,46 @@ class SlicedPointwiseConv1d(SlicedLinear):
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
+class ChannelSlicedConv2d(nn.Conv2d):
+    """A masked `nn.Conv2d` trained over the input channels its mask keeps any weight of (a column
+    pattern prunes whole input channels, see `PrunableSpec.taps`): its weight is the
+    (out, kept channels, kh, kw) slice, its mask the same slice of the full mask, and it reads only
+    those channels of its input, so parameters, gradients and work shrink with the pruned channels.
+
+    `channels` are the kept input channels (ascending); a layer before it that only feeds it may
+    compute just those (`fedprune_core.speech.model.SubsamplingConvs`).
+    """
+
+    channels: torch.Tensor
+
+    def __init__(self, conv: nn.Conv2d, channels: torch.Tensor) -> None:
+        geometry: dict[str, Any] = {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
+                                    "dilation": conv.dilation}
+        super().__init__(channels.numel(), conv.out_channels, **geometry, bias=conv.bias is not None,
+                         padding_mode=conv.padding_mode, device="meta")
+        self.weight = nn.Parameter(conv.weight.detach()[:, channels].clone())
+        self.bias = conv.bias
+        self.register_buffer("channels", channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, full input channels, H, W)."""
+        return super().forward(x.index_select(1, self.channels))
+
+
+def _slice_channels(model: nn.Module, masks: MaskDict) -> None:
+    """Masked plain `nn.Conv2d` layers whose masks prune whole input channels become
+    `ChannelSlicedConv2d` over the kept channels; their masks become the same slices."""
+    for name, mask in list(masks.items()):
+        path, _, leaf = name.rpartition(".")
+        conv = model.get_submodule(path) if leaf == "weight" else None
+        if type(conv) is not nn.Conv2d or conv.groups != 1:
+            continue
+        channels = mask.any(dim=(0, 2, 3)).nonzero().flatten()
+        if 0 < channels.numel() < conv.in_channels:
+            _replace_module(model, path, ChannelSlicedConv2d(conv, channels))
+            masks[name] = mask[:, channels].contiguous()
+
+
 @dataclass(frozen=True)
 class ClientModel:
     """A model set up from a payload.
@@ -442,7 +493,8 @@ class ClientModel:
     Attributes:
         module: the model to train (sliced Linear layers replaced by `SlicedLinear`).
         project: re-zeroes pruned entries of masked parameters; call after each optimizer step.
-        masks: masks of the masked (not sliced) parameters, by parameter name.
+        masks: masks of the masked (not sliced) parameters, by parameter name (a
+            `ChannelSlicedConv2d`'s: of its kept channels).
         statistics: names of the running statistics loaded from the payload (uploaded as trained).
     """
 
@@ -580,6 +632,8 @@ def build_client_model(
     for path, live in per_unit.items():
         _replace_module(model, path, live_module(model.get_submodule(path), live))
     _skip_pruned_taps(model, masks)
+    _slice_channels(model, masks)
+    params = dict(model.named_parameters())
 
     def project() -> None:
         with torch.no_grad():

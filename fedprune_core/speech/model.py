@@ -29,6 +29,7 @@ from torchaudio.models.rnnt import _Joiner, _Predictor, _Transcriber
 
 from fedprune_core.depthwise import DepthwiseConv1d
 from fedprune_core.speech.text import CharVocabulary
+from fedprune_core.submodel import ChannelSlicedConv2d
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,10 @@ class SubsamplingConvs(nn.Sequential):
     """``Conv2d, ReLU, Conv2d, ReLU`` (parameters named as in ``nn.Sequential``) that, when training,
     computes the first layer's output again in backward instead of keeping it (`_ConvReLUPair`).
 
-    Without gradients (evaluation, FLOP counting) it runs its layers one by one.
+    In a client whose second layer trains only its kept input channels (`ChannelSlicedConv2d`), the
+    first computes only those channels: the others are dead (nothing else reads them; their weights
+    get zero gradient, as in the masked full model). Without gradients (evaluation, FLOP counting)
+    it runs its layers one by one.
     """
 
     def __init__(self, channels: int) -> None:
@@ -184,8 +188,12 @@ class SubsamplingConvs(nn.Sequential):
         first, second = self[0], self[2]
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in (x, *self.parameters())):
             return super().forward(x)
-        out: torch.Tensor = _ConvReLUPair.apply(x, first.weight, first.bias, second.weight, second.bias,
-                                                (first, second))
+        assert isinstance(first, nn.Conv2d) and isinstance(second, nn.Conv2d)
+        w1, b1 = first.weight, first.bias
+        if isinstance(second, ChannelSlicedConv2d):  # a client's: the first computes only the channels read
+            w1 = w1.index_select(0, second.channels)
+            b1 = None if b1 is None else b1.index_select(0, second.channels)
+        out: torch.Tensor = _ConvReLUPair.apply(x, w1, b1, second.weight, second.bias, (first, second))
         return out
 
 

@@ -107,7 +107,7 @@ class FedPrune:
         spec = self.specs[name]
         cur = [None] * spec.splits if current is None else matrices(current, spec)
         parts = [
-            make_mask(s, sparsity, spec.pattern, favored=c, allowed=c if nested else None)
+            make_mask(s, sparsity, spec.pattern, favored=c, allowed=c if nested else None, taps=spec.taps)
             for s, c in zip(matrices(scores, spec), cur, strict=True)
         ]
         return parts[0].reshape(spec.shape) if spec.splits == 1 else from_matrices(parts, spec)

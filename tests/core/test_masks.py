@@ -155,6 +155,28 @@ def test_rank_greater_than_two_reshapes_to_rows_and_back() -> None:
     assert [b.shape for b in as_blocks(torch.zeros(6, 4), 3)] == [(2, 4)] * 3
 
 
+def test_a_convolutions_column_is_an_input_channel_with_all_its_taps() -> None:
+    # (out 2, in 3, taps 2) viewed as (2, 6); channel scores: 0+1+6+7 = 14, 2+3+8+9 = 22, 4+5+10+11 = 30
+    conv = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)
+    mask = make_mask(as_matrix(conv), 0.34, "column", taps=2).reshape(conv.shape)
+    assert mask[:, 0].eq(False).all() and mask[:, 1:].all()  # channel 0 pruned, whole
+    # per tap (taps=1) the same scores prune two single columns instead: 0+6 and 1+7
+    assert make_mask(as_matrix(conv), 0.34, "column").reshape(conv.shape)[:, 0].tolist() == [[F, F], [F, F]]
+    # half_column: a channel for the top or bottom half of the filters; scores [[1, 5, 9], [13, 17, 21]]
+    half = make_mask(as_matrix(conv), 0.34, "half_column", taps=2).reshape(conv.shape)
+    assert half[1].all() and half[0, 2].all() and not half[0, :2].any()
+    assert groups_of(as_matrix(half), "half_column", taps=2).tolist() == [[F, F, T], [T, T, T]]
+    keep = torch.tensor([T, F, T])
+    assert torch.equal(expand_groups(keep, "column", (2, 6), taps=2), torch.tensor([T, T, F, F, T, T]).expand(2, 6))
+    # the other patterns do not group taps
+    assert torch.equal(make_mask(as_matrix(conv), 0.5, "row", taps=2), make_mask(as_matrix(conv), 0.5, "row"))
+
+
+def test_taps_must_divide_the_columns() -> None:
+    with pytest.raises(ValueError, match=r"taps=4 must be a positive divisor of the scores' 6 columns"):
+        make_mask(torch.ones(2, 6), 0.5, "column", taps=4)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragments"),
     [

@@ -51,6 +51,15 @@ def test_specs_describe_shapes_splits_and_sliceability() -> None:
     assert specs["embed.weight"].linear is False
 
 
+def test_convolutions_with_several_input_channels_group_their_taps() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3), nn.Conv1d(6, 6, 5, groups=6),
+                          nn.Conv1d(6, 4, 1), nn.Conv1d(4, 4, 3, groups=2), nn.ConvTranspose1d(4, 4, 3),
+                          nn.Linear(4, 4))
+    specs = find_prunable(model, ("*weight",), "column")
+    # one input channel (per group): a column per tap; a transposed conv's dim 0 is its input
+    assert [specs[f"{i}.weight"].taps for i in range(7)] == [1, 9, 1, 1, 3, 1, 1]
+
+
 def test_pointwise_conv1d_is_sliceable_other_convs_are_not() -> None:
     model = nn.Sequential(nn.Conv1d(4, 6, 1), nn.Conv1d(6, 6, 1, groups=2), nn.Conv1d(6, 6, 1, stride=2),
                           nn.Conv1d(6, 6, 1, padding=1), nn.Conv1d(6, 4, 3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 from fedprune_core.masks import PATTERNS, make_mask
 from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices, matrices
 from fedprune_core.submodel import (
+    ChannelSlicedConv2d,
     SlicedLinear,
     SlicedPointwiseConv1d,
     build_client_model,
@@ -56,7 +58,7 @@ def _masks(
     masks = {}
     for name, spec in specs.items():
         parts = [
-            make_mask(torch.rand(m.shape, generator=g), sparsity, spec.pattern)
+            make_mask(torch.rand(m.shape, generator=g), sparsity, spec.pattern, taps=spec.taps)
             for m in matrices(weights[name], spec)
         ]
         masks[name] = from_matrices(parts, spec)
@@ -116,6 +118,20 @@ def test_payload_bytes_of_masked_parameters_by_hand() -> None:
     assert payload["weight|g"].tolist() == [0, 2] and payload_nbytes(payload) == 8 * 4 + 2 * 4
 
 
+def test_a_convolutions_kept_input_channels_travel_as_one_group_id_each() -> None:
+    conv = nn.Conv2d(3, 2, kernel_size=2, bias=False)  # (2, 3, 2, 2): 4 taps per input channel
+    specs = find_prunable(conv, ("weight",), "column")
+    mask = torch.tensor([True, False, True])[None, :, None, None].expand(2, 3, 2, 2)
+    payload = extract({"weight": conv.weight.detach()}, {"weight": mask}, specs)
+    # 16 kept float32 values (two channels x two filters x four taps) + two int32 channel ids
+    assert payload["weight|g"].tolist() == [0, 2] and payload_nbytes(payload) == 16 * 4 + 2 * 4
+    assert torch.equal(groups_to_mask(payload["weight|g"], specs["weight"]), mask)
+    one_tap = mask.clone()
+    one_tap[:, 0, 0, 0] = False  # part of channel 0 only
+    with pytest.raises(ValueError, match=r"the mask of weight keeps part of a column group \(taps=4\)"):
+        extract({"weight": conv.weight.detach()}, {"weight": one_tap}, specs)
+
+
 # --- extract -> train nothing -> expand --------------------------------------------------------
 
 
@@ -159,6 +175,44 @@ def test_masked_parameters_are_zero_where_pruned_and_projected_after_steps() -> 
         params["conv.weight"].add_(1.0)
     client.project()
     assert not params["conv.weight"][~masks["conv.weight"]].any()
+
+
+@pytest.mark.parametrize("pattern", ["column", "half_column", "unstructured"])
+def test_a_conv2d_pruned_by_input_channels_trains_only_the_kept_ones(pattern: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 2, 3, stride=2))
+    specs = find_prunable(model, ("2.weight",), pattern)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = _masks(weights, specs, 0.5, 3)
+    if pattern == "unstructured":  # prune channel 1 whole, so that even this mask drops it
+        masks["2.weight"][:, 1] = False
+    client = build_client_model(copy.deepcopy(model), extract(weights, masks, specs), specs)
+    conv = client.module.get_submodule("2")
+    channels = masks["2.weight"].any(dim=(0, 2, 3)).nonzero().flatten()
+    assert isinstance(conv, ChannelSlicedConv2d) and conv.channels.tolist() == channels.tolist()
+    assert channels.numel() < 6
+    assert conv.weight.shape == (2, channels.numel(), 3, 3)
+    if pattern == "column":
+        assert channels.numel() == 3 and bool(client.masks["2.weight"].all())  # a column is a channel
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference[2].weight.mul_(masks["2.weight"])
+    x = torch.randn(2, 4, 9, 9)
+    out, expected = client.module(x), reference(x)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grad = reference[2].weight.grad * masks["2.weight"]  # the masked full model's, where the client holds it
+    torch.testing.assert_close(conv.weight.grad * client.masks["2.weight"], grad[:, channels])
+    torch.testing.assert_close(client.module[0].weight.grad, reference[0].weight.grad)
+    with torch.no_grad():
+        conv.weight.add_(1.0)
+    client.project()  # pruned entries of kept channels (half_column, unstructured) stay zero
+    update = client_update(client, specs)
+    values, held = expand(update, masks, specs, {n: w.shape for n, w in weights.items()})
+    assert torch.equal(held["2.weight"], masks["2.weight"])
+    assert torch.equal(values["2.weight"][:, channels], conv.weight.detach())
+    assert not values["2.weight"][~masks["2.weight"]].any()
 
 
 def test_group_ids_and_bits_round_trip() -> None:

@@ -12,7 +12,14 @@ from fedprune_core.prunable import every_pattern_weights, find_prunable, from_ma
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechWorkload
-from fedprune_core.submodel import SlicedMultiheadAttention, build_client_model, client_update, expand, extract
+from fedprune_core.submodel import (
+    ChannelSlicedConv2d,
+    SlicedMultiheadAttention,
+    build_client_model,
+    client_update,
+    expand,
+    extract,
+)
 from fedprune_core.units import (
     LiveBatchNorm1d,
     LiveDepthwiseConv1d,
@@ -31,7 +38,7 @@ def _masks(model: nn.Module, pattern: str, sparsity: float, seed: int) -> tuple[
     g = torch.Generator().manual_seed(seed)
     weights = dict(model.named_parameters())
     masks = {
-        n: from_matrices([make_mask(torch.rand(m.shape, generator=g), sparsity, s.pattern)
+        n: from_matrices([make_mask(torch.rand(m.shape, generator=g), sparsity, s.pattern, taps=s.taps)
                           for m in matrices(weights[n].detach(), s)], s)
         for n, s in specs.items()
     }  # fmt: skip
@@ -70,6 +77,8 @@ def test_a_client_without_dead_units_trains_exactly_the_masked_full_model(
     kinds = {type(m) for m in client.module.modules()}
     assert {SlicedMultiheadAttention, LiveBatchNorm1d} <= kinds
     assert (LiveJoiner in kinds) == (pattern == "column")  # the joint output (29 rows) has no halves
+    # the subsampling's second convolution trains its kept input channels, and the first computes only them
+    assert ChannelSlicedConv2d in kinds or pattern != "column"
     depthwise_name = "transcriber.conformer.conformer_layers.0.conv_module.sequential.2"
     depthwise = client.module.get_submodule(depthwise_name)  # taps no live channel keeps are left out
     assert isinstance(depthwise, LiveDepthwiseConv1d)
