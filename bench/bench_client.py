@@ -16,7 +16,9 @@ Reported per variant (repetitions interleaved dense/pruned, the order alternatin
   (batch features included; CPU time does not count the time other jobs hold the core), and the
   CPU time without building the batch (log-mel, SpecAugment); after the table, the mean kernel
   time per step (page faults, mostly; `--malloc-defaults` trains with glibc's default malloc
-  settings instead of `fedprune_core.training.reuse_freed_heap`'s, to measure that side by side).
+  settings instead of `fedprune_core.training.reuse_freed_heap`'s, to measure that side by side;
+  `--masked-conv2d` trains the subsampling's second convolution masked dense over all its input
+  channels, as clients did before `fedprune_core.submodel.ChannelSlicedConv2d`).
 - peak MB: `train_local`'s peak tensor memory (parameters + gradients + optimiser state + the
   tensors saved for backward in one step); RSS MB: the process's peak resident memory during
   training above its resident memory before it (Linux VmHWM after resetting it).
@@ -237,7 +239,7 @@ DEPTHWISE = "Conv1d depthwise (masked; live channels only when pruned)"
 JOINER = "joint output Linear (sliced when pruned)"
 POINTWISE = "Conv1d pointwise (sliced when pruned)"
 OTHER = "other (joint sum, loss, reshapes)"
-SUBSAMPLING = "Conv2d subsampling (masked dense)"
+SUBSAMPLING = "Conv2d subsampling (kept input channels of the second when pruned)"
 
 
 def kind_of(path: str, module: nn.Module, sliced: set[str]) -> str:
@@ -556,7 +558,7 @@ def main() -> None:
     if args.onednn_depthwise:
         contextlib.ExitStack().enter_context(onednn_depthwise())  # for the whole process
     if args.masked_conv2d:
-        submodel._slice_channels = lambda model, masks: None  # type: ignore[assignment]
+        submodel._slice_channels = lambda model, masks: {}  # type: ignore[assignment]
     if args.malloc_defaults:
         training.reuse_freed_heap = lambda: False  # type: ignore[assignment]
 

@@ -472,9 +472,14 @@ class ChannelSlicedConv2d(nn.Conv2d):
         return super().forward(x.index_select(1, self.channels))
 
 
-def _slice_channels(model: nn.Module, masks: MaskDict) -> None:
+def _slice_channels(model: nn.Module, masks: MaskDict) -> dict[str, torch.Tensor]:
     """Masked plain `nn.Conv2d` layers whose masks prune whole input channels become
-    `ChannelSlicedConv2d` over the kept channels; their masks become the same slices."""
+    `ChannelSlicedConv2d` over the kept channels; their masks become the same slices.
+
+    Returns:
+        the new weights, by parameter name.
+    """
+    weights: dict[str, torch.Tensor] = {}
     for name, mask in list(masks.items()):
         path, _, leaf = name.rpartition(".")
         conv = model.get_submodule(path) if leaf == "weight" else None
@@ -482,8 +487,11 @@ def _slice_channels(model: nn.Module, masks: MaskDict) -> None:
             continue
         channels = mask.any(dim=(0, 2, 3)).nonzero().flatten()
         if 0 < channels.numel() < conv.in_channels:
-            _replace_module(model, path, ChannelSlicedConv2d(conv, channels))
+            sliced = ChannelSlicedConv2d(conv, channels)
+            _replace_module(model, path, sliced)
             masks[name] = mask[:, channels].contiguous()
+            weights[name] = sliced.weight
+    return weights
 
 
 @dataclass(frozen=True)
@@ -597,7 +605,7 @@ def build_client_model(
     Args:
         rescale_kept: train as inverted dropout (see the module's docstring); row pattern only.
     """
-    params = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
     statistics = tuple(n for n, b in model.named_buffers() if n in payload)
     for name in statistics:
         model.get_buffer(name).copy_(payload[name])
@@ -632,8 +640,7 @@ def build_client_model(
     for path, live in per_unit.items():
         _replace_module(model, path, live_module(model.get_submodule(path), live))
     _skip_pruned_taps(model, masks)
-    _slice_channels(model, masks)
-    params = dict(model.named_parameters())
+    params.update(_slice_channels(model, masks))
 
     def project() -> None:
         with torch.no_grad():
