@@ -17,8 +17,9 @@ Reported per variant (repetitions interleaved dense/pruned, the order alternatin
   CPU time without building the batch (log-mel, SpecAugment); after the table, the mean kernel
   time per step (page faults, mostly; `--malloc-defaults` trains with glibc's default malloc
   settings instead of `fedprune_core.training.reuse_freed_heap`'s, to measure that side by side;
-  `--masked-conv2d` trains the subsampling's second convolution masked dense over all its input
-  channels, as clients did before `fedprune_core.submodel.ChannelSlicedConv2d`).
+  `--masked-conv2d` also trains, interleaved, the pruned client with the subsampling's second
+  convolution masked dense over all its input channels, as clients did before
+  `fedprune_core.submodel.ChannelSlicedConv2d`: a third row per model).
 - peak MB: `train_local`'s peak tensor memory (parameters + gradients + optimiser state + the
   tensors saved for backward in one step); RSS MB: the process's peak resident memory during
   training above its resident memory before it (Linux VmHWM after resetting it).
@@ -135,6 +136,8 @@ class Variant:
     name: str
     specs: dict[str, PrunableSpec]
     payload: Payload
+    masked_conv2d: bool = False
+    """Train pruned convolutions masked dense over all input channels (no `ChannelSlicedConv2d`)."""
 
 
 def variants(model_name: str, sparsity: float) -> list[Variant]:
@@ -179,7 +182,9 @@ def _reset_peak_rss() -> int:
 def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utterance],
                local: LocalTrainingConfig, seed: int) -> Run:
     """Train the client model of `variant` for `local.steps` steps, timing each step."""
-    client = build_client_model(workload.build_model(), variant.payload, variant.specs)
+    with mock.patch.object(submodel, "_slice_channels", lambda model, masks: {}) if variant.masked_conv2d \
+            else contextlib.nullcontext():
+        client = build_client_model(workload.build_model(), variant.payload, variant.specs)
     generator = torch.Generator().manual_seed(seed)
     collate_cpu: list[float] = []
     marks: list[tuple[float, float, float]] = []
@@ -537,8 +542,9 @@ def main() -> None:
                         help="compute the depthwise convolutions with F.conv1d (oneDNN), as clients did before "
                              "fedprune_core.depthwise (for a side-by-side measurement)")
     parser.add_argument("--masked-conv2d", action="store_true",
-                        help="train pruned convolutions masked dense over all input channels, as clients did "
-                             "before fedprune_core.submodel.ChannelSlicedConv2d (for a side-by-side measurement)")
+                        help="also train, interleaved with the others, the pruned client with its convolutions "
+                             "masked dense over all input channels, as clients did before "
+                             "fedprune_core.submodel.ChannelSlicedConv2d (a third row per model)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="train with glibc's default malloc settings, as clients did before "
                              "fedprune_core.training.reuse_freed_heap (for a side-by-side measurement)")
@@ -557,8 +563,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.onednn_depthwise:
         contextlib.ExitStack().enter_context(onednn_depthwise())  # for the whole process
-    if args.masked_conv2d:
-        submodel._slice_channels = lambda model, masks: {}  # type: ignore[assignment]
     if args.malloc_defaults:
         training.reuse_freed_heap = lambda: False  # type: ignore[assignment]
 
@@ -576,11 +580,16 @@ def main() -> None:
         pair = variants_from_run(config, args.run, args.sparsity) if config else variants(model_name, args.sparsity)
         utterances = synthetic_batch(workload, batch, args.seconds, seed=0)
         local = LocalTrainingConfig(steps=1 + args.steps, batch_size=batch, lr=1e-3, optimizer="adam")
+        if args.masked_conv2d:
+            pair.append(dataclasses.replace(pair[1], name="pruned, masked Conv2d", masked_conv2d=True))
         runs = compare(workload, pair, utterances, local, args.reps)
         rows.append((model_name, batch, summary(runs["dense"]), summary(runs["pruned"])))
+        if args.masked_conv2d:
+            rows.append((f"{model_name} (Conv2d masked dense)", batch, summary(runs["dense"]),
+                         summary(runs["pruned, masked Conv2d"])))
         if not args.no_analysis:
             print(f"\n## {model_name}, batch {batch}")
-            analyse(workload, pair, utterances, local, args.reps, args.sparsity)
+            analyse(workload, pair[:2], utterances, local, args.reps, args.sparsity)
     print("\n| model | batch | step wall s dense / pruned | wall ratio | step CPU s dense / pruned | CPU ratio "
           "| CPU ratio without features | peak MB dense / pruned | peak ratio | RSS MB dense / pruned "
           "| RSS ratio |")
