@@ -16,12 +16,19 @@ Shapes are a client's training step: 2.5 s of audio (251 x 80 log-mel frames), a
 convolution ``(B, C, 126, 40)``; `small` (batch 16, 32 channels) and `paper` (batch 2, 512
 channels). Half of the ``C * 9`` columns kept, chosen by a seeded permutation.
 
+Neither beats the masked dense convolution (docs/benchmarks.md), so since 2026-12-03 a column of a
+convolution with several input channels is a whole input channel (`PrunableSpec.taps`). The second
+table times what a client trains now: both layers (`SubsamplingConvs`) with the second over half
+of its input channels (`ChannelSlicedConv2d`, the first computing only those), against all
+channels masked dense, after checking outputs and gradients agree.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_subsampling.py
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from bench_depthwise import cpu_ms
 
+from fedprune_core.speech.model import SubsamplingConvs
+from fedprune_core.submodel import ChannelSlicedConv2d
 from fedprune_core.training import reuse_freed_heap
 
 HEIGHT, WIDTH = 126, 40
@@ -135,6 +144,37 @@ def measure(batch: int, channels: int, reps: int) -> dict[str, float]:
     return ms
 
 
+def measure_channels(batch: int, channels: int, reps: int) -> dict[str, float]:
+    """CPU ms of a forward and backward of the whole subsampling, the second layer over half of its
+    input channels against all of them masked dense, after checking both compute the same."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, 2 * HEIGHT - 1, 2 * WIDTH, generator=g)
+    torch.manual_seed(0)
+    masked = SubsamplingConvs(channels)
+    kept = torch.randperm(channels, generator=g)[: channels // 2].sort().values
+    with torch.no_grad():
+        masked[2].weight[:, torch.ones(channels, dtype=torch.bool).index_fill_(0, kept, False)] = 0.0
+    client = copy.deepcopy(masked)
+    client[2] = ChannelSlicedConv2d(masked[2], kept)
+    outs = []
+    for m in (masked, client):
+        m.zero_grad()
+        out = m(x)
+        out.sum().backward()
+        outs.append(out.detach())
+    pairs = [(outs[1], outs[0], "output"), (client[0].weight.grad, masked[0].weight.grad, "first weight"),
+             (client[2].weight.grad, masked[2].weight.grad[:, kept], "second weight")]
+    for got, want, what in pairs:
+        error = float((got - want).abs().max() / want.abs().max())  # type: ignore[operator]
+        if error > 1e-4:
+            raise AssertionError(f"kept channels: the {what} differs from masked dense by {error:.1e} of its largest")
+    ms: dict[str, float] = {}
+    for _ in range(2):  # alternate; keep the second pass
+        ms = {name: cpu_ms(lambda m=m: m(x).sum().backward(), reps)  # type: ignore[misc]
+              for name, m in (("all channels", masked), ("kept channels", client))}
+    return ms
+
+
 def _grads(conv: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...],
            columns: torch.Tensor) -> list[torch.Tensor]:
     """Output and input gradients of ``relu(conv()).sum()``; the weight's at kept columns only
@@ -166,6 +206,15 @@ def main() -> None:
             dense = ms["masked dense"]
             print(f"| {model} | {batch} x {channels} | {dense:.1f} | {ms['unfolded']:.1f} | {ms['per tap']:.1f} "
                   f"| {ms['unfolded'] / dense:.2f} | {ms['per tap'] / dense:.2f} |", flush=True)
+    print("\nBoth layers (SubsamplingConvs), the second over half of its input channels (ChannelSlicedConv2d) "
+          "against all channels masked dense; forward + backward, median CPU ms\n")
+    print("| model | batch x channels | all channels | kept channels | kept / all |")
+    print("|---|---|---|---|---|")
+    for model, batch, channels in CASES:
+        if model in args.models:
+            ms = measure_channels(batch, channels, args.reps)
+            print(f"| {model} | {batch} x {channels} | {ms['all channels']:.1f} | {ms['kept channels']:.1f} "
+                  f"| {ms['kept channels'] / ms['all channels']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
