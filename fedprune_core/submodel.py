@@ -11,6 +11,8 @@ parameters):
   kept row / column indices (int32, omitted when the block spans its whole region); up `name|w{i}`.
 - masked (anything else pruned): down `name|v`, the kept values, plus `name|g`, the kept group ids
   (int32), or for unstructured masks `name|b`, a packed bit mask (one bit per entry); up `name|v`.
+  A masked `nn.Conv2d` whose mask prunes whole input channels is trained by `ChannelSlicedConv2d`
+  over the kept channels only; its values travel in the same order.
 
 A sliced Linear is trained by `SlicedLinear` (a pointwise conv by `SlicedPointwiseConv1d`,
 attention by `SlicedMultiheadAttention`) as physically smaller dense blocks, so the client's
