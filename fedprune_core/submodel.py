@@ -238,13 +238,13 @@ class SlicedLinear(nn.Module):
         """x: (..., in_features) -> (..., out_features)."""
         if self.num_blocks == 1 and self.tiled and self.scale is None:  # one product, the bias fused into it
             cols0: torch.Tensor | None = self.c0  # type: ignore[assignment]
-            return F.linear(x if cols0 is None else x.index_select(-1, cols0), self.w0, self._bias())
+            return F.linear(x if cols0 is None else take_columns(x, cols0), self.w0, self._bias())
         cols = [getattr(self, f"c{i}") for i in range(self.num_blocks)]
         weights = [getattr(self, f"w{i}") for i in range(self.num_blocks)]
         if all(c is not None for c in cols) and sum(c.numel() for c in cols) > x.shape[-1]:
             # the blocks' gathered inputs would outweigh x itself: keep x once, gather again in backward
             return self._combine(_GatheredLinear.apply(x, _identity, tuple(cols), *weights))
-        products = [F.linear(x if c is None else x.index_select(-1, c), w) for c, w in zip(cols, weights, strict=True)]
+        products = [F.linear(x if c is None else take_columns(x, c), w) for c, w in zip(cols, weights, strict=True)]
         return self._combine(products)
 
     def forward_from(self, source: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -284,6 +284,16 @@ class SlicedLinear(nn.Module):
         return self.bias.index_select(0, bias_index)
 
 
+def take_columns(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(-1, cols)``, selected from ``x`` seen as a matrix (one row per leading index).
+
+    On a CPU, ``index_select`` along the last dimension of a 3-D tensor took three times as long as
+    along the columns of the same data as a 2-D matrix (batch 16 x 63 frames x 144 features, half
+    the columns: 0.073 against 0.025 ms), and its backward is a 2-D ``index_add`` too.
+    """
+    return x.reshape(-1, x.shape[-1]).index_select(1, cols).view(*x.shape[:-1], cols.numel())
+
+
 def dense_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight, bias)`` of a layer that computes ``F.linear(x, weight, bias)``: an ``nn.Linear``, or
     a `SlicedLinear` trained as one whole block; None for anything else."""
@@ -317,7 +327,7 @@ class _GatheredLinear(torch.autograd.Function):
         x = to_input(source)
         ctx.to_input, ctx.cols = to_input, cols
         ctx.save_for_backward(source, *weights)
-        return tuple(F.linear(x.index_select(-1, c), w) for c, w in zip(cols, weights, strict=True))
+        return tuple(F.linear(take_columns(x, c), w) for c, w in zip(cols, weights, strict=True))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
