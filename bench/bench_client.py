@@ -17,9 +17,12 @@ Reported per variant (repetitions interleaved dense/pruned, the order alternatin
   CPU time without building the batch (log-mel, SpecAugment); after the table, the mean kernel
   time per step (page faults, mostly; `--malloc-defaults` trains with glibc's default malloc
   settings instead of `fedprune_core.training.reuse_freed_heap`'s, to measure that side by side;
-  `--masked-conv2d` also trains, interleaved, the pruned client with the subsampling's second
-  convolution masked dense over all its input channels, as clients did before
-  `fedprune_core.submodel.ChannelSlicedConv2d`: a third row per model).
+  `--feature-columns` also trains, interleaved, the pruned client with the subsampling's Linear
+  pruned a feature at a time instead of a channel at a time, as clients were before channel
+  groups (`fedprune_core.prunable.ChannelReader`): its second convolution computes every output
+  channel and the Linear gathers its kept features; `--masked-conv2d` the same client with that
+  convolution also masked dense over all its input channels, as clients did before
+  `fedprune_core.submodel.ChannelSlicedConv2d`: one more row per model each).
 - peak MB: `train_local`'s peak tensor memory (parameters + gradients + optimiser state + the
   tensors saved for backward in one step); RSS MB: the process's peak resident memory during
   training above its resident memory before it (Linux VmHWM after resetting it).
@@ -67,7 +70,7 @@ from fedprune_core import submodel, training, units
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.depthwise import DepthwiseConv1d
 from fedprune_core.presets import preset
-from fedprune_core.prunable import PrunableSpec, find_prunable
+from fedprune_core.prunable import PrunableSpec, channel_readers, find_prunable
 from fedprune_core.speech.model import SubsamplingConvs, build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
@@ -140,26 +143,45 @@ class Variant:
     """Train pruned convolutions masked dense over all input channels (no `ChannelSlicedConv2d`)."""
 
 
-def variants(model_name: str, sparsity: float) -> list[Variant]:
-    """The dense client (dense FedAvg: no specs) and the column-pruned one, from the initial model."""
+def feature_columns(model: nn.Module, specs: dict[str, PrunableSpec]) -> dict[str, PrunableSpec]:
+    """`specs` without channel groups: each `ChannelReader`'s Linear pruned a feature at a time and
+    its convolution feeding nothing, as before 2026-12-03's channel groups."""
+    out = dict(specs)
+    for r in channel_readers(model):
+        if r.linear in out and r.conv in out:
+            out[r.linear] = dataclasses.replace(out[r.linear], taps=1)
+            out[r.conv] = dataclasses.replace(out[r.conv], feeds="")
+    return out
+
+
+def variants(model_name: str, sparsity: float, old: bool = False) -> list[Variant]:
+    """The dense client (dense FedAvg: no specs) and the column-pruned one, from the initial model;
+    with `old`, a third: the column-pruned client with `feature_columns`."""
     model = build_model(model_name)
     weights = {n: p.detach() for n, p in model.named_parameters()}
     prunable = ("*weight",)
-    specs = find_prunable(model, prunable, "column")
-    masks = one_shot_masks(weights, specs, "column", sparsity, prunable)
-    return [Variant("dense", {}, extract(weights, {}, {})),
-            Variant("pruned", specs, extract(weights, masks, specs))]
+    out = [Variant("dense", {}, extract(weights, {}, {}))]
+    for name, specs in (("pruned", find_prunable(model, prunable, "column")),
+                        ("pruned, feature columns", feature_columns(model, find_prunable(model, prunable, "column")))):
+        masks = one_shot_masks(weights, specs, "column", sparsity, prunable)
+        out.append(Variant(name, specs, extract(weights, masks, specs)))
+    return out if old else out[:2]
 
 
-def variants_from_run(config: ExperimentConfig, run: str, sparsity: float) -> list[Variant]:
+def variants_from_run(config: ExperimentConfig, run: str, sparsity: float, old: bool = False) -> list[Variant]:
     """The dense client and the client FedPrune sends at `sparsity` from `run`'s last weights, its
-    masks built by `config`'s pruning section (pattern, allocation, score) in one shot."""
+    masks built by `config`'s pruning section (pattern, allocation, score) in one shot; with `old`,
+    a third: that client with `feature_columns`."""
     weights = load_weights(run)
     p = config.pruning
-    specs = find_prunable(build_model(config.model), p.prunable, p.pattern, p.include_1d)
-    masks = one_shot_fp_masks(config, specs, weights, sparsity)
-    return [Variant("dense", {}, extract(weights, {}, {})),
-            Variant("pruned", specs, extract(weights, masks, specs))]
+    model = build_model(config.model)
+    out = [Variant("dense", {}, extract(weights, {}, {}))]
+    for name, specs in (("pruned", find_prunable(model, p.prunable, p.pattern, p.include_1d)),
+                        ("pruned, feature columns",
+                         feature_columns(model, find_prunable(model, p.prunable, p.pattern, p.include_1d)))):
+        masks = one_shot_fp_masks(config, specs, weights, sparsity)
+        out.append(Variant(name, specs, extract(weights, masks, specs)))
+    return out if old else out[:2]
 
 
 # --- one measured training ---------------------------------------------------------------------
@@ -182,7 +204,7 @@ def _reset_peak_rss() -> int:
 def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utterance],
                local: LocalTrainingConfig, seed: int) -> Run:
     """Train the client model of `variant` for `local.steps` steps, timing each step."""
-    with mock.patch.object(submodel, "_slice_channels", lambda model, masks: {}) if variant.masked_conv2d \
+    with mock.patch.object(submodel, "_slice_channels", lambda *_: {}) if variant.masked_conv2d \
             else contextlib.nullcontext():
         client = build_client_model(workload.build_model(), variant.payload, variant.specs)
     generator = torch.Generator().manual_seed(seed)
@@ -541,10 +563,14 @@ def main() -> None:
     parser.add_argument("--onednn-depthwise", action="store_true",
                         help="compute the depthwise convolutions with F.conv1d (oneDNN), as clients did before "
                              "fedprune_core.depthwise (for a side-by-side measurement)")
+    parser.add_argument("--feature-columns", action="store_true",
+                        help="also train, interleaved with the others, the pruned client with the subsampling's "
+                             "Linear pruned a feature at a time, as clients were before channel groups "
+                             "(fedprune_core.prunable.ChannelReader; one more row per model)")
     parser.add_argument("--masked-conv2d", action="store_true",
-                        help="also train, interleaved with the others, the pruned client with its convolutions "
-                             "masked dense over all input channels, as clients did before "
-                             "fedprune_core.submodel.ChannelSlicedConv2d (a third row per model)")
+                        help="also train, interleaved with the others, the --feature-columns client with its "
+                             "convolutions masked dense over all input channels, as clients did before "
+                             "fedprune_core.submodel.ChannelSlicedConv2d (one more row per model)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="train with glibc's default malloc settings, as clients did before "
                              "fedprune_core.training.reuse_freed_heap (for a side-by-side measurement)")
@@ -577,15 +603,21 @@ def main() -> None:
     for i, model_name in enumerate(args.models):
         batch = args.batch[i] if args.batch else BATCH[model_name]
         workload = SpeechWorkload(model_name)
-        pair = variants_from_run(config, args.run, args.sparsity) if config else variants(model_name, args.sparsity)
+        old = args.feature_columns or args.masked_conv2d
+        built = (variants_from_run(config, args.run, args.sparsity, old) if config
+                 else variants(model_name, args.sparsity, old))
+        pair = built[:2] + built[2:] * args.feature_columns
         utterances = synthetic_batch(workload, batch, args.seconds, seed=0)
         local = LocalTrainingConfig(steps=1 + args.steps, batch_size=batch, lr=1e-3, optimizer="adam")
         if args.masked_conv2d:
-            pair.append(dataclasses.replace(pair[1], name="pruned, masked Conv2d", masked_conv2d=True))
+            pair.append(dataclasses.replace(built[2], name="pruned, masked Conv2d", masked_conv2d=True))
         runs = compare(workload, pair, utterances, local, args.reps)
         rows.append((model_name, batch, summary(runs["dense"]), summary(runs["pruned"])))
+        if args.feature_columns:
+            rows.append((f"{model_name} (subsampling Linear by features)", batch, summary(runs["dense"]),
+                         summary(runs["pruned, feature columns"])))
         if args.masked_conv2d:
-            rows.append((f"{model_name} (Conv2d masked dense)", batch, summary(runs["dense"]),
+            rows.append((f"{model_name} (by features, Conv2d masked dense)", batch, summary(runs["dense"]),
                          summary(runs["pruned, masked Conv2d"])))
         if not args.no_analysis:
             print(f"\n## {model_name}, batch {batch}")

@@ -4,9 +4,11 @@ Prunable parameters are chosen by glob patterns over parameter names (`fnmatch`)
 rank > 2 are reshaped to (dim 0, rest); the weight of a convolution with several input channels
 per group, (out, in, *kernel), is pruned by whole input channels under the column patterns
 (`PrunableSpec.taps`: its kernel's taps travel together, as channel pruning does; a depthwise or
-one-input convolution keeps a column per tap); a fused attention input projection
-(`nn.MultiheadAttention.in_proj_weight`, q, k and v stacked on dim 0) is three matrices; 1-D
-tensors (biases, norms) are pruned only when `include_1d` is set, and then entry by entry.
+one-input convolution keeps a column per tap), and so is a Linear that reads a convolution's
+output flattened channel by channel (`ChannelReader`: a column is one channel's features); a fused
+attention input projection (`nn.MultiheadAttention.in_proj_weight`, q, k and v stacked on dim 0) is
+three matrices; 1-D tensors (biases, norms) are pruned only when `include_1d` is set, and then
+entry by entry.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class PrunableSpec:
         feeds: for a weight whose output rows are the units a later layer reads (see
             `fedprune_core.units`), that layer's weight name: output row r is unit r % its inputs.
         taps: the adjacent columns the column patterns keep or prune together: the kernel taps of
-            one input channel of a convolution with several input channels per group, else 1.
+            one input channel of a convolution with several input channels per group, the
+            features of one channel of a `ChannelReader`'s Linear, else 1.
     """
 
     name: str
@@ -85,15 +88,50 @@ def is_plain_attention(m: nn.Module) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class ChannelReader:
+    """A Linear that reads a convolution's output flattened channel by channel: its input features
+    ``[c * taps, (c + 1) * taps)`` are output channel c of the convolution (for a 2-D convolution
+    over (time, frequency), the channel's frequency bins at one frame).
+
+    A module declares its own with a ``channel_readers()`` method (names relative to the module).
+    Under the column patterns the Linear's columns are pruned a channel at a time, so a pruned
+    column leaves a whole output channel of the convolution unread: a dead unit
+    (`fedprune_core.units`) that a client does not compute.
+
+    Attributes:
+        conv: weight name of the convolution.
+        linear: weight name of the Linear.
+        taps: input features of the Linear per channel.
+    """
+
+    conv: str
+    linear: str
+    taps: int
+
+
+def channel_readers(model: nn.Module) -> tuple[ChannelReader, ...]:
+    """The `ChannelReader`s the modules of `model` declare, with full weight names."""
+    found: list[ChannelReader] = []
+    for path, m in model.named_modules():
+        declared = getattr(m, "channel_readers", None)
+        if callable(declared):
+            p = f"{path}." if path else ""
+            found += [ChannelReader(p + r.conv, p + r.linear, r.taps) for r in declared()]
+    return tuple(found)
+
+
 def channel_taps(model: nn.Module) -> dict[str, int]:
-    """Kernel taps per input channel of each convolution weight with several input channels per
-    group and a kernel of several taps, by weight name (see `PrunableSpec.taps`)."""
+    """Columns per group under the column patterns (see `PrunableSpec.taps`), by weight name: the
+    kernel taps per input channel of each convolution with several input channels per group and a
+    kernel of several taps, and the features per channel of each `ChannelReader`'s Linear."""
     taps: dict[str, int] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.in_channels // m.groups > 1:
             k = math.prod(m.kernel_size)
             if k > 1:
                 taps[f"{name}.weight" if name else "weight"] = k
+    taps.update({r.linear: r.taps for r in channel_readers(model) if r.taps > 1})
     return taps
 
 

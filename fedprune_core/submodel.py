@@ -44,7 +44,7 @@ from fedprune_core.depthwise import DepthwiseConv1d, kept_taps
 from fedprune_core.masks import expand_groups, group_scores, groups_of
 from fedprune_core.prunable import PrunableSpec, from_matrices, is_plain_attention, is_sliced, matrices
 from fedprune_core.types import MaskDict, Payload, StateDict
-from fedprune_core.units import LiveDepthwiseConv1d, find_unit_groups, live_masks, live_module
+from fedprune_core.units import LiveDepthwiseConv1d, find_channel_groups, find_unit_groups, live_masks, live_module
 
 SEP = "|"
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
@@ -156,7 +156,7 @@ def extract(weights: StateDict, masks: MaskDict, specs: dict[str, PrunableSpec])
                     payload[f"{name}{SEP}c{i}"] = c.to(torch.int32)
             continue
         payload[f"{name}{SEP}v"] = w[mask].detach().clone()
-        if spec.pattern == "unstructured":
+        if spec.pattern == "unstructured" or spec.feeds:  # a producer's live mask is not one pattern's groups
             payload[f"{name}{SEP}b"] = pack_bits(mask)
         else:
             payload[f"{name}{SEP}g"] = mask_to_groups(mask, spec)
@@ -460,37 +460,55 @@ class SlicedPointwiseConv1d(SlicedLinear):
 
 class ChannelSlicedConv2d(nn.Conv2d):
     """A masked `nn.Conv2d` trained over the input channels its mask keeps any weight of (a column
-    pattern prunes whole input channels, see `PrunableSpec.taps`): its weight is the
-    (out, kept channels, kh, kw) slice, its mask the same slice of the full mask, and it reads only
-    those channels of its input, so parameters, gradients and work shrink with the pruned channels.
+    pattern prunes whole input channels, see `PrunableSpec.taps`) and the output channels a later
+    layer reads (a channel group's live channels, see `fedprune_core.units`): its weight is the
+    (live outputs, kept channels, kh, kw) slice, its mask the same slice of the full mask, and it
+    reads only those channels of its input and computes only those of its output, so parameters,
+    gradients and work shrink with the pruned channels. The bias stays whole: a dead channel's entry
+    gets no gradient, as in the masked full model.
 
     `channels` are the kept input channels (ascending); a layer before it that only feeds it may
-    compute just those (`fedprune_core.speech.model.SubsamplingConvs`).
+    compute just those (`fedprune_core.speech.model.SubsamplingConvs`). `outputs` are the live
+    output channels (ascending), or None for all.
     """
 
     channels: torch.Tensor
+    outputs: torch.Tensor | None
 
-    def __init__(self, conv: nn.Conv2d, channels: torch.Tensor) -> None:
+    def __init__(self, conv: nn.Conv2d, channels: torch.Tensor, outputs: torch.Tensor | None = None) -> None:
         geometry: dict[str, Any] = {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
                                     "dilation": conv.dilation}
-        super().__init__(channels.numel(), conv.out_channels, **geometry, bias=conv.bias is not None,
+        width = conv.out_channels if outputs is None else outputs.numel()
+        super().__init__(channels.numel(), width, **geometry, bias=conv.bias is not None,
                          padding_mode=conv.padding_mode, device="meta")
-        self.weight = nn.Parameter(conv.weight.detach()[:, channels].clone())
+        weight = conv.weight.detach() if outputs is None else conv.weight.detach()[outputs]
+        self.weight = nn.Parameter(weight[:, channels].clone())
         self.bias = conv.bias
         self.register_buffer("channels", channels)
+        self.register_buffer("outputs", outputs)
+
+    def live_bias(self) -> torch.Tensor | None:
+        """The bias of the computed output channels."""
+        if self.bias is None or self.outputs is None:
+            return self.bias
+        return self.bias.index_select(0, self.outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, full input channels, H, W)."""
-        return super().forward(x.index_select(1, self.channels))
+        """x: (N, full input channels, H, W) -> (N, live output channels, H', W')."""
+        return self._conv_forward(x.index_select(1, self.channels), self.weight, self.live_bias())
 
 
-def _slice_channels(model: nn.Module, masks: MaskDict) -> dict[str, torch.Tensor]:
-    """Masked plain `nn.Conv2d` layers whose masks prune whole input channels become
-    `ChannelSlicedConv2d` over the kept channels; their masks become the same slices.
+def _slice_channels(
+    model: nn.Module, masks: MaskDict, outputs: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Masked plain `nn.Conv2d` layers whose masks prune whole input channels, or with dead output
+    channels (`outputs`: the live ones, by weight name), become `ChannelSlicedConv2d` over the kept
+    input and live output channels; their masks become the same slices.
 
     Returns:
         the new weights, by parameter name.
     """
+    outputs = outputs or {}
     weights: dict[str, torch.Tensor] = {}
     for name, mask in list(masks.items()):
         path, _, leaf = name.rpartition(".")
@@ -498,10 +516,16 @@ def _slice_channels(model: nn.Module, masks: MaskDict) -> dict[str, torch.Tensor
         if type(conv) is not nn.Conv2d or conv.groups != 1:
             continue
         channels = mask.any(dim=(0, 2, 3)).nonzero().flatten()
-        if 0 < channels.numel() < conv.in_channels:
-            sliced = ChannelSlicedConv2d(conv, channels)
+        live = outputs.get(name)
+        if live is not None and int(mask.any(dim=(1, 2, 3)).sum()) > int(mask[live].any(dim=(1, 2, 3)).sum()):
+            raise ValueError(
+                f"the mask of {name} keeps weights of output channels no later layer reads: build masks with "
+                "fedprune_core.units.live_masks, as extract() does"
+            )
+        if 0 < channels.numel() and (channels.numel() < conv.in_channels or live is not None):
+            sliced = ChannelSlicedConv2d(conv, channels, live)
             _replace_module(model, path, sliced)
-            masks[name] = mask[:, channels].contiguous()
+            masks[name] = (mask if live is None else mask[live])[:, channels].contiguous()
             weights[name] = sliced.weight
     return weights
 
@@ -571,26 +595,41 @@ def _blocks(payload: Payload, name: str, spec: PrunableSpec) -> list[tuple[torch
 
 def _compact_units(
     model: nn.Module, payload: Payload, specs: dict[str, PrunableSpec]
-) -> tuple[dict[str, _Compact], dict[str, tuple[_Compact, int]], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, _Compact], dict[str, tuple[_Compact, int]], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per reader, producer and per-unit module of each unit group with dead units: where the live
-    units sit (readers; producers with the group's width; per-unit modules: the live unit ids)."""
+    units sit (readers; producers with the group's width; per-unit modules: the live unit ids);
+    and per masked convolution of a channel group with dead channels, its live output channels.
+
+    Raises:
+        ValueError: a channel group's reader reads part of a channel's features.
+    """
     readers: dict[str, _Compact] = {}
     producers: dict[str, tuple[_Compact, int]] = {}
     per_unit: dict[str, torch.Tensor] = {}
-    for g in find_unit_groups(model, specs):
+    conv_outputs: dict[str, torch.Tensor] = {}
+    for g in find_unit_groups(model, specs) + find_channel_groups(model, specs):
         cols = [c for _, c, _ in _blocks(payload, g.reader, specs[g.reader])]
         if not cols:
             continue  # sent dense
         live = torch.unique(torch.cat(cols))
-        if live.numel() == g.width:
+        if live.numel() == g.width * g.taps:
             continue
-        pos = torch.full((g.width,), -1, dtype=torch.long)
+        pos = torch.full((g.width * g.taps,), -1, dtype=torch.long)
         pos[live] = torch.arange(live.numel())
         compact = _Compact(pos, live)
         readers[g.reader] = compact
+        if g.taps > 1:  # a channel group: whole channels are read, the convolution computes those
+            channels = torch.unique(live // g.taps)
+            if live.numel() != channels.numel() * g.taps:
+                raise ValueError(
+                    f"the payload of {g.reader} reads part of a channel's {g.taps} features: it was not built "
+                    "by extract() from masks made with the spec's taps"
+                )
+            conv_outputs.update({n: channels for n in g.producers})
+            continue
         producers.update({n: (compact, g.width) for n in g.producers})
         per_unit.update({path: live for path in g.per_unit})
-    return readers, producers, per_unit
+    return readers, producers, per_unit, conv_outputs
 
 
 def _hidden_unit_weights(specs: dict[str, PrunableSpec]) -> frozenset[str]:
@@ -621,7 +660,7 @@ def build_client_model(
     statistics = tuple(n for n, b in model.named_buffers() if n in payload)
     for name in statistics:
         model.get_buffer(name).copy_(payload[name])
-    readers, producers, per_unit = _compact_units(model, payload, specs)
+    readers, producers, per_unit, conv_outputs = _compact_units(model, payload, specs)
     masks: MaskDict = {}
     for name, p in params.items():
         if name in payload:
@@ -652,7 +691,7 @@ def build_client_model(
     for path, live in per_unit.items():
         _replace_module(model, path, live_module(model.get_submodule(path), live))
     _skip_pruned_taps(model, masks)
-    params.update(_slice_channels(model, masks))
+    params.update(_slice_channels(model, masks, conv_outputs))
 
     def project() -> None:
         with torch.no_grad():

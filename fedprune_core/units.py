@@ -23,6 +23,13 @@ speech workload is built from:
 
 A group applies only when its reader and producers are all sliced (`PrunableSpec.linear`, a
 structured pattern). Per-unit layers that mix units (group norm, layer norm) stop a group.
+
+A `ChannelReader` (a Linear reading a convolution's output flattened channel by channel, such as
+the speech model's subsampling) makes a channel group (`find_channel_groups`): under the column
+patterns the Linear prunes whole channels, each unread channel is a dead output channel of the
+convolution, whose (masked, not sliced) weight loses those rows, and a client's convolution
+computes the live channels only (`fedprune_core.submodel.ChannelSlicedConv2d`). Federated Dropout's
+hidden units are `find_unit_groups`' only.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from torchaudio.models.conformer import _ConvolutionModule, _FeedForwardModule
 from torchaudio.models.rnnt import _Joiner
 
 from fedprune_core.depthwise import DepthwiseConv1d, depthwise_conv1d
-from fedprune_core.prunable import PrunableSpec, is_sliced
+from fedprune_core.masks import CHANNEL_PATTERNS
+from fedprune_core.prunable import PrunableSpec, channel_readers, is_sliced
 from fedprune_core.types import MaskDict
 
 
@@ -52,12 +60,15 @@ class UnitGroup:
         per_unit: module paths of the layers between that act on each unit alone (depthwise
             convolution, batch norm) or gather the units (the joint network).
         width: number of units.
+        taps: the reader's input features per unit, adjacent (a channel group's features per
+            channel), else 1.
     """
 
     reader: str
     producers: tuple[str, ...]
     per_unit: tuple[str, ...]
     width: int
+    taps: int = 1
 
 
 def find_unit_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[UnitGroup, ...]:
@@ -87,18 +98,33 @@ def _sliced(spec: PrunableSpec | None) -> bool:
     return spec is not None and is_sliced(spec) and spec.splits == 1
 
 
+def find_channel_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[UnitGroup, ...]:
+    """The channel groups of `model`'s `ChannelReader`s whose Linear is sliced under a column pattern
+    that prunes it by channels, and whose convolution is masked (`specs` holds it)."""
+    found = []
+    for r in channel_readers(model):
+        reader, conv = specs.get(r.linear), specs.get(r.conv)
+        if not _sliced(reader) or conv is None or conv.pattern == "unstructured":
+            continue
+        assert reader is not None
+        if reader.pattern in CHANNEL_PATTERNS and reader.taps == r.taps and reader.shape[1] % r.taps == 0:
+            found.append(UnitGroup(r.linear, (r.conv,), (), reader.shape[1] // r.taps, r.taps))
+    return tuple(found)
+
+
 def link_units(model: nn.Module, specs: dict[str, PrunableSpec]) -> dict[str, PrunableSpec]:
-    """`specs` with each producer's `feeds` set to its group's reader."""
+    """`specs` with each producer's `feeds` set to its group's reader (unit and channel groups)."""
     out = dict(specs)
-    for g in find_unit_groups(model, specs):
+    for g in find_unit_groups(model, specs) + find_channel_groups(model, specs):
         for name in g.producers:
             out[name] = replace(out[name], feeds=g.reader)
     return out
 
 
-def live_units(reader_mask: torch.Tensor) -> torch.Tensor:
-    """Bool (in_features,): the input features of a Linear / pointwise conv mask that are read."""
-    return reader_mask.reshape(reader_mask.shape[0], -1).any(0)
+def live_units(reader_mask: torch.Tensor, taps: int = 1) -> torch.Tensor:
+    """Bool (in_features // taps,): the units a Linear / pointwise conv mask reads any input feature
+    of, `taps` adjacent features a unit (see `UnitGroup.taps`)."""
+    return reader_mask.reshape(reader_mask.shape[0], -1).any(0).view(-1, taps).any(1)
 
 
 def live_masks(masks: MaskDict, specs: dict[str, PrunableSpec]) -> MaskDict:
@@ -107,7 +133,7 @@ def live_masks(masks: MaskDict, specs: dict[str, PrunableSpec]) -> MaskDict:
     for name, spec in specs.items():
         if not spec.feeds or name not in masks or spec.feeds not in masks:
             continue
-        live = live_units(masks[spec.feeds])
+        live = live_units(masks[spec.feeds], specs[spec.feeds].taps)
         if bool(live.all()):
             continue
         rows = live.repeat(spec.shape[0] // live.numel())

@@ -28,6 +28,7 @@ from torchaudio.models import RNNT, Conformer
 from torchaudio.models.rnnt import _Joiner, _Predictor, _Transcriber
 
 from fedprune_core.depthwise import DepthwiseConv1d
+from fedprune_core.prunable import ChannelReader
 from fedprune_core.speech.text import CharVocabulary
 from fedprune_core.submodel import ChannelSlicedConv2d
 
@@ -170,9 +171,10 @@ class SubsamplingConvs(nn.Sequential):
     """``Conv2d, ReLU, Conv2d, ReLU`` (parameters named as in ``nn.Sequential``) that, when training,
     computes the first layer's output again in backward instead of keeping it (`_ConvReLUPair`).
 
-    In a client whose second layer trains only its kept input channels (`ChannelSlicedConv2d`), the
-    first computes only those channels: the others are dead (nothing else reads them; their weights
-    get zero gradient, as in the masked full model). Without gradients (evaluation, FLOP counting)
+    In a client whose second layer trains only its kept input channels (`ChannelSlicedConv2d`, which
+    also computes only the output channels the subsampling's Linear reads), the first computes only
+    those channels: the others are dead (nothing else reads them; their weights get zero gradient,
+    as in the masked full model). Without gradients (evaluation, FLOP counting)
     it runs its layers one by one.
     """
 
@@ -189,11 +191,12 @@ class SubsamplingConvs(nn.Sequential):
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in (x, *self.parameters())):
             return super().forward(x)
         assert isinstance(first, nn.Conv2d) and isinstance(second, nn.Conv2d)
-        w1, b1 = first.weight, first.bias
+        w1, b1, b2 = first.weight, first.bias, second.bias
         if isinstance(second, ChannelSlicedConv2d):  # a client's: the first computes only the channels read
             w1 = w1.index_select(0, second.channels)
             b1 = None if b1 is None else b1.index_select(0, second.channels)
-        out: torch.Tensor = _ConvReLUPair.apply(x, w1, b1, second.weight, second.bias, (first, second))
+            b2 = second.live_bias()
+        out: torch.Tensor = _ConvReLUPair.apply(x, w1, b1, second.weight, b2, (first, second))
         return out
 
 
@@ -203,7 +206,14 @@ class ConvSubsampling(nn.Module):
     def __init__(self, n_mels: int, channels: int, d_model: int) -> None:
         super().__init__()
         self.conv = SubsamplingConvs(channels)
-        self.linear = nn.Linear(channels * int(subsampled_length(torch.tensor(n_mels))), d_model)
+        self.frequencies = int(subsampled_length(torch.tensor(n_mels)))
+        self.linear = nn.Linear(channels * self.frequencies, d_model)
+
+    def channel_readers(self) -> tuple[ChannelReader, ...]:
+        """The Linear reads the second convolution's output channel by channel, ``frequencies``
+        features each: under the column patterns it is pruned by whole channels, and a client's
+        second convolution computes only the channels it reads."""
+        return (ChannelReader("conv.2.weight", "linear.weight", self.frequencies),)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map ``(B, T, F)`` features to ``(B, ceil(T/4), d_model)`` and subsampled lengths."""

@@ -24,6 +24,7 @@ from fedprune_core.units import (
     LiveBatchNorm1d,
     LiveDepthwiseConv1d,
     LiveJoiner,
+    find_channel_groups,
     find_unit_groups,
     live_masks,
     live_units,
@@ -60,6 +61,23 @@ def test_the_speech_model_has_its_feed_forward_convolution_and_joint_units() -> 
     assert find_unit_groups(model, find_prunable(model, ("*weight",), "unstructured")) == ()
 
 
+def test_the_subsampling_linear_prunes_the_convolutions_channels_under_column_patterns() -> None:
+    model = build_model("tiny")  # 8 channels of 20 frequency bins each
+    sub = "transcriber.subsampling"
+    for pattern in ("column", "half_column"):
+        specs = find_prunable(model, every_pattern_weights(model), pattern)
+        assert specs[f"{sub}.linear.weight"].taps == 20
+        assert specs[f"{sub}.conv.2.weight"].feeds == f"{sub}.linear.weight"
+        assert [(g.reader, g.producers, g.width, g.taps) for g in find_channel_groups(model, specs)] == [
+            (f"{sub}.linear.weight", (f"{sub}.conv.2.weight",), 8, 20)
+        ]
+        # not a hidden-unit group: Federated Dropout's hidden units stay the four of the other test
+        assert all(g.taps == 1 for g in find_unit_groups(model, specs))
+    for pattern in ("row", "half_row", "unstructured"):  # these prune no channel as a whole
+        specs = find_prunable(model, every_pattern_weights(model), pattern)
+        assert find_channel_groups(model, specs) == () and not specs[f"{sub}.conv.2.weight"].feeds
+
+
 @pytest.mark.parametrize("pattern", ["column", "half_column"])
 def test_a_client_without_dead_units_trains_exactly_the_masked_full_model(
     pattern: str, noise_utterances: list[Utterance]
@@ -77,8 +95,15 @@ def test_a_client_without_dead_units_trains_exactly_the_masked_full_model(
     kinds = {type(m) for m in client.module.modules()}
     assert {SlicedMultiheadAttention, LiveBatchNorm1d} <= kinds
     assert (LiveJoiner in kinds) == (pattern == "column")  # the joint output (29 rows) has no halves
-    # the subsampling's second convolution trains its kept input channels, and the first computes only them
-    assert ChannelSlicedConv2d in kinds or pattern != "column"
+    # the subsampling's second convolution trains its kept input channels, and the first computes only them;
+    # it computes only the output channels its Linear reads, and the Linear takes them without a gather
+    second = client.module.get_submodule("transcriber.subsampling.conv.2")
+    read = live_units(masks["transcriber.subsampling.linear.weight"], 20)
+    assert 0 < int(read.sum()) < 8
+    assert isinstance(second, ChannelSlicedConv2d) and second.outputs is not None
+    assert second.outputs.tolist() == read.nonzero().flatten().tolist()
+    linear = client.module.get_submodule("transcriber.subsampling.linear")
+    assert linear.num_blocks == 2 if pattern == "half_column" else linear.c0 is None
     depthwise_name = "transcriber.conformer.conformer_layers.0.conv_module.sequential.2"
     depthwise = client.module.get_submodule(depthwise_name)  # taps no live channel keeps are left out
     assert isinstance(depthwise, LiveDepthwiseConv1d)
