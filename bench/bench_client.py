@@ -154,18 +154,25 @@ def feature_columns(model: nn.Module, specs: dict[str, PrunableSpec]) -> dict[st
     return out
 
 
+def _pruned_variants(model: nn.Module, weights: dict[str, torch.Tensor], specs: dict[str, PrunableSpec],
+                     masks_for: Callable[[dict[str, PrunableSpec]], dict[str, torch.Tensor]],
+                     old: bool) -> list[Variant]:
+    """The pruned client of `specs`, and with `old` also the one of `feature_columns(specs)`."""
+    kinds = [("pruned", specs)]
+    if old:
+        kinds.append(("pruned, feature columns", feature_columns(model, specs)))
+    return [Variant(name, s, extract(weights, masks_for(s), s)) for name, s in kinds]
+
+
 def variants(model_name: str, sparsity: float, old: bool = False) -> list[Variant]:
     """The dense client (dense FedAvg: no specs) and the column-pruned one, from the initial model;
     with `old`, a third: the column-pruned client with `feature_columns`."""
     model = build_model(model_name)
     weights = {n: p.detach() for n, p in model.named_parameters()}
     prunable = ("*weight",)
-    out = [Variant("dense", {}, extract(weights, {}, {}))]
-    for name, specs in (("pruned", find_prunable(model, prunable, "column")),
-                        ("pruned, feature columns", feature_columns(model, find_prunable(model, prunable, "column")))):
-        masks = one_shot_masks(weights, specs, "column", sparsity, prunable)
-        out.append(Variant(name, specs, extract(weights, masks, specs)))
-    return out if old else out[:2]
+    specs = find_prunable(model, prunable, "column")
+    return [Variant("dense", {}, extract(weights, {}, {}))] + _pruned_variants(
+        model, weights, specs, lambda s: one_shot_masks(weights, s, "column", sparsity, prunable), old)
 
 
 def variants_from_run(config: ExperimentConfig, run: str, sparsity: float, old: bool = False) -> list[Variant]:
@@ -175,13 +182,9 @@ def variants_from_run(config: ExperimentConfig, run: str, sparsity: float, old: 
     weights = load_weights(run)
     p = config.pruning
     model = build_model(config.model)
-    out = [Variant("dense", {}, extract(weights, {}, {}))]
-    for name, specs in (("pruned", find_prunable(model, p.prunable, p.pattern, p.include_1d)),
-                        ("pruned, feature columns",
-                         feature_columns(model, find_prunable(model, p.prunable, p.pattern, p.include_1d)))):
-        masks = one_shot_fp_masks(config, specs, weights, sparsity)
-        out.append(Variant(name, specs, extract(weights, masks, specs)))
-    return out if old else out[:2]
+    specs = find_prunable(model, p.prunable, p.pattern, p.include_1d)
+    return [Variant("dense", {}, extract(weights, {}, {}))] + _pruned_variants(
+        model, weights, specs, lambda s: one_shot_fp_masks(config, s, weights, sparsity), old)
 
 
 # --- one measured training ---------------------------------------------------------------------
@@ -606,7 +609,7 @@ def main() -> None:
         old = args.feature_columns or args.masked_conv2d
         built = (variants_from_run(config, args.run, args.sparsity, old) if config
                  else variants(model_name, args.sparsity, old))
-        pair = built[:2] + built[2:] * args.feature_columns
+        pair = built if args.feature_columns else built[:2]
         utterances = synthetic_batch(workload, batch, args.seconds, seed=0)
         local = LocalTrainingConfig(steps=1 + args.steps, batch_size=batch, lr=1e-3, optimizer="adam")
         if args.masked_conv2d:

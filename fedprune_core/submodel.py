@@ -517,7 +517,7 @@ def _slice_channels(
             continue
         channels = mask.any(dim=(0, 2, 3)).nonzero().flatten()
         live = outputs.get(name)
-        if live is not None and int(mask.any(dim=(1, 2, 3)).sum()) > int(mask[live].any(dim=(1, 2, 3)).sum()):
+        if live is not None and bool(mask.any(dim=(1, 2, 3)).index_fill(0, live, False).any()):
             raise ValueError(
                 f"the mask of {name} keeps weights of output channels no later layer reads: build masks with "
                 "fedprune_core.units.live_masks, as extract() does"
