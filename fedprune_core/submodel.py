@@ -305,6 +305,54 @@ def dense_linear(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] |
     return None
 
 
+def linear_weight(layer: nn.Module, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` with ``layer(x) == F.linear(x, weight, bias)`` for an ``(..., in_features)``
+    input: an ``nn.Linear``'s own, or a `SlicedLinear`'s blocks placed in a zero ``(out_features,
+    in_features)`` matrix (differentiable in the blocks), each row times its scale.
+
+    For a kernel that takes a layer's whole weight (``torch.lstm``); a `SlicedLinear` with compact
+    outputs (``bias_index``) has no such weight.
+
+    Raises:
+        ValueError: a layer that is neither, a `SlicedLinear` with compact outputs, or an
+            ``in_features`` its blocks do not fit.
+    """
+    if isinstance(layer, nn.Linear):
+        if layer.in_features != in_features:
+            raise ValueError(f"{layer} reads {layer.in_features} features, not in_features={in_features}")
+        return layer.weight, layer.bias
+    if not isinstance(layer, SlicedLinear) or layer.bias_index is not None:
+        raise ValueError(
+            f"{type(layer).__name__} has no (out_features, in_features) weight: linear_weight takes an nn.Linear "
+            "or a SlicedLinear with full outputs"
+        )
+    first: torch.Tensor = layer.w0  # type: ignore[assignment]
+    weight = first.new_zeros(layer.out_features, in_features)
+    for i in range(layer.num_blocks):
+        rows, cols, w = (getattr(layer, f"{k}{i}") for k in "rcw")
+        rows = torch.arange(layer.out_features) if rows is None else rows
+        cols = torch.arange(in_features) if cols is None else cols
+        if w.shape != (rows.numel(), cols.numel()) or int(cols.max()) >= in_features:
+            raise ValueError(f"block {i} of shape {tuple(w.shape)} does not fit a ({layer.out_features}, "
+                             f"{in_features}) weight: pass the layer's full input width as in_features")
+        weight = weight.index_put((rows[:, None], cols[None, :]), w, accumulate=True)
+    scale: torch.Tensor | None = layer.scale  # type: ignore[assignment]
+    if scale is not None:
+        weight = weight * scale[:, None]
+    return weight, layer.bias
+
+
+def read_columns(layer: nn.Module) -> torch.Tensor | None:
+    """The input features a layer reads any of (long, sorted): the union of a `SlicedLinear`'s
+    blocks' columns; None when a block reads every column, or for a layer that is not sliced."""
+    if not isinstance(layer, SlicedLinear):
+        return None
+    cols = [getattr(layer, f"c{i}") for i in range(layer.num_blocks)]
+    if any(c is None for c in cols):
+        return None
+    return torch.cat(cols).unique()
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -692,6 +740,10 @@ def build_client_model(
         _replace_module(model, path, live_module(model.get_submodule(path), live))
     _skip_pruned_taps(model, masks)
     params.update(_slice_channels(model, masks, conv_outputs))
+    for m in model.modules():  # layers that compute fewer units once sliced (the speech model's LSTM)
+        keep_live_units = getattr(m, "keep_live_units", None)
+        if callable(keep_live_units):
+            keep_live_units()
 
     def project() -> None:
         with torch.no_grad():

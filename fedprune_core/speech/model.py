@@ -4,7 +4,8 @@ Encoder: a two-layer strided ``Conv2d`` front end (time and frequency subsampled
 ``Linear`` into the model width, ``torchaudio.models.Conformer`` and a ``Linear`` into the joint
 width. Prediction network and joiner: torchaudio's RNN-T ``_Predictor`` (embedding, LSTM built
 from ``nn.Linear``, projection) and ``_Joiner``, assembled by ``torchaudio.models.RNNT`` so that
-``torchaudio.models.RNNTBeamSearch`` decodes it unchanged.
+``torchaudio.models.RNNTBeamSearch`` decodes it unchanged. The LSTM layers run by ``torch.lstm``
+(`fedprune_core.speech.lstm.FusedLSTM`: same parameters, no Python loop over target positions).
 
 Every ``nn.Linear`` is called through its ``forward``, so a submodel can swap it for a sliced
 one; ``nn.MultiheadAttention`` keeps its fused q/k/v ``in_proj_weight``. The convolution modules'
@@ -29,6 +30,7 @@ from torchaudio.models.rnnt import _Joiner, _Predictor, _Transcriber
 
 from fedprune_core.depthwise import DepthwiseConv1d
 from fedprune_core.prunable import ChannelReader
+from fedprune_core.speech.lstm import fuse_lstm_layers, keep_live_units
 from fedprune_core.speech.text import CharVocabulary
 from fedprune_core.submodel import ChannelSlicedConv2d
 
@@ -285,11 +287,24 @@ class Joiner(_Joiner):
         return source, target
 
 
+class Predictor(_Predictor):
+    """torchaudio's prediction network (embedding, LSTM, projection) with its LSTM layers run by
+    `fedprune_core.speech.lstm.FusedLSTM` (same parameters and names)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        fuse_lstm_layers(self.lstm_layers)
+
+    def keep_live_units(self) -> None:
+        """Once a client sliced its layers: each LSTM layer computes only the units read after it."""
+        keep_live_units(self.lstm_layers, self.linear)
+
+
 class ConformerTransducer(RNNT):
     """A ``torchaudio.models.RNNT`` with a :class:`ConformerEncoder`; ``config`` records its sizes."""
 
     def __init__(self, config: ModelConfig) -> None:
-        predictor = _Predictor(
+        predictor = Predictor(
             num_symbols=config.num_symbols,
             output_dim=config.joint_dim,
             symbol_embedding_dim=config.pred_embedding_dim,

@@ -22,9 +22,11 @@ from fedprune_core.submodel import (
     expand,
     extract,
     groups_to_mask,
+    linear_weight,
     mask_to_groups,
     pack_bits,
     payload_nbytes,
+    read_columns,
     unpack_bits,
 )
 from fedprune_core.types import MaskDict
@@ -367,6 +369,43 @@ def test_sliced_linear_keeps_working_with_everything_or_nothing_kept() -> None:
         client = build_client_model(nn.Sequential(nn.Linear(4, 2)), payload, specs)
         expected = nn.functional.linear(x, weights["0.weight"] * kept, weights["0.bias"])
         assert torch.allclose(client.module(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("pattern", "rescale"), [(p, False) for p in STRUCTURED] + [("row", True)])  # FD: rescaled
+def test_linear_weight_is_the_weight_a_sliced_linear_computes_with(pattern: str, rescale: bool) -> None:
+    dense = _seeded(nn.Sequential(nn.Linear(6, 8)), 1)
+    specs = find_prunable(dense, ("0.weight",), pattern)
+    mask = make_mask(torch.rand(8, 6, generator=torch.Generator().manual_seed(2)), 0.5, pattern)
+    weights = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    client = build_client_model(_seeded(nn.Sequential(nn.Linear(6, 8)), 3), extract(weights, {"0.weight": mask}, specs),
+                                specs, rescale_kept=rescale)
+    sliced = client.module.get_submodule("0")
+    assert isinstance(sliced, SlicedLinear)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(4))
+    weight, bias = linear_weight(sliced, 6)
+    assert weight.shape == (8, 6) and torch.equal(weight != 0, mask)  # the blocks where the mask keeps weights
+    y = nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(y, sliced(x))
+    y.square().sum().backward()  # differentiable in the blocks
+    grads = [p.grad for n, p in sliced.named_parameters() if n != "bias"]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    kept = read_columns(sliced)
+    if pattern in ("column", "half_column"):
+        assert kept is not None and kept.tolist() == mask.any(0).nonzero().flatten().tolist()
+    else:
+        assert kept is None or kept.tolist() == list(range(6))  # row patterns read every input feature
+
+
+def test_linear_weight_refuses_layers_without_a_whole_weight() -> None:
+    with pytest.raises(ValueError, match="in_features=5"):
+        linear_weight(nn.Linear(4, 2), 5)
+    bias = nn.Parameter(torch.zeros(3))
+    compact = SlicedLinear(2, [(None, None, torch.randn(2, 4))], bias, bias_index=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="full outputs"):
+        linear_weight(compact, 4)
+    with pytest.raises(ValueError, match="full input width"):
+        linear_weight(SlicedLinear(2, [(None, torch.tensor([0, 6]), torch.randn(2, 2))], None), 4)
+    assert read_columns(nn.Linear(4, 2)) is None
 
 
 def _saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> tuple[torch.Tensor, set[int], int]:
