@@ -22,7 +22,9 @@ Reported per variant (repetitions interleaved dense/pruned, the order alternatin
   groups (`fedprune_core.prunable.ChannelReader`): its second convolution computes every output
   channel and the Linear gathers its kept features; `--masked-conv2d` the same client with that
   convolution also masked dense over all its input channels, as clients did before
-  `fedprune_core.submodel.ChannelSlicedConv2d`: one more row per model each).
+  `fedprune_core.submodel.ChannelSlicedConv2d`: one more row per model each; `--python-lstm` the
+  dense and the pruned client with torchaudio's LSTM, a Python loop over target positions, as
+  before `fedprune_core.speech.lstm.FusedLSTM`: one more row).
 - peak MB: `train_local`'s peak tensor memory (parameters + gradients + optimiser state + the
   tensors saved for backward in one step); RSS MB: the process's peak resident memory during
   training above its resident memory before it (Linux VmHWM after resetting it).
@@ -71,6 +73,7 @@ from fedprune_core.config import ExperimentConfig
 from fedprune_core.depthwise import DepthwiseConv1d
 from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, channel_readers, find_prunable
+from fedprune_core.speech import model as speech_model
 from fedprune_core.speech.model import SubsamplingConvs, build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
@@ -141,6 +144,9 @@ class Variant:
     payload: Payload
     masked_conv2d: bool = False
     """Train pruned convolutions masked dense over all input channels (no `ChannelSlicedConv2d`)."""
+    python_lstm: bool = False
+    """Train the prediction network's LSTM as torchaudio's `_CustomLSTM` (a Python loop over target
+    positions, on every unit) instead of `fedprune_core.speech.lstm.FusedLSTM`."""
 
 
 def feature_columns(model: nn.Module, specs: dict[str, PrunableSpec]) -> dict[str, PrunableSpec]:
@@ -207,8 +213,11 @@ def _reset_peak_rss() -> int:
 def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utterance],
                local: LocalTrainingConfig, seed: int) -> Run:
     """Train the client model of `variant` for `local.steps` steps, timing each step."""
-    with mock.patch.object(submodel, "_slice_channels", lambda *_: {}) if variant.masked_conv2d \
-            else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if variant.masked_conv2d:
+            stack.enter_context(mock.patch.object(submodel, "_slice_channels", lambda *_: {}))
+        if variant.python_lstm:
+            stack.enter_context(mock.patch.object(speech_model, "fuse_lstm_layers", lambda layers: None))
         client = build_client_model(workload.build_model(), variant.payload, variant.specs)
     generator = torch.Generator().manual_seed(seed)
     collate_cpu: list[float] = []
@@ -574,6 +583,9 @@ def main() -> None:
                         help="also train, interleaved with the others, the --feature-columns client with its "
                              "convolutions masked dense over all input channels, as clients did before "
                              "fedprune_core.submodel.ChannelSlicedConv2d (one more row per model)")
+    parser.add_argument("--python-lstm", action="store_true",
+                        help="also train, interleaved, the dense and the pruned client with torchaudio's LSTM "
+                             "(a Python loop over target positions) as before 2026-12-03's FusedLSTM")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="train with glibc's default malloc settings, as clients did before "
                              "fedprune_core.training.reuse_freed_heap (for a side-by-side measurement)")
@@ -614,6 +626,8 @@ def main() -> None:
         local = LocalTrainingConfig(steps=1 + args.steps, batch_size=batch, lr=1e-3, optimizer="adam")
         if args.masked_conv2d:
             pair.append(dataclasses.replace(built[2], name="pruned, masked Conv2d", masked_conv2d=True))
+        if args.python_lstm:
+            pair += [dataclasses.replace(v, name=f"{v.name}, Python LSTM", python_lstm=True) for v in built[:2]]
         runs = compare(workload, pair, utterances, local, args.reps)
         rows.append((model_name, batch, summary(runs["dense"]), summary(runs["pruned"])))
         if args.feature_columns:
@@ -622,6 +636,9 @@ def main() -> None:
         if args.masked_conv2d:
             rows.append((f"{model_name} (by features, Conv2d masked dense)", batch, summary(runs["dense"]),
                          summary(runs["pruned, masked Conv2d"])))
+        if args.python_lstm:
+            rows.append((f"{model_name} (Python LSTM)", batch, summary(runs["dense, Python LSTM"]),
+                         summary(runs["pruned, Python LSTM"])))
         if not args.no_analysis:
             print(f"\n## {model_name}, batch {batch}")
             analyse(workload, pair[:2], utterances, local, args.reps, args.sparsity)
