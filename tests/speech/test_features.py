@@ -1,7 +1,15 @@
 import pytest
 import torch
+import torchaudio
 
-from fedprune_core.speech.features import FeatureConfig, SpecAugmentConfig, log_mel, num_frames, spec_augment
+from fedprune_core.speech.features import (
+    FeatureConfig,
+    SpecAugmentConfig,
+    _mel_power,
+    log_mel,
+    num_frames,
+    spec_augment,
+)
 
 CONFIG = FeatureConfig()
 
@@ -16,6 +24,16 @@ def test_shapes_and_frame_counts():
     assert feats.shape == (2, 101, 80)
     assert frames.tolist() == [101, 51] == num_frames(torch.tensor([16000, 8000]), CONFIG).tolist()
     assert frames.dtype == torch.int32
+
+
+def test_mel_power_is_torchaudios_mel_spectrogram():
+    config = FeatureConfig()
+    audio = 0.1 * torch.randn(3, 16_000, generator=torch.Generator().manual_seed(0))
+    expected = torchaudio.transforms.MelSpectrogram(
+        sample_rate=16_000, n_fft=config.n_fft, win_length=config.win_length, hop_length=config.hop_length,
+        n_mels=config.n_mels, pad_mode="constant",
+    )(audio)
+    torch.testing.assert_close(_mel_power(audio, config), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_valid_frames_are_normalised_and_padding_is_zero():
