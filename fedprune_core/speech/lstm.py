@@ -5,7 +5,10 @@ from two ``nn.Linear`` layers, ``x2g`` (input to the four gates, with the bias) 
 (previous output to the gates), and steps through the target positions in Python: about fourteen
 operations a position forward and as many autograd nodes backward. At `small`'s batch 16 and 36
 target positions a forward and backward took 30 ms, most of it per-operation overhead, where
-``torch.lstm`` with the same weights (oneDNN's LSTM on a CPU) took 10 ms.
+``torch.lstm`` with the same weights (oneDNN's LSTM on a CPU) took 10 ms. That kernel keeps a
+workspace for backward (9.6 MB at that size, where the Python loop kept 6.1 MB of activations), so
+`FusedLSTM` keeps only its inputs and runs the forward again in backward
+(``torch.utils.checkpoint``): 3 ms more a step, 5 to 9 MB less.
 
 `FusedLSTM` keeps the two layers, their parameters and names (checkpoints, masks and scores are
 unchanged, and a client still swaps them for sliced ones) and passes their weights to
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchaudio.models.rnnt import _CustomLSTM
 
 from fedprune_core.submodel import SlicedLinear, linear_weight, read_columns, take_columns
@@ -93,15 +97,24 @@ class FusedLSTM(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(T, B, input_dim)`` -> ``(T, B, hidden_dim)`` outputs and the last ``[h, c]``, each
         ``(B, hidden_dim)``; ``state`` is the ``[h, c]`` to start from (None: zeros)."""
-        batch, hidden = input.shape[1], self.hidden_dim
-        units, rows = self.units, self.rows
-        width = hidden if units is None else units.numel()
+        units, hidden = self.units, self.hidden_dim
         if state is None:
-            h = c = input.new_zeros(1, batch, width)
+            width = hidden if units is None else units.numel()
+            h = c = input.new_zeros(1, input.shape[1], width)
         else:
             h, c = state[0].unsqueeze(0), state[1].unsqueeze(0)
             if units is not None:
                 h, c = h.index_select(-1, units), c.index_select(-1, units)
+        if torch.is_grad_enabled():  # keep the inputs only: the layer runs again in backward
+            out, h_n, c_n = checkpoint(self._run, input, h, c, use_reentrant=False)
+        else:
+            out, h_n, c_n = self._run(input, h, c)
+        return out, [h_n[0], c_n[0]]
+
+    def _run(self, input: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The layer from ``(1, B, width)`` initial states on the computed units: outputs ``(T, B,
+        hidden_dim)``, last ``h`` and ``c`` ``(1, B, hidden_dim)`` (zeros for units not computed)."""
+        units, rows, hidden = self.units, self.rows, self.hidden_dim
         block = _column_block(self.x2g)
         if block is not None:  # its kept input features, gathered once for the whole sequence
             cols, w_ih, b_ih = block
@@ -111,12 +124,9 @@ class FusedLSTM(nn.Module):
         b_ih = w_ih.new_zeros(4 * hidden) if b_ih is None else b_ih
         if rows is not None:
             w_ih, b_ih = w_ih.index_select(0, rows), b_ih.index_select(0, rows)
-        train = self.training or torch.is_grad_enabled()
-        params = [w_ih, self._recurrent_weight(width), b_ih, b_ih.new_zeros(b_ih.shape)]
-        out, h_n, c_n = torch.lstm(input, (h, c), params, True, 1, 0.0, train, False, False)
-        if units is None:
-            return out, [h_n[0], c_n[0]]
-        return _expand(out, units, hidden), [_expand(h_n[0], units, hidden), _expand(c_n[0], units, hidden)]
+        params = [w_ih, self._recurrent_weight(h.shape[-1]), b_ih, b_ih.new_zeros(b_ih.shape)]
+        out = torch.lstm(input, (h, c), params, True, 1, 0.0, torch.is_grad_enabled(), False, False)
+        return out if units is None else tuple(_expand(x, units, hidden) for x in out)
 
     def _recurrent_weight(self, width: int) -> torch.Tensor:
         """``p2g``'s weight on the computed units: ``(4 * width, width)``."""
