@@ -4,11 +4,11 @@ torchaudio's RNN-T prediction network (``_Predictor``) builds each LSTM layer (`
 from two ``nn.Linear`` layers, ``x2g`` (input to the four gates, with the bias) and ``p2g``
 (previous output to the gates), and steps through the target positions in Python: about fourteen
 operations a position forward and as many autograd nodes backward. At `small`'s batch 16 and 36
-target positions a forward and backward took 30 ms, most of it per-operation overhead, where
-``torch.lstm`` with the same weights (oneDNN's LSTM on a CPU) took 10 ms. That kernel keeps a
+target positions a forward and backward took 31-33 ms, most of it per-operation overhead, where
+``torch.lstm`` with the same weights (oneDNN's LSTM on a CPU) took 10-12 ms. That kernel keeps a
 workspace for backward (9.6 MB at that size, where the Python loop kept 6.1 MB of activations), so
-`FusedLSTM` keeps only its inputs and runs the forward again in backward
-(``torch.utils.checkpoint``): 3 ms more a step, 5 to 9 MB less.
+`FusedLSTM` keeps only its inputs and runs the layer again in backward (``torch.utils.checkpoint``):
+17 ms, and 9 MB less than the workspace.
 
 `FusedLSTM` keeps the two layers, their parameters and names (checkpoints, masks and scores are
 unchanged, and a client still swaps them for sliced ones) and passes their weights to

@@ -40,6 +40,23 @@ def test_fused_lstm_computes_what_torchaudios_lstm_computes(with_state: bool) ->
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_fused_lstm_keeps_only_its_inputs_for_backward() -> None:
+    layer = FusedLSTM.from_custom(_CustomLSTM(12, 20))
+    x = torch.randn(7, 3, 12, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = layer(x, None)
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    assert sum(saved) <= x.numel() * x.element_size() + params + 2 * 3 * 20 * 4  # input, weights, zero h and c
+    out.sum().backward()  # the layer runs again: gradients as usual
+    assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
 def test_the_speech_models_lstm_is_fused_and_a_layer_norm_lstm_is_refused() -> None:
     assert isinstance(build_model("tiny").get_submodule(PREDICTOR), FusedLSTM)
     with pytest.raises(ValueError, match="layer_norm=True"):
