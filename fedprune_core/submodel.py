@@ -332,7 +332,7 @@ def linear_weight(layer: nn.Module, in_features: int) -> tuple[torch.Tensor, tor
         rows, cols, w = (getattr(layer, f"{k}{i}") for k in "rcw")
         rows = torch.arange(layer.out_features) if rows is None else rows
         cols = torch.arange(in_features) if cols is None else cols
-        if w.shape != (rows.numel(), cols.numel()) or int(cols.max()) >= in_features:
+        if w.shape != (rows.numel(), cols.numel()) or bool((cols >= in_features).any()):
             raise ValueError(f"block {i} of shape {tuple(w.shape)} does not fit a ({layer.out_features}, "
                              f"{in_features}) weight: pass the layer's full input width as in_features")
         weight = weight.index_put((rows[:, None], cols[None, :]), w, accumulate=True)

@@ -406,6 +406,8 @@ def test_linear_weight_refuses_layers_without_a_whole_weight() -> None:
     with pytest.raises(ValueError, match="full input width"):
         linear_weight(SlicedLinear(2, [(None, torch.tensor([0, 6]), torch.randn(2, 2))], None), 4)
     assert read_columns(nn.Linear(4, 2)) is None
+    nothing = SlicedLinear(3, [(None, torch.zeros(0, dtype=torch.long), torch.zeros(3, 0))], None)  # no column kept
+    assert torch.equal(linear_weight(nothing, 4)[0], torch.zeros(3, 4))
 
 
 def _saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> tuple[torch.Tensor, set[int], int]:
