@@ -71,8 +71,6 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--out", default="docs/results/longer-finetune/wer_over_rounds.png")
     parser.add_argument("--prefix", default="paper2-long64-", help="run ids: PREFIX + dense / --fp, + -seedN")
-    parser.add_argument("--dense-prefix", help="the dense runs' ids: DENSE_PREFIX + dense (default: --prefix), for FP "
-                        "runs of newer code compared with dense runs of before (dense trains no masks)")
     parser.add_argument("--fp", default="fp-s50", help="the FP run's kind in its run id")
     parser.add_argument("--fp-label", default="FP@0.5 column, adaptive, refined")
     parser.add_argument("--until", type=int, help="read only the evaluations up to this round (the plot shows all)")
@@ -80,8 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     fp_kind = args.fp
-    prefixes = {"dense": args.dense_prefix or args.prefix, fp_kind: args.prefix}
-    runs = [(run_id(prefixes[k], k, s, args.seed0_suffix), k, (), s) for s in seeds for k in ("dense", fp_kind)]
+    runs = [(run_id(args.prefix, k, s, args.seed0_suffix), k, (), s) for s in seeds for k in ("dense", fp_kind)]
     found = {(r.label, r.seed): r for r in collect(MlflowClient(Settings().tracking_uri), args.experiment, runs)}
 
     means: dict[int, dict[str, list[float]]] = {k: {"dense": [], fp_kind: []} for k in (2, 4)}
