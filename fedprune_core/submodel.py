@@ -699,7 +699,9 @@ def build_client_model(
     """Load a payload into `model` (modified in place) and return what the client trains.
 
     Sliced weights become `SlicedLinear` / `SlicedPointwiseConv1d` layers (attention:
-    `SlicedMultiheadAttention`); layers of a unit group with dead units run on the live units only.
+    `SlicedMultiheadAttention`); layers of a unit group with dead units run on the live units only,
+    and so does any module that declares ``keep_live_units()`` (called once its layers are sliced:
+    the speech model's prediction network, `fedprune_core.speech.lstm`).
 
     Args:
         rescale_kept: train as inverted dropout (see the module's docstring); row pattern only.
