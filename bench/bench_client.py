@@ -24,7 +24,10 @@ Reported per variant (repetitions interleaved dense/pruned, the order alternatin
   convolution also masked dense over all its input channels, as clients did before
   `fedprune_core.submodel.ChannelSlicedConv2d`: one more row per model each; `--python-lstm` the
   dense and the pruned client with torchaudio's LSTM, a Python loop over target positions, as
-  before `fedprune_core.speech.lstm.FusedLSTM`: one more row).
+  before `fedprune_core.speech.lstm.FusedLSTM`: one more row; `--transposed-pointwise` the pruned
+  client with its pointwise convolutions' outputs and input gradients laid out (N, L, C) seen
+  through a transpose, as before `SlicedPointwiseConv1d` laid them out as `nn.Conv1d` does: one
+  more row).
 - peak MB: `train_local`'s peak tensor memory (parameters + gradients + optimiser state + the
   tensors saved for backward in one step); RSS MB: the process's peak resident memory during
   training above its resident memory before it (Linux VmHWM after resetting it).
@@ -79,6 +82,7 @@ from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
 from fedprune_core.submodel import (
     ClientModel,
+    SlicedLinear,
     SlicedMultiheadAttention,
     SlicedPointwiseConv1d,
     build_client_model,
@@ -130,7 +134,7 @@ def synthetic_batch(workload: SpeechWorkload, size: int, seconds: float, seed: i
     for i in range(size):
         audio = 0.05 * torch.randn(int(seconds * 16_000), generator=g)
         picks = torch.randint(len(symbols), (chars,), generator=g).tolist()
-        text = "".join(symbols[j] for j in picks).strip()
+        text = " ".join("".join(symbols[j] for j in picks).split())  # words separated by single spaces
         out.append(Utterance(f"synthetic-{i:03d}", "synthetic", text or "a", audio))
     return out
 
@@ -147,6 +151,9 @@ class Variant:
     python_lstm: bool = False
     """Train the prediction network's LSTM as torchaudio's `_CustomLSTM` (a Python loop over target
     positions, on every unit) instead of `fedprune_core.speech.lstm.FusedLSTM`."""
+    transposed_pointwise: bool = False
+    """Train sliced pointwise convolutions with their output and input gradient laid out (N, L, C)
+    seen through a transpose, as before `SlicedPointwiseConv1d` laid them out as ``nn.Conv1d``."""
 
 
 def feature_columns(model: nn.Module, specs: dict[str, PrunableSpec]) -> dict[str, PrunableSpec]:
@@ -210,6 +217,10 @@ def _reset_peak_rss() -> int:
     return 1024 * _status_kb("VmRSS")
 
 
+def _transposed_pointwise(layer: SlicedPointwiseConv1d, x: torch.Tensor) -> torch.Tensor:
+    return SlicedLinear.forward(layer, x.transpose(1, 2)).transpose(1, 2)
+
+
 def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utterance],
                local: LocalTrainingConfig, seed: int) -> Run:
     """Train the client model of `variant` for `local.steps` steps, timing each step."""
@@ -219,6 +230,14 @@ def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utte
         if variant.python_lstm:
             stack.enter_context(mock.patch.object(speech_model, "fuse_lstm_layers", lambda layers: None))
         client = build_client_model(workload.build_model(), variant.payload, variant.specs)
+    with contextlib.ExitStack() as stack:
+        if variant.transposed_pointwise:  # for training, not building
+            stack.enter_context(mock.patch.object(SlicedPointwiseConv1d, "forward", _transposed_pointwise))
+        return _train(workload, client, utterances, local, seed)
+
+
+def _train(workload: SpeechWorkload, client: ClientModel, utterances: list[Utterance],
+           local: LocalTrainingConfig, seed: int) -> Run:
     generator = torch.Generator().manual_seed(seed)
     collate_cpu: list[float] = []
     marks: list[tuple[float, float, float]] = []
@@ -586,6 +605,10 @@ def main() -> None:
     parser.add_argument("--python-lstm", action="store_true",
                         help="also train, interleaved, the dense and the pruned client with torchaudio's LSTM "
                              "(a Python loop over target positions) as before 2026-12-03's FusedLSTM")
+    parser.add_argument("--transposed-pointwise", action="store_true",
+                        help="also train, interleaved, the pruned client with its pointwise convolutions' "
+                             "output and input gradient laid out (N, L, C) seen through a transpose, as before "
+                             "SlicedPointwiseConv1d laid them out as nn.Conv1d does (one more row)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="train with glibc's default malloc settings, as clients did before "
                              "fedprune_core.training.reuse_freed_heap (for a side-by-side measurement)")
@@ -628,6 +651,8 @@ def main() -> None:
             pair.append(dataclasses.replace(built[2], name="pruned, masked Conv2d", masked_conv2d=True))
         if args.python_lstm:
             pair += [dataclasses.replace(v, name=f"{v.name}, Python LSTM", python_lstm=True) for v in built[:2]]
+        if args.transposed_pointwise:
+            pair.append(dataclasses.replace(built[1], name="pruned, transposed pointwise", transposed_pointwise=True))
         runs = compare(workload, pair, utterances, local, args.reps)
         rows.append((model_name, batch, summary(runs["dense"]), summary(runs["pruned"])))
         if args.feature_columns:
@@ -639,6 +664,9 @@ def main() -> None:
         if args.python_lstm:
             rows.append((f"{model_name} (Python LSTM)", batch, summary(runs["dense, Python LSTM"]),
                          summary(runs["pruned, Python LSTM"])))
+        if args.transposed_pointwise:
+            rows.append((f"{model_name} (transposed pointwise)", batch, summary(runs["dense"]),
+                         summary(runs["pruned, transposed pointwise"])))
         if not args.no_analysis:
             print(f"\n## {model_name}, batch {batch}")
             analyse(workload, pair[:2], utterances, local, args.reps, args.sparsity)

@@ -499,11 +499,32 @@ def _check_row_pattern(spec: PrunableSpec) -> None:
 
 class SlicedPointwiseConv1d(SlicedLinear):
     """A pointwise (kernel 1) Conv1d trained as the dense blocks its mask keeps: a `SlicedLinear`
-    over the channel dimension of (N, C, L) inputs."""
+    over the channel dimension of (N, C, L) inputs.
+
+    Its tensors are laid out as ``nn.Conv1d``'s are: the output is contiguous (N, C, L), not the
+    (N, L, C) product seen through a transpose, and a contiguous input gets a contiguous gradient.
+    Elementwise operations on two tensors of different layouts (an activation's backward taking
+    its input in one and its gradient in the other) run several times slower on a CPU: SiLU's
+    backward at `small`'s size (16 x 72 x 63) took 0.35 ms against 0.03 ms.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, in_channels, L) -> (N, out_channels, L)."""
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        """x: (N, in_channels, L) -> (N, out_channels, L), contiguous."""
+        if x.requires_grad and x.is_contiguous():
+            x = _ContiguousGrad.apply(x)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2).contiguous()
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, with its gradient made contiguous."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class ChannelSlicedConv2d(nn.Conv2d):

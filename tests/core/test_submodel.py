@@ -358,6 +358,29 @@ def test_sliced_linear_equals_the_masked_dense_linear(pattern: str, bias: bool, 
     assert torch.allclose(values["0.weight"], masked_weight.grad * mask, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sliced_pointwise_conv1d_lays_out_tensors_as_conv1d(channels_last: bool) -> None:
+    # contiguous (N, C, L) output, and a contiguous input gets a contiguous gradient, as nn.Conv1d's
+    dense = _seeded(nn.Sequential(nn.Conv1d(6, 8, 1)), 3)
+    specs = find_prunable(dense, ("0.weight",), "column")
+    mask = make_mask(torch.rand(8, 6, generator=torch.Generator().manual_seed(7)), 0.5, "column").unsqueeze(-1)
+    weights = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    sliced = build_client_model(_seeded(nn.Sequential(nn.Conv1d(6, 8, 1)), 4),
+                                extract(weights, {"0.weight": mask}, specs), specs).module.get_submodule("0")
+    source = torch.randn(3, 5, 6) if channels_last else torch.randn(3, 6, 5)
+    source.requires_grad_()
+    x = source.transpose(1, 2) if channels_last else source * 1  # (N, C, L), seen through a transpose or not
+    seen: list[torch.Tensor] = []
+    x.register_hook(seen.append)
+    y = sliced(x)
+    expected = nn.functional.conv1d(x, weights["0.weight"] * mask, weights["0.bias"])
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert y.is_contiguous() and nn.functional.conv1d(x, weights["0.weight"]).is_contiguous()
+    y.backward(torch.randn(y.shape))
+    assert seen[0].is_contiguous() == (not channels_last)  # a gradient in the input's own layout
+    assert seen[0].transpose(1, 2).is_contiguous() == channels_last
+
+
 def test_sliced_linear_keeps_working_with_everything_or_nothing_kept() -> None:
     dense = _seeded(nn.Sequential(nn.Linear(4, 2)), 1)
     specs = find_prunable(dense, ("0.weight",), "column")
