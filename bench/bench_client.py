@@ -289,6 +289,18 @@ def summary(runs: list[Run]) -> dict[str, float]:
     }
 
 
+def summaries(dense: list[Run], pruned: list[Run]) -> tuple[dict[str, float], dict[str, float]]:
+    """`summary` of both variants; the pruned one also gets the CPU ratio of each interleaved pair
+    of trainings (pruned training's median step over the dense one's trained beside it): its
+    median, quartiles and range, a figure that slow drift of the machine's speed does not move."""
+    d, p = summary(dense), summary(pruned)
+    pairs = sorted(statistics.median(b.cpu_s) / statistics.median(a.cpu_s) for a, b in zip(dense, pruned, strict=True))
+    quartiles = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else [pairs[0]] * 3
+    p.update(pairs=len(pairs), pair_median=statistics.median(pairs), pair_q1=quartiles[0], pair_q3=quartiles[2],
+             pair_min=pairs[0], pair_max=pairs[-1])
+    return d, p
+
+
 # --- analysis: where the pruned model's cost goes -------------------------------------------------
 
 SLICED = "other Linear (sliced when pruned)"
@@ -654,19 +666,19 @@ def main() -> None:
         if args.transposed_pointwise:
             pair.append(dataclasses.replace(built[1], name="pruned, transposed pointwise", transposed_pointwise=True))
         runs = compare(workload, pair, utterances, local, args.reps)
-        rows.append((model_name, batch, summary(runs["dense"]), summary(runs["pruned"])))
+        rows.append((model_name, batch, *summaries(runs["dense"], runs["pruned"])))
         if args.feature_columns:
-            rows.append((f"{model_name} (subsampling Linear by features)", batch, summary(runs["dense"]),
-                         summary(runs["pruned, feature columns"])))
+            rows.append((f"{model_name} (subsampling Linear by features)", batch,
+                         *summaries(runs["dense"], runs["pruned, feature columns"])))
         if args.masked_conv2d:
-            rows.append((f"{model_name} (by features, Conv2d masked dense)", batch, summary(runs["dense"]),
-                         summary(runs["pruned, masked Conv2d"])))
+            rows.append((f"{model_name} (by features, Conv2d masked dense)", batch,
+                         *summaries(runs["dense"], runs["pruned, masked Conv2d"])))
         if args.python_lstm:
-            rows.append((f"{model_name} (Python LSTM)", batch, summary(runs["dense, Python LSTM"]),
-                         summary(runs["pruned, Python LSTM"])))
+            rows.append((f"{model_name} (Python LSTM)", batch,
+                         *summaries(runs["dense, Python LSTM"], runs["pruned, Python LSTM"])))
         if args.transposed_pointwise:
-            rows.append((f"{model_name} (transposed pointwise)", batch, summary(runs["dense"]),
-                         summary(runs["pruned, transposed pointwise"])))
+            rows.append((f"{model_name} (transposed pointwise)", batch,
+                         *summaries(runs["dense"], runs["pruned, transposed pointwise"])))
         if not args.no_analysis:
             print(f"\n## {model_name}, batch {batch}")
             analyse(workload, pair[:2], utterances, local, args.reps, args.sparsity)
@@ -690,6 +702,11 @@ def main() -> None:
             ratio = p[figure] / d[figure]
             met = "met" if ratio <= TARGET else "missed"
             print(f"{model_name} {figure}: pruned / dense {ratio:.2f} ({met}: target <= {TARGET})")
+        print(f"{model_name} cpu, fastest steps: pruned / dense {p['cpu_min'] / d['cpu_min']:.2f} (the step least "
+              "slowed by other work on the machine, timeit's convention)")
+        print(f"{model_name} CPU ratio of each of the {p['pairs']:.0f} interleaved pairs of trainings: median "
+              f"{p['pair_median']:.3f}, quartiles {p['pair_q1']:.3f}-{p['pair_q3']:.3f}, range "
+              f"{p['pair_min']:.3f}-{p['pair_max']:.3f}")
 
 
 if __name__ == "__main__":
