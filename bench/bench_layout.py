@@ -75,7 +75,7 @@ def conv_module(reps: int) -> None:
 
     def module(variant: Variant) -> nn.Module:
         client = build_client_model(workload.build_model(), variant.payload, variant.specs)
-        return client.module.transcriber.conformer.conformer_layers[0].conv_module
+        return client.module.get_submodule("transcriber.conformer.conformer_layers.0.conv_module")
 
     modules = {"dense": module(dense), "pruned": module(pruned)}
     x = torch.randn(BATCH, FRAMES, 144, generator=torch.Generator().manual_seed(1), requires_grad=True)
