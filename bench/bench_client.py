@@ -53,6 +53,7 @@ import dataclasses
 import gc
 import json
 import os
+import random
 import statistics
 import time
 import warnings
@@ -78,6 +79,7 @@ from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, channel_readers, find_prunable
 from fedprune_core.speech import model as speech_model
 from fedprune_core.speech.model import SubsamplingConvs, build_model
+from fedprune_core.speech.synth import SAMPLE_RATE
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechBatch, SpeechWorkload
 from fedprune_core.submodel import (
@@ -92,6 +94,7 @@ from fedprune_core.submodel import (
 from fedprune_core.training import LocalTrainingConfig, train_local
 from fedprune_core.types import Payload
 from fedprune_core.units import LiveBatchNorm1d, LiveDepthwiseConv1d
+from infra.speech_data import MANIFEST, read_index, read_manifest
 
 TARGET = 0.6
 """Issue 6: pruned / dense <= 0.6 for step time and peak training memory."""
@@ -123,6 +126,23 @@ class Run:
 
 
 # --- data and payloads ---------------------------------------------------------------------------
+
+
+def corpus_batch(root: Path, size: int, seed: int) -> list[Utterance]:
+    """`size` utterances of one client of a rendered corpus's train split (`fedprune data`), the
+    client and the utterances drawn with `seed`: a batch as a client trains it, of mixed lengths
+    padded to the longest.
+
+    Raises:
+        ValueError: no client of the corpus holds `size` utterances.
+    """
+    clients = read_index(root)["splits"]["train"]
+    large = sorted(speaker for speaker, count in clients.items() if count >= size)
+    if not large:
+        raise ValueError(f"--corpus {root}: no client holds {size} utterances; pass a smaller --batch")
+    draw = random.Random(seed)
+    speaker = draw.choice(large)
+    return draw.sample(read_manifest(root / "train" / speaker / MANIFEST), size)
 
 
 def synthetic_batch(workload: SpeechWorkload, size: int, seconds: float, seed: int) -> list[Utterance]:
@@ -596,6 +616,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["small", "paper"], choices=list(BATCH))
     parser.add_argument("--batch", type=int, nargs="+", help=f"batch size per model (default: {BATCH})")
     parser.add_argument("--seconds", type=float, default=2.5, help="audio per utterance")
+    parser.add_argument("--corpus", type=Path,
+                        help="instead of synthetic utterances of --seconds each, a batch of one client of this "
+                             "rendered corpus (e.g. .fedprune/data/synth-4425c1666c5a, the `small` preset's), "
+                             "drawn with seed 0: mixed lengths, padded to the longest")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per training, after a warm-up step")
     parser.add_argument("--reps", type=int, default=4, help="trainings per variant, interleaved")
     parser.add_argument("--sparsity", type=float, default=0.5)
@@ -645,9 +669,10 @@ def main() -> None:
     masks = (f"{config.pruning.pattern} pattern, {config.pruning.allocation}, score {config.pruning.score_source} "
              f"{config.pruning.score_norm}, from {args.run}'s weights" if config else
              "column pattern, uniform, from the initial model")
+    data = f"a client's batch from {args.corpus}" if args.corpus else f"{args.seconds} s synthetic utterances"
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; {masks}, sparsity "
-          f"{args.sparsity}; Adam; {args.seconds} s synthetic utterances; {args.reps} interleaved "
+          f"{args.sparsity}; Adam; {data}; {args.reps} interleaved "
           f"trainings x {args.steps} timed steps per variant (medians)")
     rows = []
     for i, model_name in enumerate(args.models):
@@ -657,7 +682,14 @@ def main() -> None:
         built = (variants_from_run(config, args.run, args.sparsity, old) if config
                  else variants(model_name, args.sparsity, old))
         pair = built if args.feature_columns else built[:2]
-        utterances = synthetic_batch(workload, batch, args.seconds, seed=0)
+        if args.corpus is None:
+            utterances = synthetic_batch(workload, batch, args.seconds, seed=0)
+        else:
+            utterances = corpus_batch(args.corpus, batch, seed=0)
+            seconds = sorted(u.audio.numel() / SAMPLE_RATE for u in utterances)
+            print(f"{model_name}: {batch} utterances of {utterances[0].speaker_id} from {args.corpus}, "
+                  f"{seconds[0]:.2f}-{seconds[-1]:.2f} s (mean {statistics.mean(seconds):.2f} s), "
+                  f"{statistics.mean(len(u.text) for u in utterances):.0f} characters on average")
         local = LocalTrainingConfig(steps=1 + args.steps, batch_size=batch, lr=1e-3, optimizer="adam")
         if args.masked_conv2d:
             pair.append(dataclasses.replace(built[2], name="pruned, masked Conv2d", masked_conv2d=True))
