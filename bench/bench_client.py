@@ -6,7 +6,9 @@ the client model of a dense payload (dense FedAvg) and that of a 50% column-prun
 (FedPrune one-shot masks, uniform allocation: every weight of rank >= 2 at 50%). Both go through
 the real client path: `extract` -> `build_client_model` -> `train_local` with the speech workload's
 loss and collate (log-mel + SpecAugment), Adam, `after_step=project`, on the same synthetic batch
-(noise audio of a fixed length with a random transcript: cost does not depend on the content).
+(noise audio of a fixed length with a random transcript: cost does not depend on the content;
+2.5 s, the `bench` corpus's mean), or with `--corpus` one client's batch of a rendered corpus
+(mixed lengths padded to the longest, as a client trains).
 Batch: the `small` preset's 16; 2 for `paper` (116M parameters) to keep CPU steps to seconds.
 One torch thread by default: on cores shared with other jobs, 2 OpenMP threads waiting on each
 other made steps several times slower and erratic.
@@ -28,6 +30,8 @@ Reported per variant (repetitions interleaved dense/pruned, the order alternatin
   client with its pointwise convolutions' outputs and input gradients laid out (N, L, C) seen
   through a transpose, as before `SlicedPointwiseConv1d` laid them out as `nn.Conv1d` does: one
   more row).
+  After the table: the CPU ratio of the fastest steps (the step least slowed by other work on
+  this shared machine), and of each interleaved pair of trainings (median, quartiles, range).
 - peak MB: `train_local`'s peak tensor memory (parameters + gradients + optimiser state + the
   tensors saved for backward in one step); RSS MB: the process's peak resident memory during
   training above its resident memory before it (Linux VmHWM after resetting it).
@@ -40,6 +44,7 @@ time by kind of operation (`torch.profiler`, median of interleaved profiled step
     .venv/bin/python bench/bench_client.py --models small --reps 6 --no-analysis
     .venv/bin/python bench/bench_client.py --models small --reps 8 --no-analysis \\
         --run paper/paper-warmup2 --config docs/results/learning-rate/lr1-fp-s50.json   # FP@0.5's own client
+    .venv/bin/python bench/bench_client.py --models small --reps 8 --corpus .fedprune/data/synth-4425c1666c5a
 
 Issue 6 target: pruned / dense <= 0.6 for both figures. The table is a printed figure, not a test.
 """
