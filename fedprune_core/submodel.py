@@ -249,15 +249,14 @@ class SlicedLinear(nn.Module):
 
     def forward_from(self, source: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``forward(to_input(source))`` for a ``source`` that backward keeps anyway (an activation's
-        output): the layer keeps ``source`` instead of its own gathered copy of the input.
+        output): the layer keeps ``source`` instead of its own copy of the input (the gathered
+        columns, or the reshaping itself when a block reads every column).
 
         Args:
             source: the tensor the input is a reshaping of.
             to_input: a differentiable reshaping (permute, reshape) of ``source`` to ``(..., in_features)``.
         """
         cols = [getattr(self, f"c{i}") for i in range(self.num_blocks)]
-        if any(c is None for c in cols):
-            return self.forward(to_input(source))
         weights = [getattr(self, f"w{i}") for i in range(self.num_blocks)]
         return self._combine(_GatheredLinear.apply(source, to_input, tuple(cols), *weights))
 
@@ -358,8 +357,8 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 class _GatheredLinear(torch.autograd.Function):
-    """``y_i = to_input(source)[..., cols_i] @ W_i^T`` for every block i, keeping only ``source``
-    for backward, where the gathered inputs are taken again.
+    """``y_i = to_input(source)[..., cols_i] @ W_i^T`` for every block i (``cols_i`` None: every
+    column), keeping only ``source`` for backward, where the inputs are taken again.
 
     Used where ``source`` is kept for backward anyway (attention's output, a ReLU's output) or
     where the blocks' gathered copies together outweigh it (q, k and v each reading their own
@@ -375,7 +374,7 @@ class _GatheredLinear(torch.autograd.Function):
         x = to_input(source)
         ctx.to_input, ctx.cols = to_input, cols
         ctx.save_for_backward(source, *weights)
-        return tuple(F.linear(take_columns(x, c), w) for c, w in zip(cols, weights, strict=True))
+        return tuple(F.linear(x if c is None else take_columns(x, c), w) for c, w in zip(cols, weights, strict=True))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -388,8 +387,10 @@ class _GatheredLinear(torch.autograd.Function):
         grad_w: list[torch.Tensor | None] = []
         for c, w, g, needed in zip(ctx.cols, weights, grads, ctx.needs_input_grad[3:], strict=True):
             g2 = g.reshape(-1, g.shape[-1])
-            grad_w.append(g2.t() @ flat.index_select(-1, c) if needed else None)
-            if grad_x is not None:
+            grad_w.append(g2.t() @ (flat if c is None else flat.index_select(-1, c)) if needed else None)
+            if grad_x is not None and c is None:
+                grad_x.add_(g2 @ w)
+            elif grad_x is not None:
                 grad_x.index_add_(-1, c, g2 @ w)
         grad_source = None
         if grad_x is not None:

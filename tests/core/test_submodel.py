@@ -462,7 +462,9 @@ def _three_blocks(in_features: int, kept: int) -> SlicedLinear:
 
 def _by_gathering(layer: SlicedLinear, x: torch.Tensor) -> torch.Tensor:
     """The reference: each block's product on its own gathered copy of x."""
-    ys = [nn.functional.linear(x.index_select(-1, getattr(layer, f"c{i}")), getattr(layer, f"w{i}")) for i in range(3)]
+    cols = [getattr(layer, f"c{i}") for i in range(3)]
+    ys = [nn.functional.linear(x if c is None else x.index_select(-1, c), getattr(layer, f"w{i}"))
+          for i, c in enumerate(cols)]
     return torch.cat(ys, -1) + layer.bias
 
 
@@ -488,8 +490,12 @@ def test_blocks_reading_fewer_columns_keep_their_gathered_copies() -> None:
     assert x.untyped_storage().data_ptr() not in storages and len(storages) == 3 and nbytes == 3 * 2 * 7 * 5 * 4
 
 
-def test_forward_from_keeps_the_source_and_equals_forward_of_its_reshaping() -> None:
-    layer = _three_blocks(in_features=12, kept=3)
+@pytest.mark.parametrize("every_column", [False, True])
+def test_forward_from_keeps_the_source_and_equals_forward_of_its_reshaping(every_column: bool) -> None:
+    layer = _three_blocks(in_features=12, kept=12 if every_column else 3)
+    if every_column:  # blocks that read every column carry no column index (a compact input)
+        for i in range(3):
+            setattr(layer, f"c{i}", None)
     source = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(14), requires_grad=True)
 
     def reshape(s: torch.Tensor) -> torch.Tensor:  # (B, C, T, F) -> (B, T, C * F): a copy
