@@ -157,7 +157,7 @@ def synthetic_batch(workload: SpeechWorkload, size: int, seconds: float, seed: i
     chars = int(seconds * CHARS_PER_SECOND)
     out = []
     for i in range(size):
-        audio = 0.05 * torch.randn(int(seconds * 16_000), generator=g)
+        audio = 0.05 * torch.randn(int(seconds * SAMPLE_RATE), generator=g)
         picks = torch.randint(len(symbols), (chars,), generator=g).tolist()
         text = " ".join("".join(symbols[j] for j in picks).split())  # words separated by single spaces
         out.append(Utterance(f"synthetic-{i:03d}", "synthetic", text or "a", audio))

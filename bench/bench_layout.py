@@ -26,6 +26,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 from bench_client import Variant, _transposed_pointwise, variants
@@ -83,11 +84,8 @@ def conv_module(reps: int) -> None:
 
     def step(name: str, forward: Callable[..., torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
-            SlicedPointwiseConv1d.forward = forward  # type: ignore[method-assign]
-            try:
+            with mock.patch.object(SlicedPointwiseConv1d, "forward", forward):
                 modules[name](x).sum().backward()
-            finally:
-                SlicedPointwiseConv1d.forward = laid_out  # type: ignore[method-assign]
         return run
 
     ms = interleaved_ms({
