@@ -26,13 +26,13 @@ from fedprune_core.speech.features import FeatureConfig, SpecAugmentConfig, log_
 from fedprune_core.speech.metrics import char_error_rate, word_error_rate
 from fedprune_core.speech.model import ConformerTransducer, ModelConfig, build_model, resolve_model_config
 from fedprune_core.speech.text import CharVocabulary
-from fedprune_core.speech.transducer import joint_lattice_log_probs, lattice_log_probs, lattice_nll
+from fedprune_core.speech.transducer import joint_lattices, lattice_log_probs, lattice_nll, padded_lattice_nll
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.submodel import dense_linear
 from fedprune_core.training import ClientResult, LocalTrainingConfig, train_local
 
 _JOINT_ACTIVATIONS: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.Tanh: "tanh"}
-"""The joint activations whose lattice the loss computes from the joint's inputs (`joint_lattice_log_probs`)."""
+"""The joint activations whose lattices the loss computes from the joint's inputs (`joint_lattices`)."""
 
 
 @dataclass(frozen=True)
@@ -137,30 +137,26 @@ class SpeechWorkload:
         predictions, _, _ = transducer.predict(blank_first, b.target_lengths + 1, None)  # (B, U + 1, D)
         # The joint tensor is (T', U + 1, D) per utterance; joining each one at its own size
         # instead of the padded (B, T'max, Umax + 1, D) halves the cost of the joint and the loss.
-        lattices = [
-            self._lattice(transducer, encodings[i, :t], predictions[i, : u + 1], b.targets[i, :u])
-            for i, (t, u) in enumerate(zip(frames.tolist(), b.target_lengths.tolist(), strict=True))
-        ]
-        return lattice_nll(lattices).sum() / b.target_lengths.sum()
-
-    def _lattice(
-        self, model: RNNT, encoding: torch.Tensor, prediction: torch.Tensor, target: torch.Tensor
-    ) -> torch.Tensor:
-        """Blank and next-symbol log-probabilities ``(T', U + 1, 2)`` of one utterance from its
-        ``(T', D)`` encoding, ``(U + 1, D)`` prediction and ``(U,)`` target.
-
-        Neither the joint's ``(T', U + 1, D)`` activations nor its ``(T', U + 1, V)`` output are
-        kept for backward: both are computed again in the backward pass from the joint's two
-        inputs (the largest tensors of a training step otherwise: a fifth of a `small` client's
-        training memory).
-        """
-        joiner = model.joiner
+        lengths = list(zip(frames.tolist(), b.target_lengths.tolist(), strict=True))
+        joiner = transducer.joiner
         dense = dense_linear(joiner.linear)
         activation = _JOINT_ACTIVATIONS.get(type(joiner.activation))
-        if dense is None or activation is None or not torch.is_grad_enabled():
-            return lattice_log_probs(joiner.linear(joiner.hidden(encoding, prediction)), target, self.vocabulary.blank)
-        source, joint_prediction = joiner.inputs(encoding, prediction)
-        return joint_lattice_log_probs(source, joint_prediction, activation, *dense, target, self.vocabulary.blank)
+        if dense is not None and activation is not None and torch.is_grad_enabled():
+            # Neither the joint's (T', U + 1, D) activations nor its (T', U + 1, V) output are kept
+            # for backward: both are computed again in the backward pass from the joint's two inputs
+            # (the largest tensors of a training step otherwise: a fifth of a `small` client's
+            # training memory).
+            source, joint_prediction = joiner.inputs(encodings, predictions)
+            lattices = joint_lattices(source, joint_prediction, lengths, b.targets, activation, *dense,
+                                      self.vocabulary.blank)
+            nll = padded_lattice_nll(lattices, frames, b.target_lengths)
+        else:
+            nll = lattice_nll([
+                lattice_log_probs(joiner.linear(joiner.hidden(encodings[i, :t], predictions[i, : u + 1])),
+                                  b.targets[i, :u], self.vocabulary.blank)
+                for i, (t, u) in enumerate(lengths)
+            ])
+        return nll.sum() / b.target_lengths.sum()
 
     def train_client(
         self,

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torchaudio.functional as AF
 
-from fedprune_core.speech.transducer import joint_lattice_log_probs, lattice_log_probs, lattice_nll, rnnt_nll
+from fedprune_core.speech.transducer import (
+    joint_lattice_log_probs,
+    joint_lattices,
+    lattice_log_probs,
+    lattice_nll,
+    padded_lattice_nll,
+    rnnt_nll,
+)
 
 BLANK = 4
 
@@ -112,3 +119,52 @@ def test_the_joint_lattice_names_a_bad_activation_or_shape() -> None:
         joint_lattice_log_probs(source, torch.zeros(4, 7), "relu", weight, None, target, BLANK)
     with pytest.raises(ValueError, match=r"for a target of 2 symbols: need \(T >= 1, 3, D\)"):
         joint_lattice_log_probs(source, prediction, "relu", weight, None, target[:2], BLANK)
+
+
+@pytest.mark.parametrize("symbols", [BLANK + 1, 8])  # an output layer padded to 8 symbols, and one not padded
+def test_a_batch_of_joints_equals_each_utterance_joined_alone(symbols: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    lengths = [(6, 3), (2, 0), (4, 5)]
+    source = torch.randn(3, 7, 8, generator=g, requires_grad=True)  # padding beyond each length: never read
+    prediction = torch.randn(3, 6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(symbols, 8, generator=g, requires_grad=True)
+    bias = torch.randn(symbols, generator=g, requires_grad=True)
+    targets = torch.randint(0, symbols, (3, 5), generator=g)
+    targets[targets == BLANK] = 0
+
+    ours = joint_lattices(source, prediction, lengths, targets, "relu", weight, bias, BLANK)
+    assert ours.shape == (3, 6, 6, 2)
+    references = [
+        lattice_log_probs(torch.nn.functional.linear(torch.relu(source[b, :t, None] + prediction[b, None, : u + 1]),
+                                                     weight, bias), targets[b, :u], BLANK)
+        for b, (t, u) in enumerate(lengths)
+    ]
+    grads = [torch.randn(x.shape, generator=g) for x in references]
+    padded_grad = torch.randn(ours.shape, generator=g)  # the padding's gradient is ignored
+    for b, ((t, u), reference) in enumerate(zip(lengths, references, strict=True)):
+        torch.testing.assert_close(ours[b, :t, : u + 1], reference)
+        padded_grad[b, :t, : u + 1] = grads[b]
+    assert ours.detach().count_nonzero() == sum(x.numel() for x in references)  # zeros elsewhere
+
+    inputs = [source, prediction, weight, bias]
+    expected = torch.autograd.grad(references, inputs, grads)
+    masked = padded_grad.clone()
+    for b, (t, u) in enumerate(lengths):
+        masked[b] = 0
+        masked[b, :t, : u + 1] = grads[b]
+    for ours_g, reference_g in zip(torch.autograd.grad(ours, inputs, masked), expected, strict=True):
+        torch.testing.assert_close(ours_g, reference_g)
+    # and the losses through the padded lattices equal those of the lattices one by one
+    frames, counts = torch.tensor([t for t, _ in lengths]), torch.tensor([u for _, u in lengths])
+    torch.testing.assert_close(padded_lattice_nll(ours, frames, counts), lattice_nll(references))
+
+
+def test_a_batch_of_joints_names_lengths_that_do_not_fit() -> None:
+    source, prediction, weight = torch.zeros(2, 5, 8), torch.zeros(2, 4, 8), torch.zeros(BLANK + 1, 8)
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"utterance 1: 6 frames and 2 symbols do not fit"):
+        joint_lattices(source, prediction, [(5, 3), (6, 2)], targets, "relu", weight, None, BLANK)
+    with pytest.raises(ValueError, match=r"utterance 0: 0 frames"):
+        joint_lattices(source, prediction, [(0, 3), (5, 2)], targets, "relu", weight, None, BLANK)
+    with pytest.raises(ValueError, match=r"and 1 lengths: need \(B, T, D\)"):
+        joint_lattices(source, prediction, [(5, 3)], targets, "relu", weight, None, BLANK)
