@@ -457,7 +457,7 @@ SCOPES: dict[str, str] = {
     "Optimizer.zero_grad": "optimizer step (Adam)",
     "project": "mask projection (after_step)",
     "collate": "batch features (log-mel, SpecAugment)",
-    "_JointSymbolLogProbs": "transducer loss (joint output layer, log-softmax, lattice)",
+    "_JointLattices": "transducer loss (joint output layer, log-softmax, lattice)",
     "_SymbolLogProbs": "transducer loss (joint output layer, log-softmax, lattice)",
     "_TransducerNLL": "transducer loss (joint output layer, log-softmax, lattice)",
 }
