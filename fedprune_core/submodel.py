@@ -239,13 +239,16 @@ class SlicedLinear(nn.Module):
         if self.num_blocks == 1 and self.tiled and self.scale is None:  # one product, the bias fused into it
             cols0: torch.Tensor | None = self.c0  # type: ignore[assignment]
             return F.linear(x if cols0 is None else take_columns(x, cols0), self.w0, self._bias())
+        return self._combine(self.products(x))
+
+    def products(self, x: torch.Tensor) -> Sequence[torch.Tensor]:
+        """Each block's ``x[..., cols_i] @ W_i^T``, unplaced, unscaled and without the bias."""
         cols = [getattr(self, f"c{i}") for i in range(self.num_blocks)]
         weights = [getattr(self, f"w{i}") for i in range(self.num_blocks)]
         if all(c is not None for c in cols) and sum(c.numel() for c in cols) > x.shape[-1]:
             # the blocks' gathered inputs would outweigh x itself: keep x once, gather again in backward
-            return self._combine(_GatheredLinear.apply(x, _identity, tuple(cols), *weights))
-        products = [F.linear(x if c is None else take_columns(x, c), w) for c, w in zip(cols, weights, strict=True)]
-        return self._combine(products)
+            return _GatheredLinear.apply(x, _identity, tuple(cols), *weights)
+        return [F.linear(x if c is None else take_columns(x, c), w) for c, w in zip(cols, weights, strict=True)]
 
     def forward_from(self, source: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``forward(to_input(source))`` for a ``source`` that backward keeps anyway (an activation's
@@ -429,17 +432,10 @@ class SlicedMultiheadAttention(nn.Module):
                 "and need_weights=False, as torchaudio's Conformer does"
             )
         length, batch, _ = query.shape
-        if self.in_proj is not None:
-            qkv = self.in_proj(query)
-            if self.in_proj_bias is not None:
-                qkv = qkv + self.in_proj_bias
-        else:
-            assert self.in_proj_weight is not None
-            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
-        heads = qkv.view(length, batch, 3, self.num_heads, -1).permute(2, 1, 3, 0, 4)  # (3, N, H, L, E/H)
+        q, k, v = (y.view(length, batch, self.num_heads, -1).permute(1, 2, 0, 3) for y in self._qkv(query))
         mask = _attention_mask(key_padding_mask, attn_mask, query.dtype)
-        out = F.scaled_dot_product_attention(
-            heads[0], heads[1], heads[2], attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+        out = F.scaled_dot_product_attention(  # (N, H, L, E/H)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal and mask is None,
         )
         def merge_heads(heads_out: torch.Tensor) -> torch.Tensor:  # (N, H, L, E/H) -> (L, N, E)
@@ -448,6 +444,28 @@ class SlicedMultiheadAttention(nn.Module):
         if isinstance(self.out_proj, SlicedLinear):  # scaled dot-product attention keeps `out` for backward
             return self.out_proj.forward_from(out, merge_heads), None
         return self.out_proj(merge_heads(out)), None
+
+
+    def _qkv(self, query: torch.Tensor) -> Sequence[torch.Tensor]:
+        """q, k and v, each ``(L, N, E)``.
+
+        A column-pruned ``in_proj`` is three blocks of whole rows, one per projection: each comes
+        straight from its own product, so that backward hands each block its own gradient instead
+        of cutting one assembled from q, k and v (three zero-filled ``(3, N, H, L, E/H)`` tensors,
+        one per projection, summed, then split again).
+        """
+        bias = self.in_proj_bias
+        in_proj = self.in_proj
+        if in_proj is None:
+            assert self.in_proj_weight is not None
+            return F.linear(query, self.in_proj_weight, bias).chunk(3, -1)
+        blocks = [getattr(in_proj, f"w{i}") for i in range(in_proj.num_blocks)]
+        if (in_proj.tiled and len(blocks) == 3 and all(w.shape[0] == self.embed_dim for w in blocks)
+                and in_proj.scale is None and in_proj.bias_index is None):
+            products = in_proj.products(query)
+            return list(products) if bias is None else [y + b for y, b in zip(products, bias.chunk(3), strict=True)]
+        qkv = in_proj(query)
+        return (qkv if bias is None else qkv + bias).chunk(3, -1)
 
 
 def _attention_mask(

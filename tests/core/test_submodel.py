@@ -358,6 +358,41 @@ def test_sliced_linear_equals_the_masked_dense_linear(pattern: str, bias: bool, 
     assert torch.allclose(values["0.weight"], masked_weight.grad * mask, atol=1e-5)
 
 
+@pytest.mark.parametrize("pattern", STRUCTURED)
+def test_sliced_attention_equals_the_masked_dense_attention(pattern: str) -> None:
+    # column: q, k and v straight from in_proj's three blocks; the other patterns: from its whole output
+    def make() -> nn.Module:
+        return nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2)})
+
+    dense = _seeded(make(), 3)
+    specs = find_prunable(dense, ("attn.in_proj_weight", "attn.out_proj.weight"), pattern)
+    weights = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    masks = _masks(weights, specs, 0.5, seed=7)
+    client = build_client_model(_seeded(make(), 4), extract(weights, masks, specs), specs)
+    sliced = client.module.get_submodule("attn")
+    reference = make()
+    reference.load_state_dict({n: w * masks[n] if n in masks else w for n, w in weights.items()})
+
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(8))  # (L, N, E)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    outputs = [m.get_submodule("attn")(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+               for m in (client.module, reference)]
+    torch.testing.assert_close(outputs[0], outputs[1])
+    target = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(9))
+    for y in outputs:
+        ((y - target) ** 2).sum().backward()
+    grads = {n: p.grad for n, p in client.module.named_parameters() if p.grad is not None}
+    values, held = expand(client_update(client, specs, grads), masks, specs, {n: w.shape for n, w in weights.items()})
+    for n, p in reference.named_parameters():
+        assert p.grad is not None
+        h = held.get(n, torch.ones_like(p, dtype=torch.bool))
+        scale = float(p.grad.abs().max())  # float rounding of sums in another order
+        torch.testing.assert_close(values[n][h], p.grad[h], rtol=1e-5, atol=1e-6 * scale)
+    in_proj = sliced.in_proj
+    assert isinstance(in_proj, SlicedLinear) and (in_proj.tiled and in_proj.num_blocks == 3) == (pattern == "column")
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_sliced_pointwise_conv1d_lays_out_tensors_as_conv1d(channels_last: bool) -> None:
     # contiguous (N, C, L) output, and a contiguous input gets a contiguous gradient, as nn.Conv1d's
