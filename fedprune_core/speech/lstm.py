@@ -23,8 +23,9 @@ output ``Linear``). A unit that neither reads is dead: no weight that computes i
 loss, and its gradients are exactly zero. A client's `FusedLSTM` runs on the live units only
 (`FusedLSTM.keep_units_read_by`, which `fedprune_core.submodel.build_client_model` has the
 prediction network call once its layers are sliced): the recurrence's weight shrinks from
-``4H x H`` to ``4H' x H'``, and the outputs of dead units are zeros. Their weights stay in the
-client's layers with zero gradients, which leaves them unchanged.
+``4H x H`` to ``4H' x H'``, and the layer's output holds the live units only, the layer after it
+reading its columns among them (its last state, for decoding, is whole: zeros for dead units). The
+dead units' weights stay in the client's layers with zero gradients, which leaves them unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class FusedLSTM(nn.Module):
     def __init__(self, x2g: nn.Module, p2g: nn.Module, hidden_dim: int) -> None:
         super().__init__()
         self.x2g, self.p2g, self.hidden_dim = x2g, p2g, hidden_dim
+        self.compact_output = False
         for name in ("units", "rows", "recurrent_columns"):
             self.register_buffer(name, None, persistent=False)
 
@@ -73,8 +75,16 @@ class FusedLSTM(nn.Module):
         reads an input of; all of them when either reads every input.
 
         Sets `units`, the gate rows that compute them (`rows`) and, for a ``p2g`` of one column
-        block, where its columns sit among the units (`recurrent_columns`).
+        block, where its columns sit among the units (`recurrent_columns`). When some units are
+        dead the layer's output holds the live units only, and ``reader``'s columns are renumbered
+        among them (its blocks read the same features, without the dead units' zeros being
+        written, kept and gathered from).
+
+        Raises:
+            ValueError: called a second time (``reader``'s columns are already renumbered).
         """
+        if self.compact_output:
+            raise ValueError("this LSTM layer already emits its live units only: keep_units_read_by runs once")
         self.units = self.rows = self.recurrent_columns = None
         recurrent, after = read_columns(self.p2g), read_columns(reader)
         if recurrent is None or after is None:
@@ -91,12 +101,17 @@ class FusedLSTM(nn.Module):
         block = _column_block(self.p2g)
         if block is not None:
             self.recurrent_columns = torch.searchsorted(units, block[0])
+        assert isinstance(reader, SlicedLinear)  # read_columns: a sliced layer whose every block has columns
+        for i in range(reader.num_blocks):
+            setattr(reader, f"c{i}", torch.searchsorted(units, getattr(reader, f"c{i}")))
+        self.compact_output = True
 
     def forward(
         self, input: torch.Tensor, state: list[torch.Tensor] | None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(T, B, input_dim)`` -> ``(T, B, hidden_dim)`` outputs and the last ``[h, c]``, each
-        ``(B, hidden_dim)``; ``state`` is the ``[h, c]`` to start from (None: zeros)."""
+        """``(T, B, input_dim)`` -> ``(T, B, hidden_dim)`` outputs (``(T, B, len(units))`` when
+        `compact_output`) and the last ``[h, c]``, each ``(B, hidden_dim)``; ``state`` is the
+        ``[h, c]`` to start from (None: zeros)."""
         units, hidden = self.units, self.hidden_dim
         if state is None:
             width = hidden if units is None else units.numel()
@@ -113,7 +128,8 @@ class FusedLSTM(nn.Module):
 
     def _run(self, input: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The layer from ``(1, B, width)`` initial states on the computed units: outputs ``(T, B,
-        hidden_dim)``, last ``h`` and ``c`` ``(1, B, hidden_dim)`` (zeros for units not computed)."""
+        hidden_dim)`` (the computed units only when `compact_output`), last ``h`` and ``c`` ``(1, B,
+        hidden_dim)`` (zeros for units not computed)."""
         units, rows, hidden = self.units, self.rows, self.hidden_dim
         block = _column_block(self.x2g)
         if block is not None:  # its kept input features, gathered once for the whole sequence
@@ -126,7 +142,11 @@ class FusedLSTM(nn.Module):
             w_ih, b_ih = w_ih.index_select(0, rows), b_ih.index_select(0, rows)
         params = [w_ih, self._recurrent_weight(h.shape[-1]), b_ih, b_ih.new_zeros(b_ih.shape)]
         out = torch.lstm(input, (h, c), params, True, 1, 0.0, torch.is_grad_enabled(), False, False)
-        return out if units is None else tuple(_expand(x, units, hidden) for x in out)
+        if units is None:
+            return out
+        outputs, h_n, c_n = out
+        return (outputs if self.compact_output else _expand(outputs, units, hidden),
+                _expand(h_n, units, hidden), _expand(c_n, units, hidden))
 
     def _recurrent_weight(self, width: int) -> torch.Tensor:
         """``p2g``'s weight on the computed units: ``(4 * width, width)``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,10 +11,10 @@ from torch import nn
 from torchaudio.models.rnnt import _CustomLSTM
 
 from fedprune_core.masks import make_mask
-from fedprune_core.prunable import find_prunable
+from fedprune_core.prunable import find_prunable, from_matrices, matrices
 from fedprune_core.speech.lstm import FusedLSTM
-from fedprune_core.speech.model import build_model
-from fedprune_core.submodel import build_client_model, extract, read_columns
+from fedprune_core.speech.model import build_model, resolve_model_config
+from fedprune_core.submodel import build_client_model, client_update, expand, extract, read_columns
 
 PREDICTOR = "predictor.lstm_layers.0"
 
@@ -89,13 +90,20 @@ def test_a_clients_lstm_computes_only_the_units_read_after_it() -> None:
     out, _, _ = client.module.predictor(tokens, lengths)
     expected, _, _ = reference.predictor(tokens, lengths)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    # the LSTM's outputs: the read units as in the full model, zeros for units nothing reads
+    # the LSTM's outputs: the live units only, as in the full model; the output Linear reads its
+    # columns among them, and the state (for decoding) is whole, zeros for units nothing reads
     embedded = reference.predictor.input_layer_norm(reference.predictor.embedding(tokens.T))
-    full, _ = reference.get_submodule(PREDICTOR)(embedded, None)
-    compact, _ = layer(embedded, None)
+    full, (h_full, _) = reference.get_submodule(PREDICTOR)(embedded, None)
+    compact, (h, _) = layer(embedded, None)
     read = recurrent | read_after
-    torch.testing.assert_close(compact[..., read], full[..., read], rtol=1e-5, atol=1e-6)
-    assert not compact[..., ~read].any()
+    assert layer.compact_output and compact.shape == (*full.shape[:-1], width)
+    torch.testing.assert_close(compact, full[..., read], rtol=1e-5, atol=1e-6)
+    output_columns = client.module.predictor.linear.c0
+    assert output_columns.tolist() == torch.searchsorted(layer.units, read_after.nonzero().flatten()).tolist()
+    torch.testing.assert_close(h[..., read], h_full[..., read], rtol=1e-5, atol=1e-6)
+    assert h.shape == h_full.shape and not h[..., ~read].any()
+    with pytest.raises(ValueError, match="keep_units_read_by runs once"):
+        layer.keep_units_read_by(client.module.predictor.linear)
 
     # gradients: the dead units' gate rows get none, the live ones the full model's
     out.square().sum().backward()
@@ -106,3 +114,37 @@ def test_a_clients_lstm_computes_only_the_units_read_after_it() -> None:
     ref_grad = reference.get_parameter(f"{PREDICTOR}.x2g.weight").grad
     assert ref_grad is not None
     torch.testing.assert_close(x2g.w0.grad, ref_grad[:, x2g.c0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", ["column", "half_column"])
+def test_a_stack_of_client_lstm_layers_equals_the_masked_full_stack(pattern: str) -> None:
+    # layer 0's output is read by layer 1's x2g (renumbered among layer 0's live units), layer 1's by the Linear
+    config = dataclasses.replace(resolve_model_config("tiny"), pred_layers=2)
+    model = build_model(config, seed=3)
+    specs = find_prunable(model, ("predictor.lstm_layers.*", "predictor.linear.weight"), pattern)
+    g = torch.Generator().manual_seed(2)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = {}
+    for n, spec in specs.items():
+        parts = [make_mask(torch.rand(m.shape, generator=g), 0.7, pattern) for m in matrices(weights[n], spec)]
+        masks[n] = from_matrices(parts, spec)
+    client = build_client_model(build_model(config, seed=9), extract(weights, masks, specs), specs)
+    layers = client.module.predictor.lstm_layers
+    assert all(isinstance(layer, FusedLSTM) and layer.compact_output for layer in layers)
+    reference = build_model(config, seed=9)
+    reference.load_state_dict({n: w * masks[n] if n in masks else w for n, w in weights.items()}, strict=False)
+    tokens = torch.randint(0, 29, (3, 6), generator=g)
+    lengths = torch.full((3,), 6)
+    out, _, _ = client.module.predictor(tokens, lengths)
+    expected, _, _ = reference.predictor(tokens, lengths)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grads = {n: p.grad for n, p in client.module.named_parameters() if p.grad is not None}
+    shapes = {n: w.shape for n, w in weights.items() if n.startswith("predictor.")}
+    values, held = expand(client_update(client, specs, grads), masks, specs, shapes)
+    for n in shapes:
+        p = reference.get_parameter(n)
+        assert p.grad is not None
+        h = held.get(n, torch.ones_like(p, dtype=torch.bool))
+        torch.testing.assert_close(values[n][h], p.grad[h], rtol=1e-4, atol=1e-6)
