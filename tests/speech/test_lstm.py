@@ -13,7 +13,7 @@ from torchaudio.models.rnnt import _CustomLSTM
 from fedprune_core.masks import make_mask
 from fedprune_core.prunable import find_prunable, from_matrices, matrices
 from fedprune_core.speech.lstm import FusedLSTM
-from fedprune_core.speech.model import build_model, resolve_model_config
+from fedprune_core.speech.model import ModelConfig, build_model, resolve_model_config
 from fedprune_core.submodel import build_client_model, client_update, expand, extract, read_columns
 
 PREDICTOR = "predictor.lstm_layers.0"
@@ -64,6 +64,19 @@ def test_the_speech_models_lstm_is_fused_and_a_layer_norm_lstm_is_refused() -> N
         FusedLSTM.from_custom(_CustomLSTM(4, 6, layer_norm=True))
 
 
+def _predictions(
+    config: str | ModelConfig, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], client: nn.Module,
+    g: torch.Generator,
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked full model (seed 9, as the clients' own), random tokens, and the client's and the
+    masked model's prediction network outputs on them."""
+    reference = build_model(config, seed=9)
+    reference.load_state_dict({n: w * masks[n] if n in masks else w for n, w in weights.items()}, strict=False)
+    tokens = torch.randint(0, 29, (3, 6), generator=g)
+    lengths = torch.full((3,), 6)
+    return reference, tokens, client.predictor(tokens, lengths)[0], reference.predictor(tokens, lengths)[0]
+
+
 def test_a_clients_lstm_computes_only_the_units_read_after_it() -> None:
     model = build_model("tiny", seed=3)  # LSTM of 64 units read by p2g and the output Linear
     specs = find_prunable(model, ("predictor.*",), "column")
@@ -83,12 +96,7 @@ def test_a_clients_lstm_computes_only_the_units_read_after_it() -> None:
     width = layer.units.numel()
     assert layer._recurrent_weight(width).shape == (4 * width, width)  # the recurrence runs on live units
 
-    reference = build_model("tiny", seed=9)
-    reference.load_state_dict({n: w * masks[n] if n in masks else w for n, w in weights.items()}, strict=False)
-    tokens = torch.randint(0, 29, (3, 6), generator=g)
-    lengths = torch.full((3,), 6)
-    out, _, _ = client.module.predictor(tokens, lengths)
-    expected, _, _ = reference.predictor(tokens, lengths)
+    reference, tokens, out, expected = _predictions("tiny", weights, masks, client.module, g)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     # the LSTM's outputs: the live units only, as in the full model; the output Linear reads its
     # columns among them, and the state (for decoding) is whole, zeros for units nothing reads
@@ -131,12 +139,7 @@ def test_a_stack_of_client_lstm_layers_equals_the_masked_full_stack(pattern: str
     client = build_client_model(build_model(config, seed=9), extract(weights, masks, specs), specs)
     layers = client.module.predictor.lstm_layers
     assert all(isinstance(layer, FusedLSTM) and layer.compact_output for layer in layers)
-    reference = build_model(config, seed=9)
-    reference.load_state_dict({n: w * masks[n] if n in masks else w for n, w in weights.items()}, strict=False)
-    tokens = torch.randint(0, 29, (3, 6), generator=g)
-    lengths = torch.full((3,), 6)
-    out, _, _ = client.module.predictor(tokens, lengths)
-    expected, _, _ = reference.predictor(tokens, lengths)
+    reference, _, out, expected = _predictions(config, weights, masks, client.module, g)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     out.square().sum().backward()
     expected.square().sum().backward()
