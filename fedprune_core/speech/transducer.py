@@ -182,8 +182,8 @@ def joint_lattices(
                 "symbols <= U, the lengths the padded tensors hold"
             )
     after = torch.nn.functional.pad(targets.long(), (0, 1), value=blank)  # (B, U + 1)
-    for b, (_, u) in enumerate(lengths):
-        after[b, u] = blank  # the last row of each lattice emits no symbol
+    symbols = torch.tensor([[u] for _, u in lengths], device=after.device)
+    after.scatter_(1, symbols, blank)  # the last row of each lattice emits no symbol
     return _JointLattices.apply(source, prediction, activation, weight, bias, after, tuple(lengths), blank)
 
 
