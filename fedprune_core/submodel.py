@@ -445,7 +445,6 @@ class SlicedMultiheadAttention(nn.Module):
             return self.out_proj.forward_from(out, merge_heads), None
         return self.out_proj(merge_heads(out)), None
 
-
     def _qkv(self, query: torch.Tensor) -> Sequence[torch.Tensor]:
         """q, k and v, each ``(L, N, E)``.
 
