@@ -443,11 +443,16 @@ def forward_flops(
             key = f"{type(child).__name__}.{sub}" if sub else type(child).__name__
             modules[key] = (f"{child_name}.{sub}" if sub else child_name, m)
     counts = counter.get_flop_counts()
+    # without gradients SubsamplingConvs runs its layers, which count their own FLOPs
+    units = {path for path, m in modules.values() if is_unit(m) and not isinstance(m, SubsamplingConvs)}
     out: dict[str, int] = defaultdict(int)
     for key, ops in counts.items():
-        # without gradients SubsamplingConvs runs its layers, which count their own FLOPs
-        if key in modules and is_unit(modules[key][1]) and not isinstance(modules[key][1], SubsamplingConvs):
-            out[kind_of(*modules[key], sliced)] += sum(ops.values())
+        if key not in modules or modules[key][0] not in units:
+            continue
+        path = modules[key][0]
+        if any(".".join(path.split(".")[:i]) in units for i in range(1, path.count(".") + 1)):
+            continue  # inside a unit (an attention's projections): counted with it
+        out[kind_of(*modules[key], sliced)] += sum(ops.values())
     out[OTHER] += sum(counts["Global"].values()) - sum(out.values())
     return dict(out)
 

@@ -234,34 +234,43 @@ class SlicedLinear(nn.Module):
         self.register_buffer("bias_index", bias_index)
         self.register_buffer("scale", scale)  # per output row, before the bias (inverted dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_features) -> (..., out_features)."""
-        if self.num_blocks == 1 and self.tiled and self.scale is None:  # one product, the bias fused into it
-            cols0: torch.Tensor | None = self.c0  # type: ignore[assignment]
-            return F.linear(x if cols0 is None else take_columns(x, cols0), self.w0, self._bias())
-        return self._combine(self.products(x))
+    def forward(
+        self, x: torch.Tensor, combine: bool = True, to_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> Any:
+        """x: (..., in_features) -> (..., out_features).
 
-    def products(self, x: torch.Tensor) -> Sequence[torch.Tensor]:
-        """Each block's ``x[..., cols_i] @ W_i^T``, unplaced, unscaled and without the bias."""
+        Args:
+            x: the input; with ``to_input``, a tensor the input is a reshaping of (`forward_from`).
+            combine: False: each block's ``x[..., cols_i] @ W_i^T``, unplaced, unscaled and without
+                the bias.
+            to_input: a differentiable reshaping (permute, reshape) of ``x`` to ``(..., in_features)``.
+        """
         cols = [getattr(self, f"c{i}") for i in range(self.num_blocks)]
         weights = [getattr(self, f"w{i}") for i in range(self.num_blocks)]
-        if all(c is not None for c in cols) and sum(c.numel() for c in cols) > x.shape[-1]:
+        if to_input is not None:
+            products = _GatheredLinear.apply(x, to_input, tuple(cols), *weights)
+        elif combine and self.num_blocks == 1 and self.tiled and self.scale is None:
+            # one product, the bias fused into it
+            return F.linear(x if cols[0] is None else take_columns(x, cols[0]), weights[0], self._bias())
+        elif all(c is not None for c in cols) and sum(c.numel() for c in cols) > x.shape[-1]:
             # the blocks' gathered inputs would outweigh x itself: keep x once, gather again in backward
-            return _GatheredLinear.apply(x, _identity, tuple(cols), *weights)
-        return [F.linear(x if c is None else take_columns(x, c), w) for c, w in zip(cols, weights, strict=True)]
+            products = _GatheredLinear.apply(x, _identity, tuple(cols), *weights)
+        else:
+            products = [F.linear(x if c is None else take_columns(x, c), w) for c, w in zip(cols, weights, strict=True)]
+        return self._combine(products) if combine else products
 
     def forward_from(self, source: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``forward(to_input(source))`` for a ``source`` that backward keeps anyway (an activation's
         output): the layer keeps ``source`` instead of its own copy of the input (the gathered
-        columns, or the reshaping itself when a block reads every column).
+        columns, or the reshaping itself when a block reads every column). Called through the
+        module, as every other use of the layer, so that its hooks see it.
 
         Args:
             source: the tensor the input is a reshaping of.
             to_input: a differentiable reshaping (permute, reshape) of ``source`` to ``(..., in_features)``.
         """
-        cols = [getattr(self, f"c{i}") for i in range(self.num_blocks)]
-        weights = [getattr(self, f"w{i}") for i in range(self.num_blocks)]
-        return self._combine(_GatheredLinear.apply(source, to_input, tuple(cols), *weights))
+        out: torch.Tensor = self(source, to_input=to_input)
+        return out
 
     def _combine(self, ys: Sequence[torch.Tensor]) -> torch.Tensor:
         """The layer's output from its blocks' products ``ys``: placed in their rows, scaled, biased."""
@@ -461,7 +470,7 @@ class SlicedMultiheadAttention(nn.Module):
         blocks = [getattr(in_proj, f"w{i}") for i in range(in_proj.num_blocks)]
         if (in_proj.tiled and len(blocks) == 3 and all(w.shape[0] == self.embed_dim for w in blocks)
                 and in_proj.scale is None and in_proj.bias_index is None):
-            products = in_proj.products(query)
+            products = in_proj(query, combine=False)
             return list(products) if bias is None else [y + b for y, b in zip(products, bias.chunk(3), strict=True)]
         qkv = in_proj(query)
         return (qkv if bias is None else qkv + bias).chunk(3, -1)
@@ -526,8 +535,19 @@ class SlicedPointwiseConv1d(SlicedLinear):
     backward at `small`'s size (16 x 72 x 63) took 0.35 ms against 0.03 ms.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, in_channels, L) -> (N, out_channels, L), contiguous."""
+    def forward(
+        self, x: torch.Tensor, combine: bool = True, to_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> Any:
+        """x: (N, in_channels, L) -> (N, out_channels, L), contiguous; with ``combine=False``, each
+        block's product over the channels, (N, L, rows of the block).
+
+        Raises:
+            ValueError: a ``to_input``: a pointwise convolution takes its (N, C, L) input itself.
+        """
+        if to_input is not None:
+            raise ValueError("a sliced pointwise convolution takes its (N, C, L) input, not a source and to_input")
+        if not combine:
+            return super().forward(x.transpose(1, 2), combine=False)
         if x.requires_grad and x.is_contiguous():
             x = _ContiguousGrad.apply(x)
         return super().forward(x.transpose(1, 2)).transpose(1, 2).contiguous()

@@ -376,8 +376,12 @@ def test_sliced_attention_equals_the_masked_dense_attention(pattern: str) -> Non
     x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(8))  # (L, N, E)
     padding = torch.zeros(3, 5, dtype=torch.bool)
     padding[1, 3:] = True
+    calls: list[str] = []  # in_proj runs through its module call on every path, so its hooks see it
+    for name in ("in_proj", "out_proj"):
+        sliced.get_submodule(name).register_forward_hook(lambda *_, name=name: calls.append(name))
     outputs = [m.get_submodule("attn")(x, x, x, key_padding_mask=padding, need_weights=False)[0]
                for m in (client.module, reference)]
+    assert calls == ["in_proj", "out_proj"]
     torch.testing.assert_close(outputs[0], outputs[1])
     target = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(9))
     for y in outputs:
