@@ -71,6 +71,12 @@ class FederatedConfig:
         local: each client's local training.
         server_lr, server_momentum: FedOpt server step (1.0 and 0.0: plain FedAvg).
         eval_every: evaluate every this many rounds (and at the last round).
+        min_clients: a round aggregates the sampled clients that finished if at least this many did
+            (`fedprune_core.participation`); None: half the sampled clients, rounded up.
+        client_timeout_s: a client-train task not finished this many seconds after it was sent is left
+            out of its round (a straggler); None: no deadline.
+        round_tries: how many times a round whose finished clients are fewer than `min_clients` is
+            tried (its failed clients sent again) before the run stops, naming them.
     """
 
     clients_per_round: int = 4
@@ -78,6 +84,9 @@ class FederatedConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     eval_every: int = 10
+    min_clients: int | None = None
+    client_timeout_s: float | None = None
+    round_tries: int = 3
 
     def __post_init__(self) -> None:
         from fedprune_core.aggregate import validate_server_optimizer
@@ -86,6 +95,24 @@ class FederatedConfig:
             raise ValueError(f"clients_per_round={self.clients_per_round} must be >= 1: pass e.g. 4")
         if self.eval_every < 1:
             raise ValueError(f"eval_every={self.eval_every} must be >= 1: pass e.g. 10")
+        if self.min_clients is not None and (
+            not isinstance(self.min_clients, int) or isinstance(self.min_clients, bool)
+            or not 1 <= self.min_clients <= self.clients_per_round
+        ):
+            raise ValueError(
+                f"min_clients={self.min_clients} must be in [1, clients_per_round={self.clients_per_round}]: "
+                "pass e.g. 1 (any finished client makes a round) or null (half the sampled clients)"
+            )
+        if self.client_timeout_s is not None and (
+            not isinstance(self.client_timeout_s, int | float) or isinstance(self.client_timeout_s, bool)
+            or not 0 < self.client_timeout_s < float("inf")
+        ):
+            raise ValueError(
+                f"client_timeout_s={self.client_timeout_s} must be a positive number of seconds: pass e.g. "
+                "600, or null for no deadline"
+            )
+        if self.round_tries < 1:
+            raise ValueError(f"round_tries={self.round_tries} must be >= 1: pass e.g. 3")
         validate_server_optimizer(self.server_lr, self.server_momentum)
 
 

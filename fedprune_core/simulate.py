@@ -13,6 +13,7 @@ from typing import Any
 
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import (
+    ClientOutcome,
     ClientStats,
     ServerState,
     Strategy,
@@ -25,25 +26,47 @@ from fedprune_core.engine import (
     round_masks,
     train_client,
 )
+from fedprune_core.participation import (
+    RoundFailedError,
+    RoundParticipation,
+    decide,
+    min_clients,
+    one_line,
+    round_failed_message,
+)
 from fedprune_core.rng import sample_clients
 from fedprune_core.schedule import PHASES, phase_at
 from fedprune_core.strategies import make_strategy
+from fedprune_core.types import MaskDict
 
 
 @dataclass(frozen=True)
 class SimulationResult:
-    """Final server state and one metrics dict per round."""
+    """Final server state, one metrics dict per round, and the rounds that left a client out."""
 
     state: ServerState
     history: list[dict[str, float]] = field(default_factory=list)
+    left_out: list[RoundParticipation] = field(default_factory=list)
 
 
 def round_metrics(
-    round_num: int, config: ExperimentConfig, strategy: Strategy, state: ServerState, outcomes: Sequence[ClientStats]
+    round_num: int,
+    config: ExperimentConfig,
+    strategy: Strategy,
+    state: ServerState,
+    outcomes: Sequence[ClientStats],
+    sampled: int | None = None,
 ) -> dict[str, float]:
-    """The per-round metrics every runner logs (the flow logs exactly these)."""
+    """The per-round metrics every runner logs (the flow logs exactly these).
+
+    `sampled` is how many clients were sampled (default: as many as took part); `clients_done` of
+    them were aggregated, `clients_left_out` failed or missed the deadline.
+    """
     examples = sum(o.num_examples for o in outcomes)
+    sampled = len(outcomes) if sampled is None else sampled
     return {
+        "clients_done": float(len(outcomes)),
+        "clients_left_out": float(sampled - len(outcomes)),
         "phase": float(PHASES.index(phase_at(round_num, config.schedule))),
         "sparsity": overall_sparsity(state.masks, strategy.specs),
         "train_loss": sum(o.mean_loss * o.num_examples for o in outcomes) / max(examples, 1),
@@ -87,17 +110,48 @@ def simulate(
     if state is None:
         state = strategy.initialize(init_state(workload, config.seed), workload, client_data)
     history: list[dict[str, float]] = []
+    left_out: list[RoundParticipation] = []
     for r in range(state.round_num + 1, config.schedule.num_rounds + 1):
         scores, masks = round_masks(strategy, state, r)
-        outcomes = [
-            train_client(workload, config, strategy, dispatch(strategy, state, masks, r, c), client_data[c], r, c)
-            for c in sample_clients(len(client_data), config.federated.clients_per_round, config.seed, r)
-        ]
+        sampled = sample_clients(len(client_data), config.federated.clients_per_round, config.seed, r)
+        outcomes, participation = _train_round(workload, config, strategy, state, masks, client_data, r, sampled)
         state = aggregate(strategy, config, state, scores, masks, outcomes, r)
-        metrics = round_metrics(r, config, strategy, state, [o.stats for o in outcomes])
+        metrics = round_metrics(r, config, strategy, state, [o.stats for o in outcomes], len(sampled))
+        if not participation.complete:
+            left_out.append(participation)
         if eval_data is not None and should_evaluate(r, config):
             metrics.update({f"eval_{k}": v for k, v in evaluate(workload, state, eval_data).items()})
         history.append({"round": float(r), **metrics})
         if on_round is not None:
             on_round(state, metrics)
-    return SimulationResult(state, history)
+    return SimulationResult(state, history, left_out)
+
+
+def _train_round(
+    workload: Workload,
+    config: ExperimentConfig,
+    strategy: Strategy,
+    state: ServerState,
+    masks: MaskDict,
+    client_data: Sequence[Sequence[Any]],
+    round_num: int,
+    sampled: list[int],
+) -> tuple[list[ClientOutcome], RoundParticipation]:
+    """Train the sampled clients under the client-failure policy (`fedprune_core.participation`)."""
+    outcomes: dict[int, ClientOutcome] = {}
+    pending = list(sampled)
+    failed: dict[int, str] = {}
+    for _ in range(config.federated.round_tries):
+        failed = {}
+        for c in pending:
+            try:
+                payload = dispatch(strategy, state, masks, round_num, c)
+                outcomes[c] = train_client(workload, config, strategy, payload, client_data[c], round_num, c)
+            except Exception as error:  # noqa: BLE001 - any client failure leaves that client out
+                failed[c] = one_line(error)
+        decided = decide(round_num, sampled, list(outcomes), failed, config.federated)
+        if decided is not None:
+            return [outcomes[c] for c in decided.done], decided
+        pending = sorted(failed)
+    needed = min_clients(config.federated)
+    raise RoundFailedError(round_failed_message(round_num, failed, len(outcomes), needed, config.federated.round_tries))

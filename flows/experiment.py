@@ -23,7 +23,16 @@ from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from fedprune_core.config import ExperimentConfig
+from fedprune_core.config import ExperimentConfig, FederatedConfig
+from fedprune_core.participation import (
+    RoundFailedError,
+    RoundParticipation,
+    decide,
+    min_clients,
+    one_line,
+    participation_csv,
+    round_failed_message,
+)
 from fedprune_core.presets import preset as make_preset
 from fedprune_core.rng import sample_clients
 from fedprune_core.simulate import should_evaluate
@@ -36,7 +45,7 @@ from infra.workloads import num_clients
 from tasks.aggregate import aggregate
 from tasks.checkpoint import checkpoint
 from tasks.client_train import client_train
-from tasks.dispatch import dispatch
+from tasks.dispatch import Dispatched, dispatch
 from tasks.evaluate import evaluate
 from tasks.finalize import finalize
 from tasks.initialize import initialize
@@ -125,6 +134,46 @@ def progress_line(round_num: int, total: int, metrics: dict[str, float]) -> str:
     return f"round {round_num}/{total} ({100 * round_num / total:.1f}%) " + " ".join(parts)
 
 
+def train_round(
+    ref: RunRef, round_num: int, sampled: list[int], dispatched: Dispatched, fed: FederatedConfig
+) -> tuple[list[dict[str, Any]], RoundParticipation]:
+    """Train a round's clients under the client-failure policy (`fedprune_core.participation`).
+
+    A client whose task fails after its retries, or that has not finished `client_timeout_s` after it
+    was sent, is left out; if fewer than `min_clients` finished, the failed ones are sent again, up
+    to `round_tries` times. A straggler's task is not stopped: what it uploads late is never read.
+
+    Returns:
+        The finished clients' results (in client order) and who took part.
+
+    Raises:
+        RoundFailedError: naming the clients, when no try made the round.
+    """
+    finished: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
+    pending = sorted(dispatched.payloads)
+    for _ in range(fed.round_tries):
+        futures = {c: client_train.submit(ref, round_num, c, dispatched.payloads[c]) for c in pending}
+        deadline = None if fed.client_timeout_s is None else time.monotonic() + fed.client_timeout_s
+        failed = {}
+        for c, future in futures.items():
+            future.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            state = future.state
+            if state.is_completed():
+                finished[c] = future.result()
+            elif state.is_final():
+                error = future.result(raise_on_failure=False)
+                failed[c] = one_line(error) if isinstance(error, BaseException) else str(state.name)
+            else:
+                failed[c] = f"missed the deadline (federated.client_timeout_s={fed.client_timeout_s})"
+        decided = decide(round_num, sampled, list(finished), failed, fed, dispatched.recorded)
+        if decided is not None:
+            return [finished[c] for c in decided.done], decided
+        pending = sorted(failed)
+    needed = len(dispatched.recorded.done) if dispatched.recorded is not None else min_clients(fed)
+    raise RoundFailedError(round_failed_message(round_num, failed, len(finished), needed, fed.round_tries))
+
+
 @flow(name="fedprune-rounds", persist_result=False)
 def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_uri: str, mlflow_run_id: str) -> str:
     """Rounds `first`..`last` of a run; returns the key of the last committed state."""
@@ -133,16 +182,20 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
     tracker = Tracker(tracking_uri, ref.experiment, run_id=mlflow_run_id)
     logger = get_run_logger()
     shown = time.monotonic()
+    left_out: list[RoundParticipation] = []
     for r in range(first, last + 1):
         scores_key = masks_key = None  # the state's own
         if not run.strategy.keeps_masks(r):
             scores_key = score(ref, r, state_key)
             masks_key = mask(ref, r, state_key, scores_key)
-        clients = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
-        payloads = dispatch(ref, r, state_key, masks_key, clients)
-        trained = [client_train.submit(ref, r, c, payloads[c]) for c in clients]
-        result = aggregate(ref, r, state_key, scores_key, masks_key, [t.result() for t in trained])
+        sampled = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
+        trained, participation = train_round(ref, r, sampled, dispatch(ref, r, state_key, masks_key, sampled),
+                                             cfg.federated)
+        result = aggregate(ref, r, state_key, scores_key, masks_key, trained, participation)
         state_key, metrics = result["state_key"], result["metrics"]
+        if not participation.complete:
+            left_out.append(participation)
+            logger.warning(participation.summary())
         evaluated = should_evaluate(r, cfg)
         if evaluated:
             metrics |= evaluate(ref, r, state_key)
@@ -152,7 +205,10 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
             shown = time.monotonic()
         if r % options.checkpoint_every == 0 or r == last:
             tracker.flush()
-            state_key = checkpoint(ref, r, state_key, mlflow_run_id)
+            state_key = checkpoint(ref, r, state_key, mlflow_run_id, left_out)
+            if left_out:
+                tracker.log_artifact_bytes("participation.csv", participation_csv(run.participation_records()).encode())
+                left_out = []
     tracker.flush()
     return state_key
 

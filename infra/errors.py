@@ -40,6 +40,10 @@ class CheckpointNotFoundError(InfraError, LookupError):
     """The requested run has no committed checkpoint (or not the requested round)."""
 
 
+class ClientDataError(InfraError):
+    """One client's data cannot be read: that client fails, the run goes on without it."""
+
+
 class TrackingUnreachableError(InfraError):
     """The MLflow tracking server does not answer."""
 

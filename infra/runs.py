@@ -22,6 +22,7 @@ from torch import nn
 
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import ServerState, Strategy, init_state
+from fedprune_core.participation import RoundParticipation
 from fedprune_core.strategies import make_strategy
 from fedprune_core.training import is_running_stat, model_state
 from infra.checkpoint import CheckpointStore
@@ -29,7 +30,9 @@ from infra.errors import StorageKeyError
 from infra.storage import (
     CachingStorage,
     Storage,
+    get_json,
     open_storage,
+    put_json,
     tensors_from_bytes,
     tensors_to_bytes,
 )
@@ -176,6 +179,28 @@ class Run:
         """The object at `key`, or `own` when there is none (a round that keeps the state's scores
         and masks passes no keys)."""
         return own if key is None else self.get(key)
+
+    def participation_key(self, round_num: int) -> str:
+        """Key of the record of a round that left clients out."""
+        return f"{self.ref.experiment}/{self.ref.run_id}/participation/{round_num:06d}.json"
+
+    def record_participation(self, participation: RoundParticipation) -> None:
+        """Keep who took part in a round that left a client out (before the round is aggregated), so
+        the round, run again after a resume, trains the same clients. Complete rounds write nothing."""
+        if not participation.complete:
+            put_json(self.storage, self.participation_key(participation.round_num), participation.to_json())
+
+    def recorded_participation(self, round_num: int) -> RoundParticipation | None:
+        """The record of `round_num` if an earlier run of it left a client out."""
+        try:
+            return RoundParticipation.from_json(get_json(self.storage, self.participation_key(round_num)))
+        except StorageKeyError:
+            return None
+
+    def participation_records(self) -> list[RoundParticipation]:
+        """Every round of the run that left a client out, in round order."""
+        keys = self.storage.list_keys(f"{self.ref.experiment}/{self.ref.run_id}/participation/")
+        return [RoundParticipation.from_json(get_json(self.storage, k)) for k in keys if k.endswith(".json")]
 
     def checkpoint_key(self, round_num: int) -> str:
         return self.checkpoints.object_key(round_num, STATE_OBJECT)

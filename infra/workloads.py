@@ -8,21 +8,67 @@ workload, its clients read from the corpus cache (generated on first use).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import Workload
 from fedprune_core.speech.corpus import CORPUS_PRESETS, CorpusConfig
 from fedprune_core.speech.workload import SpeechWorkload
 from fedprune_core.toy import NoopWorkload, ToyWorkload
-from infra.speech_data import generate_corpus, load_split
+from infra.errors import ClientDataError
+from infra.speech_data import MANIFEST, generate_corpus, load_split, read_index, read_manifest
 
 SYNTHETIC: dict[str, type[ToyWorkload]] = {"toy": ToyWorkload, "noop": NoopWorkload}
 TOY_CLIENTS = 8
 TOY_EXAMPLES_PER_CLIENT = 40
+
+
+class LazyClients(Sequence[Sequence[Any]]):
+    """Client datasets loaded when a client is first used, then kept.
+
+    A client whose data cannot be read fails with `ClientDataError` naming it, when it is used:
+    one client's bad file fails that client (left out of its round), not the run.
+
+    Args:
+        names: one name per client (e.g. its speaker id), client ids are the indices.
+        load: reads one client's examples from its name.
+    """
+
+    def __init__(self, names: Sequence[str], load: Callable[[str], Sequence[Any]]) -> None:
+        self._names = list(names)
+        self._load = load
+        self._loaded: dict[int, Sequence[Any]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @overload
+    def __getitem__(self, index: int) -> Sequence[Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Sequence[Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> Sequence[Any] | Sequence[Sequence[Any]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        client = range(len(self._names))[index]  # IndexError for ids out of range
+        with self._lock:
+            if client in self._loaded:
+                return self._loaded[client]
+        try:
+            examples = self._load(self._names[client])
+        except (OSError, ValueError) as error:
+            raise ClientDataError(
+                f"client {client} ({self._names[client]}): its data cannot be read ({error}): the client is "
+                "left out of its rounds; repair or regenerate its files"
+            ) from error
+        with self._lock:
+            return self._loaded.setdefault(client, examples)
 
 
 @dataclass(frozen=True)
@@ -63,11 +109,13 @@ def load_speech(model: str, corpus: str, data_dir: Path) -> WorkloadData:
     """The speech workload: one client per synthetic training speaker, evaluated on held-out speakers.
 
     The corpus is synthesized into `data_dir` on first use (with a progress bar) and reused after.
+    A training client's audio is read when the client is first sampled (`LazyClients`).
     """
     root = generate_corpus(corpus_config(corpus), data_dir, progress=True)
-    train = load_split(root, "train")
+    speakers = read_index(root)["splits"]["train"]
+    clients = LazyClients(speakers, lambda speaker: read_manifest(root / "train" / speaker / MANIFEST))
     held_out = load_split(root, "test_speakers")
-    return WorkloadData(SpeechWorkload(model=model), list(train.values()),
+    return WorkloadData(SpeechWorkload(model=model), clients,
                         [u for utterances in held_out.values() for u in utterances])
 
 

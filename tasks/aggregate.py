@@ -8,6 +8,7 @@ from prefect import task
 
 from fedprune_core.engine import ClientOutcome, ClientStats
 from fedprune_core.engine import aggregate as aggregate_round
+from fedprune_core.participation import RoundParticipation
 from fedprune_core.simulate import round_metrics
 from infra.runs import RunRef, open_run
 from tasks.client_train import GRAD_SQ
@@ -29,9 +30,15 @@ def aggregate(
     scores_key: str | None,
     masks_key: str | None,
     clients: list[dict[str, Any]],
+    participation: RoundParticipation,
 ) -> dict[str, Any]:
-    """Returns the key of the new state and the round's metrics (keys None: the state's scores and masks)."""
+    """Returns the key of the new state and the round's metrics (keys None: the state's scores and masks).
+
+    `clients` are the results of `participation.done`; a round that left a client out is recorded
+    first, so a resumed run trains the same clients in it.
+    """
     run = open_run(ref)
+    run.record_participation(participation)
     stats = [ClientStats(**{k: v for k, v in c.items() if k != "update_key"}) for c in clients]
     outcomes = [_outcome(run.get(c["update_key"]), s) for c, s in zip(clients, stats, strict=True)]
     previous = run.state(state_key, round_num - 1)
@@ -39,5 +46,5 @@ def aggregate(
         run.strategy, run.config, previous, run.get_or(scores_key, previous.scores),
         run.get_or(masks_key, previous.masks), outcomes, round_num,
     )
-    metrics = round_metrics(round_num, run.config, run.strategy, state, stats)
+    metrics = round_metrics(round_num, run.config, run.strategy, state, stats, len(participation.sampled))
     return {"state_key": run.put(round_num, "state", state.flat()), "metrics": metrics}

@@ -6,15 +6,30 @@ import dataclasses
 from typing import Any
 
 from prefect import task
+from prefect.states import State
 
 from fedprune_core.engine import train_client
+from infra.errors import ClientDataError
 from infra.runs import RunRef, open_run
 from tasks.options import IO_RETRIES
 
 GRAD_SQ = "grad_sq:"
 
 
-@task(name="client-train", task_run_name="client-train-r{round_num}-c{client_id}", **IO_RETRIES)
+def _worth_retrying(task: Any, task_run: Any, state: State[Any]) -> bool:
+    """A client's unreadable data fails every try alike: leave it out at once. Other errors
+    (storage, a lost worker) may pass, so they are retried."""
+    try:
+        state.result()
+    except ClientDataError:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure is worth another try
+        return True
+    return True
+
+
+@task(name="client-train", task_run_name="client-train-r{round_num}-c{client_id}",
+      **{**IO_RETRIES, "retry_condition_fn": _worth_retrying})
 def client_train(ref: RunRef, round_num: int, client_id: int, payload_key: str) -> dict[str, Any]:
     """Returns the update's key and the client's stats (loss, examples, time, memory, bytes)."""
     run = open_run(ref)

@@ -2,22 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import task
 
 from fedprune_core.engine import dispatch as make_payload
+from fedprune_core.participation import RoundParticipation
 from infra.runs import RunRef, open_run
 from tasks.options import IO_RETRIES
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """A round's payloads.
+
+    Attributes:
+        payloads: client -> key of the payload it downloads.
+        recorded: who took part when this round ran before and left a client out (a resumed run):
+            only those clients get a payload, so the round ends as it did. None: a fresh round.
+    """
+
+    payloads: dict[int, str]
+    recorded: RoundParticipation | None
 
 
 @task(name="dispatch", **IO_RETRIES)
 def dispatch(
     ref: RunRef, round_num: int, state_key: str, masks_key: str | None, clients: list[int]
-) -> dict[int, str]:
-    """Returns the key of each client's payload (masks_key None: the state's masks stay in force)."""
+) -> Dispatched:
+    """The payloads of the sampled `clients` (masks_key None: the state's masks stay in force)."""
     run = open_run(ref)
     state = run.state(state_key, round_num - 1)
     masks = run.get_or(masks_key, state.masks)
-    return {
+    recorded = run.recorded_participation(round_num)
+    chosen = list(recorded.done) if recorded is not None else clients
+    payloads = {
         c: run.put(round_num, f"payload-{c:06d}", make_payload(run.strategy, state, masks, round_num, c))
-        for c in clients
+        for c in chosen
     }
+    return Dispatched(payloads, recorded)
