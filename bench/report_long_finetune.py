@@ -12,14 +12,16 @@ docs/results/longer-finetune/), one `fedprune run` each, two at a time on 2 core
 The same for other pairs of runs named PREFIX + dense / FP kind (+ -seedN), e.g. the pair at half
 the client parameters (docs/results/client-size/):
 
-    .venv/bin/python bench/report_long_finetune.py --experiment paper --prefix paper-long64lr1- \\
-        --fp fp-half-client --fp-label "FP@0.38 (half the client parameters)" --seeds 0,1 \\
-        --out docs/results/client-size/wer_over_rounds.png
+    .venv/bin/python bench/report_long_finetune.py --experiment paper --prefix paper-ch128- \\
+        --fp fp-chgroups --fp-label "FP@0.38, channel groups (half the client parameters)" --seeds 8,5,1 \\
+        --out docs/results/client-size/channel_groups_128.png
 
 This script prints each seed's WER at every evaluation, the mean of the last two evaluations (the
 sweep's measure) and of the last four, FP@0.5 / dense per seed and over the seeds' means (with a
 95% paired bootstrap interval over the seeds: with 5-10 seeds, a rough one), and
-writes the WER-over-rounds plot of all seeds to docs/results/longer-finetune/wer_over_rounds.png.
+writes the WER-over-rounds plot of all seeds to --out (default
+FEDPRUNE_HOME/results/<prefix without its trailing ->/wer_over_rounds.png; pass a path under docs/results/
+to update a curated plot).
 
     .venv/bin/python bench/report_long_finetune.py
 """
@@ -69,7 +71,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--experiment", default="paper2")
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--out", default="docs/results/longer-finetune/wer_over_rounds.png")
+    parser.add_argument("--out", type=Path,
+                        help="the plot (default: FEDPRUNE_HOME/results/<prefix without its trailing ->/"
+                             "wer_over_rounds.png)")
     parser.add_argument("--prefix", default="paper2-long64-", help="run ids: PREFIX + dense / --fp, + -seedN")
     parser.add_argument("--fp", default="fp-s50", help="the FP run's kind in its run id")
     parser.add_argument("--fp-label", default="FP@0.5 column, adaptive, refined")
@@ -127,7 +131,7 @@ def main() -> None:
     ax.set_ylabel("WER % (held-out speakers)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    out = Path(args.out)
+    out = args.out or Settings().home / "results" / args.prefix.rstrip("-") / "wer_over_rounds.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     print(f"plot: {out}")

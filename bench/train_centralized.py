@@ -3,8 +3,9 @@
 Trains on the union of all training clients of the synthetic benchmark corpus for a budget of
 training wall time, evaluates greedy-decoding WER/CER on held-out speakers (unseen voices) as it
 goes, and at the end on held-out speakers and held-out sentences. Writes the curve as CSV and PNG
-plus a JSON summary. The training clock stops while the periodic evaluations run (they measure,
-they do not train); the CSV has both training time and total wall time.
+plus a JSON summary into --out (default FEDPRUNE_HOME/results/centralized; `--out docs` updates the
+curated files docs/speech.md shows). The training clock stops while the periodic evaluations run
+(they measure, they do not train); the CSV has both training time and total wall time.
 
 Batches hold utterances of similar length (pools of 50 batches sorted by length, then batches
 shuffled), which cuts the encoder's padding; the federated path (`train_local`) samples uniformly.
@@ -34,6 +35,7 @@ from fedprune_core.speech.model import count_parameters
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechWorkload
 from fedprune_core.training import LocalTrainingConfig, make_optimizer, optimizer_step
+from infra.settings import Settings
 from infra.speech_data import generate_corpus, load_split
 
 
@@ -143,7 +145,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-utterances", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (2 was 10x slower on a busy VM)")
-    parser.add_argument("--out", default="docs")
+    parser.add_argument("--out", type=Path, help="curve and summary (default: FEDPRUNE_HOME/results/centralized)")
     return parser.parse_args()
 
 
@@ -165,7 +167,7 @@ def load_corpus(args: argparse.Namespace) -> tuple[list[Utterance], list[Utteran
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = args.out or Settings().home / "results" / "centralized"
     out.mkdir(parents=True, exist_ok=True)
     train, test_speakers, test_sentences = load_corpus(args)
     workload = SpeechWorkload(model=args.model)

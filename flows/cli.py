@@ -180,7 +180,8 @@ def sweep(
     local_steps: Annotated[int, typer.Option(help="Local steps per client and round.")] = 5,
     parallel: Annotated[int, typer.Option(help="Runs at once, one process each.")] = 2,
     threads_per_run: Annotated[int, typer.Option(help="Torch threads per run.")] = 1,
-    out_dir: Annotated[Path, typer.Option(help="Where the table, CSV and plots go.")] = Path("docs/results"),
+    out_dir: Annotated[Path | None, typer.Option(
+        help="Where the table, CSV and plots go (default: $FEDPRUNE_HOME/results/NAME).")] = None,
     preset: Annotated[str, typer.Option(help="Configuration the runs override (small: the speech benchmark).")]
     = "small",
     only: Annotated[str, typer.Option(help="Comma-separated variant names to run (default: all).")] = "",
@@ -221,7 +222,8 @@ def sweep(
 
     files = sweep_flow(name=name, warmup_rounds=list(stages), rounds=rounds, clients_per_round=clients_per_round,
                        local_steps=local_steps, parallel=parallel, threads_per_run=threads_per_run,
-                       out_dir=str(out_dir), preset=preset, only=list(selected), warmup_from=warmup_from)
+                       out_dir=str(out_dir) if out_dir else None, preset=preset, only=list(selected),
+                       warmup_from=warmup_from)
     typer.echo(json.dumps(files, indent=2))
 
 

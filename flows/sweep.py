@@ -5,7 +5,8 @@ sweep (flow)
                one before; client training on 2 processes of the process task runner
   run-variant x variants, `parallel` at a time, each its own `fedprune run` process with
                `threads_per_run` torch threads, all starting from the warm-up's weights
-  sweep-report: table, CSV and plots into `out_dir` and into MLflow (run `<name>-report`)
+  sweep-report: table, CSV and plots into `out_dir` (default FEDPRUNE_HOME/results/<name>) and into
+               MLflow (run `<name>-report`)
 Every run lands in one MLflow experiment (the sweep's name). Running the sweep again skips the
 finished runs and resumes the unfinished ones from their last checkpoint.
 """
@@ -63,7 +64,7 @@ def sweep(
     local_steps: int = 5,
     parallel: int = 2,
     threads_per_run: int = 1,
-    out_dir: str = "docs/results",
+    out_dir: str | None = None,
     log_dir: str | None = None,
     preset: str = "small",
     only: list[str] | None = None,
@@ -77,7 +78,8 @@ def sweep(
         rounds, clients_per_round, local_steps: the size of each variant.
         parallel: variants run at once (one process each).
         threads_per_run: torch threads per variant process.
-        out_dir: where the table, CSV and plots are written.
+        out_dir: where the table, CSV and plots are written (default: FEDPRUNE_HOME/results/<name>; pass
+            e.g. docs/results to curate a sweep's report into the docs).
         log_dir: each run's output goes to `<log_dir>/<name>/<run id>.log` (default: FEDPRUNE_HOME/sweeps).
         preset: the configuration the runs override ("small": the speech benchmark).
         only: run just these variants (names from `paper_sweep`); all when None.
@@ -92,6 +94,7 @@ def sweep(
     plan = paper_sweep(name, tuple(warmup_rounds or (80, 60)), rounds, clients_per_round, local_steps, preset=preset,
                        only=tuple(only or ()), warmup_from=warmup_from)
     logs = str(Path(log_dir) if log_dir else Settings().home / "sweeps") + f"/{name}"
+    out = str(Path(out_dir) if out_dir else Settings().home / "results" / name)
     logger = get_run_logger()
     logger.info(f"sweep {name}: {len(plan.warmups)} warm-up stage(s) + {len(plan.variants)} runs, {parallel} at a "
                 f"time; logs in {logs}/")
@@ -99,6 +102,6 @@ def sweep(
         run_all(plan, [stage], 1, WARMUP_OPTIONS, threads_per_run, logs)
     run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs)
     runs = [(plan.run_id(v), v.label, v.groups, int(v.overrides.get("seed", 0))) for v in plan.variants]
-    files = report(name, runs, "dense FedAvg", out_dir)
-    logger.info(f"sweep {name} report in {out_dir}:\n" + Path(files["results_table.md"]).read_text())
+    files = report(name, runs, "dense FedAvg", out)
+    logger.info(f"sweep {name} report in {out}:\n" + Path(files["results_table.md"]).read_text())
     return files

@@ -1,4 +1,5 @@
-"""The sweep flow end to end on the tiny preset: warm-up, variants from its weights, report, re-run skips."""
+"""The sweep flow end to end on the tiny preset: warm-up, variants from its weights, report (to --out-dir, and by
+default under FEDPRUNE_HOME), re-run skips."""
 
 from __future__ import annotations
 
@@ -51,9 +52,12 @@ def test_sweep_runs_variants_from_the_warmup_reports_and_skips_finished_runs(cli
     assert tags == {"swt-warmup", "swt-dense", "swt-fp-s50", "swt-report"}
 
     start_time = time.monotonic()
-    again = cli(*ARGS, "--out-dir", str(out), timeout=300)
+    again = cli(*ARGS, timeout=300)  # without --out-dir: the report goes to FEDPRUNE_HOME/results/<name>
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count(": skipped (") == 3
     assert time.monotonic() - start_time < 120
+    default_out = cli.home / "results" / "swt"
+    assert (default_out / "results.csv").read_text() == (out / "results.csv").read_text()
+    assert (default_out / "wer_over_rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags.get("fedprune.run_id") for r in runs).count("swt-report") == 1
