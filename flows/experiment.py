@@ -242,26 +242,28 @@ def experiment(
     options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers)
     settings = Settings()
     ref, mlflow_run_id, existed = prepare(preset, overrides, run_id, experiment_name, options, settings)
-    tracker = Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id)
     run = open_run(ref)
-    if mlflow_run_id is None:
-        params = {"preset": preset, "run_id": ref.run_id, **run.config.to_dict(), "options": options.__dict__}
-        tracker.log_params(params)
-        tracker.set_tags({RUN_ID_TAG: ref.run_id, "fedprune.strategy": run.config.strategy})
-        state_key = initialize(ref, tracker.run_id)
-    latest = run.checkpoints.latest_round() or 0
-    state_key = run.checkpoint_key(latest)
-    total = run.config.schedule.num_rounds
-    for first in range(latest + 1, total + 1, options.rounds_per_segment):
-        last = min(first + options.rounds_per_segment - 1, total)
-        segment = rounds_segment.with_options(
-            task_runner=make_task_runner(options), flow_run_name=f"{ref.run_id}-rounds-{first}-{last}"
-        )
-        # The parent flow run's heartbeat covers its segments (one process). A segment with its own
-        # heartbeat thread would wait up to 1 s at its end for that thread to wake and stop.
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
-    finalize(ref, state_key, settings.tracking_uri, tracker.run_id)
-    tracker.finish()
+    tags = {RUN_ID_TAG: ref.run_id, "fedprune.strategy": run.config.strategy}
+    # A run that stops on an error ends its MLflow run as FAILED, the reason in a tag (`Tracker.__exit__`);
+    # resuming it sets it RUNNING again.
+    with Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id,
+                 tags=tags) as tracker:
+        if mlflow_run_id is None:
+            params = {"preset": preset, "run_id": ref.run_id, **run.config.to_dict(), "options": options.__dict__}
+            tracker.log_params(params)
+            state_key = initialize(ref, tracker.run_id)
+        latest = run.checkpoints.latest_round() or 0
+        state_key = run.checkpoint_key(latest)
+        total = run.config.schedule.num_rounds
+        for first in range(latest + 1, total + 1, options.rounds_per_segment):
+            last = min(first + options.rounds_per_segment - 1, total)
+            segment = rounds_segment.with_options(
+                task_runner=make_task_runner(options), flow_run_name=f"{ref.run_id}-rounds-{first}-{last}"
+            )
+            # The parent flow run's heartbeat covers its segments (one process). A segment with its own
+            # heartbeat thread would wait up to 1 s at its end for that thread to wake and stop.
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
+        finalize(ref, state_key, settings.tracking_uri, tracker.run_id)
     return {"run_id": ref.run_id, "mlflow_run_id": tracker.run_id, "storage_url": settings.storage_url,
             "rounds": total, "resumed": existed}

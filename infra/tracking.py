@@ -120,6 +120,10 @@ def mlflow_client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+FAILURE_TAG = "fedprune.failure"
+"""Tag of a FAILED or KILLED run: why it stopped (removed when the run is resumed)."""
+
+
 class Tracker:
     """One MLflow run, created or reopened by id, with buffered exactly-once metric logging.
 
@@ -128,6 +132,7 @@ class Tracker:
         experiment: MLflow experiment name; created if missing.
         run_name: display name of a new run.
         run_id: reopen this run instead of creating one (resume).
+        tags: tags of a newly created run (set at creation, so a run that fails early has them).
         flush_every: send buffered metrics once this many distinct steps are buffered.
         artifact_location: artifact root of a newly created experiment; for a sqlite URI it
             defaults to ``<db dir>/artifacts``, for a server the server decides.
@@ -145,6 +150,7 @@ class Tracker:
         run_id: str | None = None,
         flush_every: int = 200,
         artifact_location: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every={flush_every} must be >= 1: pass e.g. 200 steps")
@@ -153,7 +159,7 @@ class Tracker:
         self.flush_every = flush_every
         self.client = mlflow_client(tracking_uri)
         self.experiment_id = self._experiment_id(experiment, artifact_location)
-        self.run_id = self._open_run(run_id, run_name)
+        self.run_id = self._open_run(run_id, run_name, dict(tags or {}))
         self._resume_step = self.last_logged_step()
         self._params = dict(self.client.get_run(self.run_id).data.params)
         self._buffer: list[Metric] = []
@@ -170,7 +176,20 @@ class Tracker:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.finish("FAILED" if exc_type is not None else "FINISHED")
+        """FINISHED; or, on an error, FAILED (KILLED on Ctrl-C) with the error's first line as the
+        `fedprune.failure` tag. Buffered metrics are not sent then: they belong to rounds after the
+        last checkpoint, which a resumed run computes and logs again. A failure to reach the server
+        then is not raised over the run's own error."""
+        if exc is None:
+            self.finish("FINISHED")
+            return
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        try:
+            self.set_tags({FAILURE_TAG: reason[:500]})
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception:  # noqa: BLE001 - the run's own error is the one to report
+            pass
 
     # ----------------------------------------------------------------- opening
 
@@ -193,9 +212,9 @@ class Tracker:
         experiment_id: str = experiment.experiment_id
         return experiment_id
 
-    def _open_run(self, run_id: str | None, run_name: str | None) -> str:
+    def _open_run(self, run_id: str | None, run_name: str | None, tags: dict[str, str]) -> str:
         if run_id is None:
-            new_id: str = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
+            new_id: str = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
             return new_id
         try:
             run = self.client.get_run(run_id)
@@ -211,6 +230,8 @@ class Tracker:
             )
         if run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
+            if FAILURE_TAG in run.data.tags:
+                self.client.delete_tag(run_id, FAILURE_TAG)
         return run_id
 
     # ----------------------------------------------------------------- logging

@@ -112,7 +112,7 @@ def load_speech(model: str, corpus: str, data_dir: Path) -> WorkloadData:
     A training client's audio is read when the client is first sampled (`LazyClients`).
     """
     root = generate_corpus(corpus_config(corpus), data_dir, progress=True)
-    speakers = read_index(root)["splits"]["train"]
+    speakers = list(read_index(root)["splits"]["train"])
     clients = LazyClients(speakers, lambda speaker: read_manifest(root / "train" / speaker / MANIFEST))
     held_out = load_split(root, "test_speakers")
     return WorkloadData(SpeechWorkload(model=model), clients,
