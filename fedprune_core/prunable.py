@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedprune_core.masks import PATTERNS, check_shape
+from fedprune_core.masks import PATTERN_SPECS, PATTERNS, check_shape
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class PrunableSpec:
 def is_sliced(spec: PrunableSpec) -> bool:
     """Whether a parameter travels as physically smaller Linear blocks (Linear, pointwise Conv1d,
     attention projections) under a structured pattern."""
-    return spec.linear and spec.pattern != "unstructured"
+    return spec.linear and not PATTERN_SPECS[spec.pattern].entrywise
 
 
 def is_pointwise_conv(m: nn.Module) -> bool:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fedprune_core.depthwise import DepthwiseConv1d, kept_taps
-from fedprune_core.masks import expand_groups, group_scores, groups_of
+from fedprune_core.masks import PATTERN_SPECS, block_regions, expand_groups, group_scores, groups_of
 from fedprune_core.prunable import PrunableSpec, from_matrices, is_plain_attention, is_sliced, matrices
 from fedprune_core.types import MaskDict, Payload, StateDict
 from fedprune_core.units import LiveDepthwiseConv1d, find_channel_groups, find_unit_groups, live_masks, live_module
@@ -102,23 +102,6 @@ def groups_to_mask(ids: torch.Tensor, spec: PrunableSpec) -> torch.Tensor:
     return from_matrices(parts, spec)
 
 
-def block_regions(shape: tuple[int, int], pattern: str, splits: int = 1) -> list[tuple[int, int, int, int]]:
-    """(first row, end row, first column, end column) of each block region of a 2-D weight: per
-    stacked matrix, the whole matrix, its two column halves (half_row) or its two row halves
-    (half_column)."""
-    out_f, in_f = shape
-    per = out_f // splits
-    regions = []
-    for lo in range(0, out_f, per):
-        if pattern == "half_row":
-            regions += [(lo, lo + per, 0, in_f // 2), (lo, lo + per, in_f // 2, in_f)]
-        elif pattern == "half_column":
-            regions += [(lo, lo + per // 2, 0, in_f), (lo + per // 2, lo + per, 0, in_f)]
-        else:
-            regions.append((lo, lo + per, 0, in_f))
-    return regions
-
-
 def linear_blocks(
     mask: torch.Tensor, pattern: str, splits: int = 1
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -156,7 +139,7 @@ def extract(weights: StateDict, masks: MaskDict, specs: dict[str, PrunableSpec])
                     payload[f"{name}{SEP}c{i}"] = c.to(torch.int32)
             continue
         payload[f"{name}{SEP}v"] = w[mask].detach().clone()
-        if spec.pattern == "unstructured" or spec.feeds:  # a producer's live mask is not one pattern's groups
+        if PATTERN_SPECS[spec.pattern].entrywise or spec.feeds:  # a producer's live mask is not one pattern's groups
             payload[f"{name}{SEP}b"] = pack_bits(mask)
         else:
             payload[f"{name}{SEP}g"] = mask_to_groups(mask, spec)
