@@ -143,7 +143,11 @@ class ClientStats:
 
 
 class Strategy(Protocol):
-    """A federated method: how the server scores, masks, dispatches and learns from a round."""
+    """A federated method: how the server scores, masks, dispatches and learns from a round.
+
+    `fedprune_core.strategies.base.BaseStrategy` gives every member dense FedAvg's behaviour;
+    strategies override what they change.
+    """
 
     @property
     def specs(self) -> dict[str, PrunableSpec]:
