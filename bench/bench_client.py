@@ -81,7 +81,7 @@ from fedprune_core import submodel, training, units
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.depthwise import DepthwiseConv1d
 from fedprune_core.presets import preset
-from fedprune_core.prunable import PrunableSpec, channel_readers, find_prunable
+from fedprune_core.prunable import PrunableSpec, channel_readers, find_prunable, is_sliced
 from fedprune_core.speech import model as speech_model
 from fedprune_core.speech.model import SubsamplingConvs, build_model
 from fedprune_core.speech.synth import SAMPLE_RATE
@@ -94,7 +94,6 @@ from fedprune_core.submodel import (
     SlicedPointwiseConv1d,
     build_client_model,
     extract,
-    is_sliced,
 )
 from fedprune_core.training import LocalTrainingConfig, train_local
 from fedprune_core.types import Payload
@@ -251,7 +250,7 @@ def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utte
     """Train the client model of `variant` for `local.steps` steps, timing each step."""
     with contextlib.ExitStack() as stack:
         if variant.masked_conv2d:
-            stack.enter_context(mock.patch.object(submodel, "_slice_channels", lambda *_: {}))
+            stack.enter_context(mock.patch.object(submodel.assemble, "_slice_channels", lambda *_: {}))
         if variant.python_lstm:
             stack.enter_context(mock.patch.object(speech_model, "fuse_lstm_layers", lambda layers: None))
         client = build_client_model(workload.build_model(), variant.payload, variant.specs)
