@@ -45,7 +45,7 @@ from torchaudio.models.rnnt import _Joiner
 
 from fedprune_core.depthwise import DepthwiseConv1d, depthwise_conv1d
 from fedprune_core.masks import CHANNEL_PATTERNS, PATTERN_SPECS
-from fedprune_core.prunable import PrunableSpec, channel_readers, is_sliced
+from fedprune_core.spec import PrunableSpec, channel_readers, is_sliced
 from fedprune_core.types import MaskDict
 
 
