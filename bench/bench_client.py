@@ -18,18 +18,7 @@ Reported per variant (repetitions interleaved dense/pruned, the order alternatin
   (batch features included; CPU time does not count the time other jobs hold the core), and the
   CPU time without building the batch (log-mel, SpecAugment); after the table, the mean kernel
   time per step (page faults, mostly; `--malloc-defaults` trains with glibc's default malloc
-  settings instead of `fedprune_core.training.reuse_freed_heap`'s, to measure that side by side;
-  `--feature-columns` also trains, interleaved, the pruned client with the subsampling's Linear
-  pruned a feature at a time instead of a channel at a time, as clients were before channel
-  groups (`fedprune_core.prunable.ChannelReader`): its second convolution computes every output
-  channel and the Linear gathers its kept features; `--masked-conv2d` the same client with that
-  convolution also masked dense over all its input channels, as clients did before
-  `fedprune_core.submodel.ChannelSlicedConv2d`: one more row per model each; `--python-lstm` the
-  dense and the pruned client with torchaudio's LSTM, a Python loop over target positions, as
-  before `fedprune_core.speech.lstm.FusedLSTM`: one more row; `--transposed-pointwise` the pruned
-  client with its pointwise convolutions' outputs and input gradients laid out (N, L, C) seen
-  through a transpose, as before `SlicedPointwiseConv1d` laid them out as `nn.Conv1d` does: one
-  more row).
+  settings instead of `fedprune_core.training.reuse_freed_heap`'s, to measure that side by side).
   After the table: the CPU ratio of the fastest steps (the step least slowed by other work on
   this shared machine), and of each interleaved pair of trainings (median, quartiles, range).
 - peak MB: `train_local`'s peak tensor memory (parameters + gradients + optimiser state + the
@@ -77,12 +66,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedprune_core import submodel, training, units
+from fedprune_core import training, units
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.depthwise import DepthwiseConv1d
 from fedprune_core.presets import preset
-from fedprune_core.prunable import PrunableSpec, channel_readers, find_prunable
-from fedprune_core.speech import model as speech_model
+from fedprune_core.prunable import PrunableSpec, find_prunable, is_sliced
 from fedprune_core.speech.model import SubsamplingConvs, build_model
 from fedprune_core.speech.synth import SAMPLE_RATE
 from fedprune_core.speech.utterance import Utterance
@@ -94,7 +82,6 @@ from fedprune_core.submodel import (
     SlicedPointwiseConv1d,
     build_client_model,
     extract,
-    is_sliced,
 )
 from fedprune_core.training import LocalTrainingConfig, train_local
 from fedprune_core.types import Payload
@@ -171,58 +158,26 @@ class Variant:
     name: str
     specs: dict[str, PrunableSpec]
     payload: Payload
-    masked_conv2d: bool = False
-    """Train pruned convolutions masked dense over all input channels (no `ChannelSlicedConv2d`)."""
-    python_lstm: bool = False
-    """Train the prediction network's LSTM as torchaudio's `_CustomLSTM` (a Python loop over target
-    positions, on every unit) instead of `fedprune_core.speech.lstm.FusedLSTM`."""
-    transposed_pointwise: bool = False
-    """Train sliced pointwise convolutions with their output and input gradient laid out (N, L, C)
-    seen through a transpose, as before `SlicedPointwiseConv1d` laid them out as ``nn.Conv1d``."""
 
 
-def feature_columns(model: nn.Module, specs: dict[str, PrunableSpec]) -> dict[str, PrunableSpec]:
-    """`specs` without channel groups: each `ChannelReader`'s Linear pruned a feature at a time and
-    its convolution feeding nothing, as before 2026-12-03's channel groups."""
-    out = dict(specs)
-    for r in channel_readers(model):
-        if r.linear in out and r.conv in out:
-            out[r.linear] = dataclasses.replace(out[r.linear], taps=1)
-            out[r.conv] = dataclasses.replace(out[r.conv], feeds="")
-    return out
-
-
-def _pruned_variants(model: nn.Module, weights: dict[str, torch.Tensor], specs: dict[str, PrunableSpec],
-                     masks_for: Callable[[dict[str, PrunableSpec]], dict[str, torch.Tensor]],
-                     old: bool) -> list[Variant]:
-    """The pruned client of `specs`, and with `old` also the one of `feature_columns(specs)`."""
-    kinds = [("pruned", specs)]
-    if old:
-        kinds.append(("pruned, feature columns", feature_columns(model, specs)))
-    return [Variant(name, s, extract(weights, masks_for(s), s)) for name, s in kinds]
-
-
-def variants(model_name: str, sparsity: float, old: bool = False) -> list[Variant]:
-    """The dense client (dense FedAvg: no specs) and the column-pruned one, from the initial model;
-    with `old`, a third: the column-pruned client with `feature_columns`."""
+def variants(model_name: str, sparsity: float) -> list[Variant]:
+    """The dense client (dense FedAvg: no specs) and the column-pruned one, from the initial model."""
     model = build_model(model_name)
     weights = {n: p.detach() for n, p in model.named_parameters()}
     prunable = ("*weight",)
     specs = find_prunable(model, prunable, "column")
-    return [Variant("dense", {}, extract(weights, {}, {}))] + _pruned_variants(
-        model, weights, specs, lambda s: one_shot_masks(weights, s, "column", sparsity, prunable), old)
+    masks = one_shot_masks(weights, specs, "column", sparsity, prunable)
+    return [Variant("dense", {}, extract(weights, {}, {})), Variant("pruned", specs, extract(weights, masks, specs))]
 
 
-def variants_from_run(config: ExperimentConfig, run: str, sparsity: float, old: bool = False) -> list[Variant]:
+def variants_from_run(config: ExperimentConfig, run: str, sparsity: float) -> list[Variant]:
     """The dense client and the client FedPrune sends at `sparsity` from `run`'s last weights, its
-    masks built by `config`'s pruning section (pattern, allocation, score) in one shot; with `old`,
-    a third: that client with `feature_columns`."""
+    masks built by `config`'s pruning section (pattern, allocation, score) in one shot."""
     weights = load_weights(run)
     p = config.pruning
-    model = build_model(config.model)
-    specs = find_prunable(model, p.prunable, p.pattern, p.include_1d)
-    return [Variant("dense", {}, extract(weights, {}, {}))] + _pruned_variants(
-        model, weights, specs, lambda s: one_shot_fp_masks(config, s, weights, sparsity), old)
+    specs = find_prunable(build_model(config.model), p.prunable, p.pattern, p.include_1d)
+    masks = one_shot_fp_masks(config, specs, weights, sparsity)
+    return [Variant("dense", {}, extract(weights, {}, {})), Variant("pruned", specs, extract(weights, masks, specs))]
 
 
 # --- one measured training ---------------------------------------------------------------------
@@ -243,22 +198,17 @@ def _reset_peak_rss() -> int:
 
 
 def _transposed_pointwise(layer: SlicedPointwiseConv1d, x: torch.Tensor) -> torch.Tensor:
+    """A sliced pointwise convolution's output and input gradient laid out (N, L, C) seen through a
+    transpose, as before `SlicedPointwiseConv1d` laid them out as ``nn.Conv1d``: `bench_layout.py`'s
+    side-by-side figure."""
     return SlicedLinear.forward(layer, x.transpose(1, 2)).transpose(1, 2)
 
 
 def train_once(workload: SpeechWorkload, variant: Variant, utterances: list[Utterance],
                local: LocalTrainingConfig, seed: int) -> Run:
     """Train the client model of `variant` for `local.steps` steps, timing each step."""
-    with contextlib.ExitStack() as stack:
-        if variant.masked_conv2d:
-            stack.enter_context(mock.patch.object(submodel, "_slice_channels", lambda *_: {}))
-        if variant.python_lstm:
-            stack.enter_context(mock.patch.object(speech_model, "fuse_lstm_layers", lambda layers: None))
-        client = build_client_model(workload.build_model(), variant.payload, variant.specs)
-    with contextlib.ExitStack() as stack:
-        if variant.transposed_pointwise:  # for training, not building
-            stack.enter_context(mock.patch.object(SlicedPointwiseConv1d, "forward", _transposed_pointwise))
-        return _train(workload, client, utterances, local, seed)
+    client = build_client_model(workload.build_model(), variant.payload, variant.specs)
+    return _train(workload, client, utterances, local, seed)
 
 
 def _train(workload: SpeechWorkload, client: ClientModel, utterances: list[Utterance],
@@ -640,21 +590,6 @@ def main() -> None:
     parser.add_argument("--onednn-depthwise", action="store_true",
                         help="compute the depthwise convolutions with F.conv1d (oneDNN), as clients did before "
                              "fedprune_core.depthwise (for a side-by-side measurement)")
-    parser.add_argument("--feature-columns", action="store_true",
-                        help="also train, interleaved with the others, the pruned client with the subsampling's "
-                             "Linear pruned a feature at a time, as clients were before channel groups "
-                             "(fedprune_core.prunable.ChannelReader; one more row per model)")
-    parser.add_argument("--masked-conv2d", action="store_true",
-                        help="also train, interleaved with the others, the --feature-columns client with its "
-                             "convolutions masked dense over all input channels, as clients did before "
-                             "fedprune_core.submodel.ChannelSlicedConv2d (one more row per model)")
-    parser.add_argument("--python-lstm", action="store_true",
-                        help="also train, interleaved, the dense and the pruned client with torchaudio's LSTM "
-                             "(a Python loop over target positions) as before 2026-12-03's FusedLSTM")
-    parser.add_argument("--transposed-pointwise", action="store_true",
-                        help="also train, interleaved, the pruned client with its pointwise convolutions' "
-                             "output and input gradient laid out (N, L, C) seen through a transpose, as before "
-                             "SlicedPointwiseConv1d laid them out as nn.Conv1d does (one more row)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="train with glibc's default malloc settings, as clients did before "
                              "fedprune_core.training.reuse_freed_heap (for a side-by-side measurement)")
@@ -688,10 +623,7 @@ def main() -> None:
     for i, model_name in enumerate(args.models):
         batch = args.batch[i] if args.batch else BATCH[model_name]
         workload = SpeechWorkload(model_name)
-        old = args.feature_columns or args.masked_conv2d
-        built = (variants_from_run(config, args.run, args.sparsity, old) if config
-                 else variants(model_name, args.sparsity, old))
-        pair = built if args.feature_columns else built[:2]
+        pair = variants_from_run(config, args.run, args.sparsity) if config else variants(model_name, args.sparsity)
         if args.corpus is None:
             utterances = synthetic_batch(workload, batch, args.seconds, seed=0)
         else:
@@ -701,29 +633,11 @@ def main() -> None:
                   f"{seconds[0]:.2f}-{seconds[-1]:.2f} s (mean {statistics.mean(seconds):.2f} s), "
                   f"{statistics.mean(len(u.text) for u in utterances):.0f} characters on average")
         local = LocalTrainingConfig(steps=1 + args.steps, batch_size=batch, lr=1e-3, optimizer="adam")
-        if args.masked_conv2d:
-            pair.append(dataclasses.replace(built[2], name="pruned, masked Conv2d", masked_conv2d=True))
-        if args.python_lstm:
-            pair += [dataclasses.replace(v, name=f"{v.name}, Python LSTM", python_lstm=True) for v in built[:2]]
-        if args.transposed_pointwise:
-            pair.append(dataclasses.replace(built[1], name="pruned, transposed pointwise", transposed_pointwise=True))
         runs = compare(workload, pair, utterances, local, args.reps)
         rows.append((model_name, batch, *summaries(runs["dense"], runs["pruned"])))
-        if args.feature_columns:
-            rows.append((f"{model_name} (subsampling Linear by features)", batch,
-                         *summaries(runs["dense"], runs["pruned, feature columns"])))
-        if args.masked_conv2d:
-            rows.append((f"{model_name} (by features, Conv2d masked dense)", batch,
-                         *summaries(runs["dense"], runs["pruned, masked Conv2d"])))
-        if args.python_lstm:
-            rows.append((f"{model_name} (Python LSTM)", batch,
-                         *summaries(runs["dense, Python LSTM"], runs["pruned, Python LSTM"])))
-        if args.transposed_pointwise:
-            rows.append((f"{model_name} (transposed pointwise)", batch,
-                         *summaries(runs["dense"], runs["pruned, transposed pointwise"])))
         if not args.no_analysis:
             print(f"\n## {model_name}, batch {batch}")
-            analyse(workload, pair[:2], utterances, local, args.reps, args.sparsity)
+            analyse(workload, pair, utterances, local, args.reps, args.sparsity)
     print("\n| model | batch | step wall s dense / pruned | wall ratio | step CPU s dense / pruned | CPU ratio "
           "| CPU ratio without features | peak MB dense / pruned | peak ratio | RSS MB dense / pruned "
           "| RSS ratio |")

@@ -16,9 +16,9 @@ from fedprune_core.allocation import ALLOCATIONS
 from fedprune_core.masks import validate_pattern, validate_sparsity
 from fedprune_core.schedule import ScheduleConfig
 from fedprune_core.scores import validate_score
+from fedprune_core.strategies import STRATEGIES
 from fedprune_core.training import LocalTrainingConfig
 
-STRATEGIES: tuple[str, ...] = ("fedprune", "fedavg", "fed_dropout", "prunefl")
 DROPOUT_UNITS: tuple[str, ...] = ("rows", "hidden")
 """`fed_dropout.units`: what Federated Dropout drops (see `FedDropoutConfig`)."""
 

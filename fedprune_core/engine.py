@@ -17,16 +17,9 @@ from torch import nn
 
 from fedprune_core.aggregate import ClientContribution, masked_fedavg, server_step
 from fedprune_core.config import ExperimentConfig
-from fedprune_core.prunable import PrunableSpec
+from fedprune_core.prunable import PrunableSpec, is_sliced
 from fedprune_core.rng import derive_seed, generator_for
-from fedprune_core.submodel import (
-    build_client_model,
-    client_update,
-    expand,
-    extract,
-    is_sliced,
-    payload_nbytes,
-)
+from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
 from fedprune_core.training import ClientResult, LocalTrainingConfig, is_running_stat, model_state
 from fedprune_core.types import MaskDict, Payload, StateDict
 
@@ -143,7 +136,11 @@ class ClientStats:
 
 
 class Strategy(Protocol):
-    """A federated method: how the server scores, masks, dispatches and learns from a round."""
+    """A federated method: how the server scores, masks, dispatches and learns from a round.
+
+    `fedprune_core.strategies.base.BaseStrategy` gives every member dense FedAvg's behaviour;
+    strategies override what they change.
+    """
 
     @property
     def specs(self) -> dict[str, PrunableSpec]:

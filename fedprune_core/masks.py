@@ -12,6 +12,10 @@ highest-scoring groups. Group score = sum of its entries' scores, so with per-en
 | half_row      | the left or right half of a row (even in)     | (out, 2)      |
 | half_column   | the top or bottom half of a column (even out) | (2, in)       |
 
+Each pattern is one `PatternSpec` in `PATTERN_SPECS`: its group scores, expansion, group ids,
+the dense blocks a client trains and its shape rule, all in one entry; everything else
+(masks, submodels, Federated Dropout) looks a pattern up there.
+
 A convolution with several input channels, seen as (out, in * taps), prunes whole input channels
 under the column patterns: its column is the `taps` adjacent columns of one input channel (all
 its kernel taps), so a client trains a narrower convolution (channel pruning). Each function
@@ -24,12 +28,108 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-PATTERNS: tuple[str, ...] = ("unstructured", "row", "column", "half_row", "half_column")
-CHANNEL_PATTERNS: tuple[str, ...] = ("column", "half_column")
+Region = tuple[int, int, int, int]
+"""(first row, end row, first column, end column) of a block of a 2-D weight."""
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    """One pruning pattern: how it splits a 2-D weight (out, in) into groups.
+
+    Attributes:
+        name: the pattern's name in configs.
+        group_scores: (out, in) entry scores -> the groups' summed scores, on the group grid.
+        expand: (group grid mask, (out, in)) -> (out, in) entry mask.
+        groups_of: (out, in) entry mask made with this pattern -> group grid mask.
+        regions: (out, in) -> the regions a structured mask keeps one dense block of (a sliced
+            layer trains one block per region): the whole matrix, or its two halves.
+        even_dim: the dimension (0: rows, 1: columns) whose size must be even, or None.
+        by_channel: a convolution's column is one input channel, its `taps` adjacent columns.
+        entrywise: a group is one entry: nothing to slice, and a packed bit mask is smaller than
+            group ids.
+    """
+
+    name: str
+    group_scores: Callable[[torch.Tensor], torch.Tensor]
+    expand: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+    groups_of: Callable[[torch.Tensor], torch.Tensor]
+    regions: Callable[[tuple[int, int]], list[Region]]
+    even_dim: int | None = None
+    by_channel: bool = False
+    entrywise: bool = False
+
+
+def _whole(shape: tuple[int, int]) -> list[Region]:
+    return [(0, shape[0], 0, shape[1])]
+
+
+def _column_halves(shape: tuple[int, int]) -> list[Region]:
+    out_f, in_f = shape
+    return [(0, out_f, 0, in_f // 2), (0, out_f, in_f // 2, in_f)]
+
+
+def _row_halves(shape: tuple[int, int]) -> list[Region]:
+    out_f, in_f = shape
+    return [(0, out_f // 2, 0, in_f), (out_f // 2, out_f, 0, in_f)]
+
+
+PATTERN_SPECS: dict[str, PatternSpec] = {
+    p.name: p
+    for p in (
+        PatternSpec(
+            "unstructured",
+            group_scores=lambda s: s,
+            expand=lambda keep, shape: keep.reshape(shape),
+            groups_of=lambda mask: mask,
+            regions=_whole,
+            entrywise=True,
+        ),
+        PatternSpec(
+            "row",
+            group_scores=lambda s: s.sum(dim=1),
+            expand=lambda keep, shape: keep[:, None].expand(shape),
+            groups_of=lambda mask: mask[:, 0],
+            regions=_whole,
+        ),
+        PatternSpec(
+            "column",
+            group_scores=lambda s: s.sum(dim=0),
+            expand=lambda keep, shape: keep[None, :].expand(shape),
+            groups_of=lambda mask: mask[0, :],
+            regions=_whole,
+            by_channel=True,
+        ),
+        PatternSpec(
+            "half_row",
+            group_scores=lambda s: s.reshape(s.shape[0], 2, s.shape[1] // 2).sum(dim=2),
+            expand=lambda keep, shape: keep[:, :, None].expand(shape[0], 2, shape[1] // 2).reshape(shape),
+            groups_of=lambda mask: mask.reshape(mask.shape[0], 2, mask.shape[1] // 2)[:, :, 0],
+            regions=_column_halves,
+            even_dim=1,
+        ),
+        PatternSpec(
+            "half_column",
+            group_scores=lambda s: s.reshape(2, s.shape[0] // 2, s.shape[1]).sum(dim=1),
+            expand=lambda keep, shape: keep[:, None, :].expand(2, shape[0] // 2, shape[1]).reshape(shape),
+            groups_of=lambda mask: mask.reshape(2, mask.shape[0] // 2, mask.shape[1])[:, 0, :],
+            regions=_row_halves,
+            even_dim=0,
+            by_channel=True,
+        ),
+    )
+}
+"""Every pattern, by name: the one place a pattern is defined."""
+
+PATTERNS: tuple[str, ...] = tuple(PATTERN_SPECS)
+CHANNEL_PATTERNS: tuple[str, ...] = tuple(n for n, p in PATTERN_SPECS.items() if p.by_channel)
 """The patterns whose column of a convolution weight is one input channel (`taps` columns)."""
+GROUP_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    n: p.group_scores for n, p in PATTERN_SPECS.items()
+}
 
 
 def validate_pattern(pattern: str) -> None:
@@ -46,85 +146,47 @@ def validate_sparsity(sparsity: float, name: str = "sparsity") -> None:
 
 def check_shape(shape: tuple[int, int], pattern: str, name: str = "weight") -> None:
     """Half patterns need an even number of columns (half_row) or rows (half_column)."""
-    out_f, in_f = shape
-    if pattern == "half_row" and in_f % 2:
+    dim = PATTERN_SPECS[pattern].even_dim
+    if dim is not None and shape[dim] % 2:
         raise ValueError(
-            f"{name} of shape {tuple(shape)} has an odd number of columns ({in_f}): half_row needs an even "
-            "number; use pattern 'row' or 'column' for this parameter or exclude it from prunable"
+            f"{name} of shape {tuple(shape)} has an odd number of {('rows', 'columns')[dim]} ({shape[dim]}): "
+            f"{pattern} needs an even number; use pattern 'row' or 'column' for this parameter or exclude it "
+            "from prunable"
         )
-    if pattern == "half_column" and out_f % 2:
-        raise ValueError(
-            f"{name} of shape {tuple(shape)} has an odd number of rows ({out_f}): half_column needs an even "
-            "number; use pattern 'row' or 'column' for this parameter or exclude it from prunable"
-        )
-
-
-def _group_unstructured(s: torch.Tensor) -> torch.Tensor:
-    return s
-
-
-def _group_row(s: torch.Tensor) -> torch.Tensor:
-    return s.sum(dim=1)
-
-
-def _group_column(s: torch.Tensor) -> torch.Tensor:
-    return s.sum(dim=0)
-
-
-def _group_half_row(s: torch.Tensor) -> torch.Tensor:
-    return s.reshape(s.shape[0], 2, s.shape[1] // 2).sum(dim=2)
-
-
-def _group_half_column(s: torch.Tensor) -> torch.Tensor:
-    return s.reshape(2, s.shape[0] // 2, s.shape[1]).sum(dim=1)
-
-
-GROUP_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "unstructured": _group_unstructured,
-    "row": _group_row,
-    "column": _group_column,
-    "half_row": _group_half_row,
-    "half_column": _group_half_column,
-}
 
 
 def group_scores(scores: torch.Tensor, pattern: str, taps: int = 1) -> torch.Tensor:
     """Scores of `pattern`'s groups of a 2-D weight (a column pattern's column: `taps` columns)."""
-    if taps > 1 and pattern in CHANNEL_PATTERNS:
+    spec = PATTERN_SPECS[pattern]
+    if taps > 1 and spec.by_channel:
         scores = scores.reshape(scores.shape[0], -1, taps).sum(dim=2)
-    return GROUP_SCORES[pattern](scores)
+    return spec.group_scores(scores)
 
 
 def expand_groups(keep: torch.Tensor, pattern: str, shape: tuple[int, int], taps: int = 1) -> torch.Tensor:
     """Entry mask (out, in) from a group mask on the pattern's group grid."""
     out_f, in_f = shape
-    if taps > 1 and pattern in CHANNEL_PATTERNS:
-        return expand_groups(keep, pattern, (out_f, in_f // taps)).repeat_interleave(taps, dim=1)
-    if pattern == "unstructured":
-        return keep.reshape(out_f, in_f)
-    if pattern == "row":
-        return keep[:, None].expand(out_f, in_f)
-    if pattern == "column":
-        return keep[None, :].expand(out_f, in_f)
-    if pattern == "half_row":
-        return keep[:, :, None].expand(out_f, 2, in_f // 2).reshape(out_f, in_f)
-    return keep[:, None, :].expand(2, out_f // 2, in_f).reshape(out_f, in_f)
+    spec = PATTERN_SPECS[pattern]
+    if taps > 1 and spec.by_channel:
+        return spec.expand(keep, (out_f, in_f // taps)).repeat_interleave(taps, dim=1)
+    return spec.expand(keep, (out_f, in_f))
 
 
 def groups_of(mask: torch.Tensor, pattern: str, taps: int = 1) -> torch.Tensor:
     """Group mask (on the group grid) of an entry mask made with `pattern`."""
-    if taps > 1 and pattern in CHANNEL_PATTERNS:
+    spec = PATTERN_SPECS[pattern]
+    if taps > 1 and spec.by_channel:
         mask = mask[:, ::taps]
-    out_f, in_f = mask.shape
-    if pattern == "unstructured":
-        return mask
-    if pattern == "row":
-        return mask[:, 0]
-    if pattern == "column":
-        return mask[0, :]
-    if pattern == "half_row":
-        return mask.reshape(out_f, 2, in_f // 2)[:, :, 0]
-    return mask.reshape(2, out_f // 2, in_f)[:, 0, :]
+    return spec.groups_of(mask)
+
+
+def block_regions(shape: tuple[int, int], pattern: str, splits: int = 1) -> list[Region]:
+    """The regions of a 2-D weight of `splits` stacked matrices a structured mask keeps one dense block
+    of: per stacked matrix, `pattern`'s regions (the whole matrix, or its two halves)."""
+    out_f, in_f = shape
+    per = out_f // splits
+    regions = PATTERN_SPECS[pattern].regions((per, in_f))
+    return [(lo + r0, lo + r1, c0, c1) for lo in range(0, out_f, per) for r0, r1, c0, c1 in regions]
 
 
 def num_pruned(num_groups: int, sparsity: float) -> int:

@@ -44,8 +44,8 @@ from torchaudio.models.conformer import _ConvolutionModule, _FeedForwardModule
 from torchaudio.models.rnnt import _Joiner
 
 from fedprune_core.depthwise import DepthwiseConv1d, depthwise_conv1d
-from fedprune_core.masks import CHANNEL_PATTERNS
-from fedprune_core.prunable import PrunableSpec, channel_readers, is_sliced
+from fedprune_core.masks import CHANNEL_PATTERNS, PATTERN_SPECS
+from fedprune_core.spec import PrunableSpec, channel_readers, is_sliced
 from fedprune_core.types import MaskDict
 
 
@@ -104,7 +104,7 @@ def find_channel_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tup
     found = []
     for r in channel_readers(model):
         reader, conv = specs.get(r.linear), specs.get(r.conv)
-        if not _sliced(reader) or conv is None or conv.pattern == "unstructured":
+        if not _sliced(reader) or conv is None or PATTERN_SPECS[conv.pattern].entrywise:
             continue
         assert reader is not None
         if reader.pattern in CHANNEL_PATTERNS and reader.taps == r.taps and reader.shape[1] % r.taps == 0:

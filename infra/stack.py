@@ -484,14 +484,6 @@ WORK_POOL = "fedprune-process"
 REPO_DIR = Path(__file__).resolve().parents[1]
 
 
-def ensure_work_pool(worker: ServiceSpec) -> None:
-    """Create the process work pool (no-op if it exists), so `prefect deploy` finds it at once."""
-    argv = (_venv_tool("prefect"), "work-pool", "create", WORK_POOL, "--type", "process")
-    done = subprocess.run(argv, env=child_env(dict(worker.env)), capture_output=True, text=True, timeout=60)
-    if done.returncode != 0 and "already exists" not in done.stdout + done.stderr:
-        raise StackError(f"could not create work pool {WORK_POOL!r}: {done.stdout[-300:]} {done.stderr[-300:]}")
-
-
 def worker_spec(settings: Settings) -> ServiceSpec:
     """A Prefect process worker on the `fedprune-process` pool, pointed at the whole stack.
 

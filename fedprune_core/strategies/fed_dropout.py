@@ -27,17 +27,17 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import nn
 
 from fedprune_core.config import ExperimentConfig
-from fedprune_core.engine import ServerState, Workload
+from fedprune_core.engine import ServerState
 from fedprune_core.masks import expand_groups, num_pruned
 from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices
 from fedprune_core.rng import generator_for
-from fedprune_core.types import MaskDict, StateDict
+from fedprune_core.strategies.base import BaseStrategy
+from fedprune_core.types import MaskDict
 from fedprune_core.units import UnitGroup, find_unit_groups
 
 PATTERN = "row"
@@ -99,8 +99,9 @@ def _check_layer_rates(config: ExperimentConfig, names: Sequence[str], what: str
 
 
 @dataclass(frozen=True)
-class FedDropout:
-    """The Federated Dropout strategy.
+class FedDropout(BaseStrategy):
+    """The Federated Dropout strategy: no scores and no global masks, ever (the server keeps and
+    evaluates the full model); each client's sub-model is drawn in `client_masks`.
 
     Attributes:
         specs: the parameters whose units are dropped (those with a rate > 0): pattern "row"; with
@@ -116,7 +117,6 @@ class FedDropout:
     rates: dict[str, float]
     seed: int
     rescale_kept: bool = True
-    track_grad_sq: bool = False
     groups: tuple[UnitGroup, ...] = ()
 
     @classmethod
@@ -149,22 +149,6 @@ class FedDropout:
             specs.update({n: replace(found[n], feeds=g.reader) for n in g.producers})
         return cls(specs, {g.reader: rate_for(g.reader) for g in groups}, config.seed, rescale, groups=groups)
 
-    def initialize(
-        self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]
-    ) -> ServerState:
-        return state
-
-    def keeps_masks(self, round_num: int) -> bool:
-        """No scores, no global masks, ever (each client's sub-model is drawn in `client_masks`)."""
-        return True
-
-    def score(self, state: ServerState, round_num: int) -> StateDict:
-        return {}
-
-    def mask(self, state: ServerState, scores: StateDict, round_num: int) -> MaskDict:
-        """No global masks: the server keeps and evaluates the full model."""
-        return {}
-
     def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
         """The random sub-model of `client_id` in `round_num`.
 
@@ -182,13 +166,3 @@ class FedDropout:
                                                                      f"fed_dropout:{name}"))
             for name, spec in self.specs.items()
         }
-
-    def observe(
-        self,
-        state: ServerState,
-        masks: MaskDict,
-        grads: StateDict,
-        trained: MaskDict,
-        grad_sq: StateDict | None,
-    ) -> StateDict:
-        return {}

@@ -8,20 +8,19 @@ sampled clients train the same pruned model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from fedprune_core import allocation
 from fedprune_core.config import ExperimentConfig, PruningConfig
-from fedprune_core.engine import ServerState, Workload
+from fedprune_core.engine import ServerState
 from fedprune_core.masks import make_mask
 from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices, matrices
 from fedprune_core.schedule import ScheduleConfig, masks_change_at, phase_at, sparsity_at
 from fedprune_core.scores import update_scores
+from fedprune_core.strategies.base import BaseStrategy
 from fedprune_core.types import MaskDict, StateDict
 
 SCORE_MOMENTUM = 0.9
@@ -29,22 +28,17 @@ SCORE_MOMENTUM = 0.9
 
 
 @dataclass(frozen=True)
-class FedPrune:
+class FedPrune(BaseStrategy):
     """The Federated Pruning strategy."""
 
     specs: dict[str, PrunableSpec]
     pruning: PruningConfig
     schedule: ScheduleConfig
-    track_grad_sq: bool = False
-    rescale_kept: bool = False
 
     @classmethod
     def build(cls, config: ExperimentConfig, model: nn.Module) -> FedPrune:
         p = config.pruning
         return cls(find_prunable(model, p.prunable, p.pattern, p.include_1d), p, config.schedule)
-
-    def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:
-        return state
 
     @property
     def _needs_gradient(self) -> bool:
@@ -111,9 +105,6 @@ class FedPrune:
             for s, c in zip(matrices(scores, spec), cur, strict=True)
         ]
         return parts[0].reshape(spec.shape) if spec.splits == 1 else from_matrices(parts, spec)
-
-    def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
-        return masks
 
     def observe(
         self, state: ServerState, masks: MaskDict, grads: StateDict, trained: MaskDict, grad_sq: StateDict | None

@@ -32,6 +32,7 @@ from fedprune_core.config import ExperimentConfig, PruneFLConfig
 from fedprune_core.engine import ServerState, Workload
 from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.rng import derive_seed, generator_for
+from fedprune_core.strategies.base import BaseStrategy
 from fedprune_core.submodel import build_client_model, extract
 from fedprune_core.training import LocalTrainingConfig
 from fedprune_core.types import MaskDict, StateDict
@@ -219,7 +220,7 @@ def _full_masks(specs: dict[str, PrunableSpec]) -> MaskDict:
 
 
 @dataclass(frozen=True)
-class PruneFL:
+class PruneFL(BaseStrategy):
     """The PruneFL strategy.
 
     Attributes:
@@ -228,6 +229,7 @@ class PruneFL:
         costs: seconds per kept weight of each prunable parameter (compute + communication).
         local: clients' local training, the base of the initial-pruning training.
         seed: the experiment seed.
+        track_grad_sq: clients accumulate squared gradients, the importance of each weight.
     """
 
     specs: dict[str, PrunableSpec]
@@ -236,7 +238,6 @@ class PruneFL:
     local: LocalTrainingConfig
     seed: int
     track_grad_sq: bool = True
-    rescale_kept: bool = False
 
     @property
     def max_kept(self) -> int | None:
@@ -325,9 +326,6 @@ class PruneFL:
         """Between reconfigurations (round 1 sets the masks in force, full ones if none)."""
         return round_num > 1 and not self.reconfigures_at(round_num)
 
-    def score(self, state: ServerState, round_num: int) -> StateDict:
-        return {}
-
     def mask(self, state: ServerState, scores: StateDict, round_num: int) -> MaskDict:
         """The masks in force, reconfigured from the accumulated squared gradients when due."""
         current = state.masks or _full_masks(self.specs)
@@ -340,9 +338,6 @@ class PruneFL:
         return reconfigure(
             state.weights, current, grad_sq, self.costs, fraction, cfg.time_constant, fixed, self.max_kept
         )
-
-    def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
-        return masks
 
     def observe(
         self,

@@ -9,10 +9,13 @@ from hypothesis import strategies as st
 
 from fedprune_core.masks import (
     GROUP_SCORES,
+    PATTERN_SPECS,
     PATTERNS,
     SELECT_SAMPLE,
     as_blocks,
     as_matrix,
+    block_regions,
+    check_shape,
     expand_groups,
     groups_of,
     make_group_mask,
@@ -102,6 +105,38 @@ def test_half_patterns_split_a_wider_matrix_in_the_middle() -> None:
     assert torch.equal(GROUP_SCORES["half_column"](s)[:, 0], torch.tensor([0.0 + 6, 12.0 + 18]))
     keep = torch.tensor([[True, False]] * 4)  # left halves of every row
     assert torch.equal(expand_groups(keep, "half_row", (4, 6))[0], torch.tensor([T, T, T, F, F, F]))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_each_pattern_entry_expands_and_reads_back_its_own_groups(pattern: str) -> None:
+    spec = PATTERN_SPECS[pattern]
+    scores = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    keep = torch.rand(spec.group_scores(scores).shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    mask = spec.expand(keep, (4, 6))
+    assert mask.shape == (4, 6) and torch.equal(spec.groups_of(mask), keep)
+    # every kept entry's group score counts it: the grid's sum is the kept entries' sum
+    assert torch.allclose(spec.group_scores(scores)[keep].sum(), scores[mask].sum())
+    covered = torch.zeros(4, 6, dtype=torch.int64)
+    for r0, r1, c0, c1 in spec.regions((4, 6)):
+        covered[r0:r1, c0:c1] += 1
+    assert torch.equal(covered, torch.ones(4, 6, dtype=torch.int64))  # the regions tile the matrix
+
+
+def test_block_regions_per_stacked_matrix_and_half() -> None:
+    assert block_regions((6, 4), "column", splits=3) == [(0, 2, 0, 4), (2, 4, 0, 4), (4, 6, 0, 4)]
+    assert block_regions((4, 6), "half_row") == [(0, 4, 0, 3), (0, 4, 3, 6)]
+    assert block_regions((8, 3), "half_column", splits=2) == [(0, 2, 0, 3), (2, 4, 0, 3), (4, 6, 0, 3), (6, 8, 0, 3)]
+
+
+@pytest.mark.parametrize(("pattern", "shape", "message"), [
+    ("half_row", (4, 5), r"shape \(4, 5\) has an odd number of columns \(5\): half_row needs an even number"),
+    ("half_column", (3, 4), r"shape \(3, 4\) has an odd number of rows \(3\): half_column needs an even number"),
+])
+def test_half_patterns_need_an_even_size(pattern: str, shape: tuple[int, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_shape(shape, pattern, "w")
+    for other in ("unstructured", "row", "column"):
+        check_shape(shape, other, "w")
 
 
 def test_sparsity_zero_keeps_everything_and_num_pruned_rounds_half_up() -> None:

@@ -237,7 +237,6 @@ def test_status_of_a_stack_that_never_ran(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_stack_up_status_use_and_down(tmp_path: Path) -> None:
     settings = _settings(tmp_path / "home", **_free_stack_ports())
     start = time.monotonic()

@@ -1,0 +1,55 @@
+"""The shared defaults of every strategy: dense FedAvg's behaviour (McMahan et al., AISTATS 2017).
+
+A strategy is a frozen dataclass that subclasses `BaseStrategy`, declares its own fields (at least
+`specs`, the parameters it prunes or slices) and overrides only the members of
+`fedprune_core.engine.Strategy` it changes, as Flower's `FedMedian(FedAvg)` overrides one method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fedprune_core.engine import ServerState, Workload
+from fedprune_core.prunable import PrunableSpec
+from fedprune_core.types import MaskDict, StateDict
+
+
+class BaseStrategy:
+    """Dense FedAvg: no setup, no scores, no masks, every client trains the global model whole.
+
+    Attributes:
+        specs: the parameters the strategy prunes or slices (each strategy's own dataclass field).
+        track_grad_sq: whether clients accumulate squared gradients (no).
+        rescale_kept: whether clients train their sub-model as inverted dropout (no).
+    """
+
+    specs: dict[str, PrunableSpec]
+    track_grad_sq: bool = False
+    rescale_kept: bool = False
+
+    def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:
+        """Nothing to do before round 1."""
+        return state
+
+    def keeps_masks(self, round_num: int) -> bool:
+        """Never scores or masks: the flow skips those steps."""
+        return True
+
+    def score(self, state: ServerState, round_num: int) -> StateDict:
+        """No scores."""
+        return {}
+
+    def mask(self, state: ServerState, scores: StateDict, round_num: int) -> MaskDict:
+        """No global masks: the server keeps and evaluates the full model."""
+        return {}
+
+    def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
+        """Every client trains the global masks (none: the whole model)."""
+        return masks
+
+    def observe(
+        self, state: ServerState, masks: MaskDict, grads: StateDict, trained: MaskDict, grad_sq: StateDict | None
+    ) -> StateDict:
+        """No strategy state carried between rounds."""
+        return {}
