@@ -88,12 +88,15 @@ def prepare(
     record = {"experiment": config.to_dict(), "options": options.__dict__, "preset": preset,
               "overrides": overrides or {}}
     existed = store.exists()
-    latest = store.latest_round() if existed else None
-    if latest is not None:
+    recovery = store.plan_recovery()  # the newest round that verifies; never round 0 of a committed run
+    if recovery.round_num is not None:
         _check_same_run(store.read_config(), record, run_id)
     else:  # new, or it failed before committing round 0: nothing committed to protect
         store.write_config(record)
-    mlflow_run_id = store.load(latest).meta.get("mlflow_run_id") if latest is not None else None
+    store.recover(recovery)  # damaged rounds set aside, LATEST names the round the run resumes from
+    if recovery.warning:
+        get_run_logger().warning(recovery.warning)
+    mlflow_run_id = recovery.meta.get("mlflow_run_id")
     ref = RunRef(settings.storage_url, settings.s3_endpoint_url, experiment_name, run_id,
                  str(settings.home / "data"))
     return ref, mlflow_run_id, existed
