@@ -9,7 +9,7 @@ experiment (parent flow)
     (fine-tuning, FedAvg, between PruneFL's reconfigurations) keep the state's scores and masks.
   finalize: artifacts
 A run is identified by `run_id`; running the flow again with an existing run id resumes it from
-its last committed checkpoint into the same MLflow run.
+its newest checkpoint that verifies (`CheckpointStore.recover`) into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def prepare(
         (ref, mlflow_run_id or None for a new run, whether the run already existed).
 
     Raises:
-        ValueError and infra errors naming the bad value, before anything is written.
+        ValueError and infra errors naming the bad value, before anything is written
+        (`UnrecoverableRunError`: the run has committed rounds but none verifies).
     """
     config = make_preset(preset, overrides)
     clients = num_clients(config)
