@@ -124,6 +124,10 @@ def _validate_run(
             f"available: lower it to at most {clients}"
         )
     storage = _check_services()
+    if run_id is not None:
+        from infra.checkpoint import CheckpointStore
+
+        CheckpointStore(storage, experiment_name, run_id).plan_recovery()  # committed but nothing verifies
     if config.init_from:
         from infra.runs import warm_start_source
 
@@ -148,7 +152,8 @@ def resume(
     experiment_name: Annotated[str | None, typer.Option("--experiment", help="Its experiment, if ambiguous.")]
     = None,
 ) -> None:
-    """Resume a run from its last committed checkpoint into the same MLflow run."""
+    """Resume a run from its newest checkpoint that verifies (newer, damaged ones are set aside) into the same
+    MLflow run."""
     from infra.checkpoint import CheckpointStore, list_runs, validate_run_id
     from infra.errors import InfraError
     from infra.storage import open_storage
@@ -163,7 +168,9 @@ def resume(
             raise ValueError(f"run_id={run_id!r} does not exist in {settings.storage_url}: see `fedprune runs list`")
         if len(found) > 1:
             raise ValueError(f"run_id={run_id!r} exists in several experiments: pass --experiment")
-        stored = CheckpointStore(storage, found[0].experiment, run_id).read_config()
+        store = CheckpointStore(storage, found[0].experiment, run_id)
+        stored = store.read_config()
+        store.plan_recovery()  # committed rounds of which none verifies: stop here, not in the flow
     except (ValueError, InfraError) as e:
         _fail(str(e))
     _run_flow(preset=stored["preset"], overrides=stored["overrides"], run_id=run_id,

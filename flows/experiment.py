@@ -9,7 +9,7 @@ experiment (parent flow)
     (fine-tuning, FedAvg, between PruneFL's reconfigurations) keep the state's scores and masks.
   finalize: artifacts
 A run is identified by `run_id`; running the flow again with an existing run id resumes it from
-its last committed checkpoint into the same MLflow run.
+its newest checkpoint that verifies (`CheckpointStore.recover`) into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def prepare(
         (ref, mlflow_run_id or None for a new run, whether the run already existed).
 
     Raises:
-        ValueError and infra errors naming the bad value, before anything is written.
+        ValueError and infra errors naming the bad value, before anything is written
+        (`UnrecoverableRunError`: the run has committed rounds but none verifies).
     """
     config = make_preset(preset, overrides)
     clients = num_clients(config)
@@ -97,12 +98,15 @@ def prepare(
     record = {"experiment": config.to_dict(), "options": options.__dict__, "preset": preset,
               "overrides": overrides or {}}
     existed = store.exists()
-    latest = store.latest_round() if existed else None
-    if latest is not None:
+    recovery = store.plan_recovery()  # the newest round that verifies; never round 0 of a committed run
+    if recovery.round_num is not None:
         _check_same_run(store.read_config(), record, run_id)
     else:  # new, or it failed before committing round 0: nothing committed to protect
         store.write_config(record)
-    mlflow_run_id = store.load(latest).meta.get("mlflow_run_id") if latest is not None else None
+    store.recover(recovery)  # damaged rounds set aside, LATEST names the round the run resumes from
+    if recovery.warning:
+        get_run_logger().warning(recovery.warning)
+    mlflow_run_id = recovery.meta.get("mlflow_run_id")
     ref = RunRef(settings.storage_url, settings.s3_endpoint_url, experiment_name, run_id,
                  str(settings.home / "data"))
     return ref, mlflow_run_id, existed

@@ -6,10 +6,23 @@
 <experiment>/<run_id>/rounds/<round:06d>/manifest.json          round, created, meta, sha256 + size
 <experiment>/<run_id>/LATEST                                    {"round": N}, written last
 <experiment>/<run_id>/final/<name>                              artifacts such as the compact model
+<experiment>/<run_id>/damaged/<round:06d>-<reason>-<time>/...   rounds set aside by `recover`
 ```
 A round is committed when its objects, then its manifest, then ``LATEST`` are written. A reader
-trusts only rounds named by ``LATEST`` (or older ones with a manifest) and verifies every sha256,
-so a crash at any point leaves the previous checkpoint readable and nothing committed is lost.
+verifies every sha256, so a crash at any point leaves the previous checkpoint readable and
+nothing committed is lost.
+
+Resuming goes through `CheckpointStore.recover`: it starts from the round ``LATEST`` names when
+that round verifies, else (``LATEST`` missing, unreadable, or naming a damaged round) from the
+newest round whose manifest and objects verify. Every round newer than that one which has files
+is moved (copied, then deleted) to ``damaged/<round:06d>-<reason>-<UTC time>/``, an unreadable
+``LATEST`` to ``damaged/latest-<UTC time>/LATEST``; then ``LATEST`` names the round resumed from,
+so the resumed run commits forward as usual. A run with committed rounds of which none verifies
+is never started over: `UnrecoverableRunError`, and nothing is moved.
+
+Temporary files of interrupted writes (local storage's ``.tmp-*``) under the run are removed: all
+of them by `recover` (no write of the run is running then), and those older than `TMP_MAX_AGE_S`
+by `apply_retention`, which runs after every commit.
 """
 
 from __future__ import annotations
@@ -22,12 +35,13 @@ from typing import Any
 
 import torch
 
-from infra.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageKeyError
+from infra.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageKeyError, UnrecoverableRunError
 from infra.storage import (
     Storage,
     get_json,
     json_bytes,
     put_json,
+    remove_temporaries,
     sha256_hex,
     tensors_from_bytes,
     tensors_to_bytes,
@@ -39,6 +53,9 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _ROUND_DIR_RE = re.compile(r"^rounds/(\d{6,})/")
 _RESERVED_NAMES = frozenset({"manifest"})
+_MANIFEST = "manifest.json"
+TMP_MAX_AGE_S = 600.0
+"""`apply_retention` removes temporary files of writes started longer ago than this (10 minutes)."""
 
 TensorGroups = dict[str, dict[str, torch.Tensor]]
 
@@ -65,6 +82,66 @@ class RunSummary:
     experiment: str
     run_id: str
     latest_round: int | None
+
+
+@dataclass(frozen=True)
+class DamagedRound:
+    """A round newer than the one a run resumes from: `recover` sets it aside.
+
+    Attributes:
+        round_num: the round.
+        reason: "checksum" (an object differs from its manifest), "missing-object", "bad-manifest"
+            (unreadable or not describing the round), or "uncommitted" (no manifest, or a manifest
+            LATEST never named: a commit that did not finish).
+    """
+
+    round_num: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Where a run resumes (`CheckpointStore.plan_recovery`) and what stands in the way.
+
+    Attributes:
+        base: the run's key prefix, ``<experiment>/<run_id>``.
+        round_num: the round LATEST names when it verifies, else the newest round that verifies;
+            None when the run never committed a round.
+        meta: that round's manifest meta (MLflow run id ...); {} when `round_num` is None.
+        damaged: rounds newer than `round_num` that have files, ascending.
+        latest: the round LATEST names; None when LATEST is missing or unreadable.
+        latest_unreadable: LATEST exists but is not {"round": <int>}.
+    """
+
+    base: str
+    round_num: int | None
+    meta: dict[str, Any]
+    damaged: tuple[DamagedRound, ...]
+    latest: int | None
+    latest_unreadable: bool
+
+    @property
+    def warning(self) -> str | None:
+        """One line saying where the run resumes and what `recover` set aside; None if nothing was wrong."""
+        latest = self._latest_problem()
+        if not self.damaged and latest is None:
+            return None
+        if self.round_num is None:
+            parts = [f"run {self.base!r} starts from round 0: none of its rounds was committed"]
+        else:
+            parts = [f"run {self.base!r} resumes from round {self.round_num}, the newest round that verifies"]
+        aside = [f"round {d.round_num} ({d.reason})" for d in self.damaged]
+        aside += ["LATEST"] if self.latest_unreadable else []
+        parts += [latest] if latest else []
+        parts += [f"set aside under {self.base}/damaged/: {', '.join(aside)}"] if aside else []
+        return "; ".join(parts)
+
+    def _latest_problem(self) -> str | None:
+        if self.latest_unreadable:
+            return "LATEST was unreadable"
+        if self.latest == self.round_num:
+            return None
+        return "LATEST was missing" if self.latest is None else f"LATEST named round {self.latest}"
 
 
 def validate_run_id(run_id: str) -> str:
@@ -217,12 +294,12 @@ class CheckpointStore:
 
     def _is_repeat_commit(self, round_num: int, objects: dict[str, dict[str, Any]]) -> bool:
         latest = self._read_latest_or_none()
-        if latest is None or round_num > latest or not self._verifies(latest):
+        if latest is None or round_num > latest or self._damage(latest) is not None:
             return False  # nothing committed yet, moving forward, or LATEST is damaged: write it.
         if round_num < latest:
             raise ValueError(
                 f"round_num={round_num} is older than the committed LATEST={latest} of run {self.base!r}: "
-                "checkpoints only move forward; resume from load_latest_valid() and commit later rounds"
+                "checkpoints only move forward; resume the run (recover()) and commit later rounds"
             )
         if self._read_manifest(latest)["objects"] == objects:
             return True
@@ -248,7 +325,8 @@ class CheckpointStore:
         if not isinstance(data, dict) or not isinstance(data.get("round"), int):
             raise CorruptCheckpointError(
                 f"{self.storage.url}/{self.latest_key} is not {{'round': <int>}}: it was modified outside "
-                "fedprune; load_latest_valid() falls back to the newest round that verifies"
+                f"fedprune; {_FALLBACK}",
+                reason="bad-latest",
             )
         round_num: int = data["round"]
         return round_num
@@ -289,64 +367,136 @@ class CheckpointStore:
                 f"load a committed round; committed: {self.committed_rounds()}"
             ) from None
         except ValueError as error:
-            raise CorruptCheckpointError(f"{key} is not valid JSON ({error}): {_FALLBACK_FIX}") from None
+            raise CorruptCheckpointError(f"{key} is not valid JSON ({error}): {_FALLBACK}", "bad-manifest") from None
         if not _manifest_is_well_formed(manifest, round_num):
-            raise CorruptCheckpointError(f"{key} does not describe round {round_num}: {_FALLBACK_FIX}")
+            raise CorruptCheckpointError(f"{key} does not describe round {round_num}: {_FALLBACK}", "bad-manifest")
         return manifest
 
     def _load_object(self, round_num: int, name: str, info: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return tensors_from_bytes(self._verified_bytes(round_num, name, info))
+
+    def _verified_bytes(self, round_num: int, name: str, info: dict[str, Any]) -> bytes:
         key = self.object_key(round_num, name)
         try:
             data = self.storage.get_bytes(key)
         except StorageKeyError:
             raise CorruptCheckpointError(
-                f"{key} is missing but its manifest lists it: {_FALLBACK_FIX}"
+                f"{key} is missing but its manifest lists it: {_FALLBACK}", "missing-object"
             ) from None
         digest = sha256_hex(data)
         if digest != info["sha256"] or len(data) != info["size"]:
             raise CorruptCheckpointError(
                 f"{key} fails its check (sha256 {digest[:12]}.. size {len(data)}, manifest says "
-                f"{info['sha256'][:12]}.. size {info['size']}): {_FALLBACK_FIX}"
+                f"{info['sha256'][:12]}.. size {info['size']}): {_FALLBACK}",
+                "checksum",
             )
-        return tensors_from_bytes(data)
+        return data
 
-    def _verifies(self, round_num: int) -> bool:
+    def _damage(self, round_num: int) -> str | None:
+        """None when the round's manifest and every object it lists verify, else why not
+        (a `DamagedRound.reason`)."""
         try:
             manifest = self._read_manifest(round_num)
             for name, info in manifest["objects"].items():
-                data = self.storage.get_bytes(self.object_key(round_num, name))
-                if sha256_hex(data) != info["sha256"]:
-                    return False
-        except (CorruptCheckpointError, CheckpointNotFoundError, KeyError):
-            return False
-        return True
-
-    def load_latest_valid(self) -> Checkpoint | None:
-        """Load the newest committed round that verifies, or None if there is none.
-
-        Tries LATEST first, then older rounds that have a manifest, newest first. A round directory
-        without a manifest was never committed and is ignored; so are rounds newer than LATEST. If
-        LATEST itself is unreadable, every round with a manifest is a candidate.
-        """
-        for round_num in self._candidates():
-            try:
-                return self.load(round_num)
-            except (CorruptCheckpointError, CheckpointNotFoundError):
-                continue
+                self._verified_bytes(round_num, name, info)
+        except CheckpointNotFoundError:
+            return "uncommitted"
+        except CorruptCheckpointError as error:
+            return error.reason
         return None
 
-    def _candidates(self) -> list[int]:
+    # ----------------------------------------------------------------- recovery
+
+    def plan_recovery(self) -> Recovery:
+        """Find the round a resumed run starts from, and the rounds in its way; changes nothing.
+
+        The round LATEST names if it verifies, else the newest round whose manifest and objects
+        verify. Rounds newer than it that have any file are `Recovery.damaged`.
+
+        Raises:
+            UnrecoverableRunError: the run has committed rounds (a manifest or LATEST exists) but none
+                verifies; starting it over would mix two runs under one id.
+        """
+        latest, unreadable = self._latest_as_read()
+        rounds = self._round_files()
+        candidates = [latest] if latest is not None else []
+        candidates += sorted((r for r, names in rounds.items() if _MANIFEST in names), reverse=True)
+        recovered, damage = self._newest_verified(candidates)
+        newer = sorted(r for r in rounds if recovered is None or r > recovered)
+        damaged = tuple(DamagedRound(r, damage.get(r) or "uncommitted") for r in newer)
+        committed = latest is not None or unreadable or any(_MANIFEST in rounds[r] for r in rounds)
+        if recovered is None and committed:
+            raise UnrecoverableRunError(self._unrecoverable(latest, unreadable, damaged))
+        meta = self._read_manifest(recovered)["meta"] if recovered is not None else {}
+        return Recovery(self.base, recovered, meta, damaged, latest, unreadable)
+
+    def _newest_verified(self, candidates: list[int]) -> tuple[int | None, dict[int, str]]:
+        """The first of `candidates` that verifies (None if none does), and why those before it failed."""
+        damage: dict[int, str] = {}
+        for round_num in candidates:
+            reason = damage.get(round_num) or self._damage(round_num)
+            if reason is None:
+                return round_num, damage
+            damage[round_num] = reason
+        return None, damage
+
+    def _latest_as_read(self) -> tuple[int | None, bool]:
         try:
-            latest = self.latest_round()
+            return self.latest_round(), False
         except CorruptCheckpointError:
-            return sorted(self.committed_rounds(), reverse=True)
-        if latest is None:
-            return []
-        return sorted({r for r in self.committed_rounds() if r <= latest} | {latest}, reverse=True)
+            return None, True
+
+    def _unrecoverable(self, latest: int | None, unreadable: bool, damaged: tuple[DamagedRound, ...]) -> str:
+        pointer = "unreadable" if unreadable else "missing" if latest is None else f"round {latest}"
+        found = ", ".join(f"{d.round_num} ({d.reason})" for d in damaged) or "none"
+        return (
+            f"run {self.base!r} in {self.storage.url} has committed rounds but none verifies (LATEST: {pointer}; "
+            f"rounds: {found}): it is not started over and nothing was changed; restore "
+            f"{self.base}/rounds/ from a backup, or start a new run under another run_id"
+        )
+
+    def recover(self, plan: Recovery | None = None) -> Recovery:
+        """Make the run resumable from `plan` (default: `plan_recovery()`); returns the plan.
+
+        Removes every temporary file of an interrupted write under the run (none of its writes is
+        running when a run is opened), moves each damaged round (copied, then deleted) to
+        ``damaged/<round:06d>-<reason>-<UTC time>/`` and an unreadable LATEST to
+        ``damaged/latest-<UTC time>/LATEST``, then points LATEST at `plan.round_num`. Running it
+        again changes nothing; a crash part-way leaves a state it finishes.
+
+        Raises:
+            UnrecoverableRunError: see `plan_recovery`.
+        """
+        remove_temporaries(self.storage, f"{self.base}/")
+        plan = plan or self.plan_recovery()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for damaged in plan.damaged:
+            prefix = self.round_prefix(damaged.round_num)
+            self._set_aside(prefix, f"{damaged.round_num:06d}-{damaged.reason}-{stamp}")
+        if plan.latest_unreadable:
+            self._set_aside(self.latest_key, f"latest-{stamp}")
+        if plan.round_num is not None and plan.latest != plan.round_num:
+            put_json(self.storage, self.latest_key, {"round": plan.round_num})
+        return plan
+
+    def _set_aside(self, prefix: str, folder: str) -> None:
+        """Copy every object under `prefix` to ``damaged/<folder>[-n]/``, then delete it (a manifest first,
+        so a crash in between leaves an uncommitted round, never a committed one with objects gone)."""
+        keys = self.storage.list_keys(prefix)
+        target = f"{self.base}/damaged/{folder}"
+        copies = 1
+        while self.storage.list_keys(f"{target}/"):
+            copies += 1
+            target = f"{self.base}/damaged/{folder}-{copies}"
+        start = prefix.rfind("/") + 1
+        for key in keys:
+            self.storage.put_bytes(f"{target}/{key[start:]}", self.storage.get_bytes(key))
+        for key in sorted(keys, key=lambda k: not k.endswith(_MANIFEST)):
+            self.storage.delete(key)
 
     def committed_rounds(self) -> list[int]:
         """Rounds that have a manifest (committed, or written but not yet named by LATEST), sorted."""
-        return sorted(r for r, names in self._round_files().items() if "manifest.json" in names)
+        return sorted(r for r, names in self._round_files().items() if _MANIFEST in names)
 
     def _round_files(self) -> dict[int, set[str]]:
         start = len(self.base) + 1
@@ -362,8 +512,10 @@ class CheckpointStore:
     def apply_retention(self, keep_last: int, keep_every: int) -> list[int]:
         """Delete old rounds, keeping the last `keep_last` committed and every `keep_every`-th.
 
-        Never deletes LATEST's round nor any round newer than it (possibly being written).
-        Uncommitted leftovers (no manifest) older than LATEST are deleted too.
+        Never deletes LATEST's round nor any round newer than it (possibly being written, or
+        left for `recover` to set aside); deletes nothing while LATEST is missing or unreadable.
+        Uncommitted leftovers (no manifest) older than LATEST are deleted too, and so are temporary
+        files of writes under the run started more than `TMP_MAX_AGE_S` ago.
 
         Args:
             keep_last: how many of the newest committed rounds to keep (>= 1).
@@ -376,11 +528,12 @@ class CheckpointStore:
             raise ValueError(f"keep_last={keep_last} must be >= 1: the newest round is always kept")
         if keep_every < 0:
             raise ValueError(f"keep_every={keep_every} must be >= 0: pass 0 to keep no periodic rounds")
+        remove_temporaries(self.storage, f"{self.base}/", older_than_s=TMP_MAX_AGE_S)
         latest = self._read_latest_or_none()
         if latest is None:
             return []
         rounds = self._round_files()
-        committed = sorted(r for r, names in rounds.items() if "manifest.json" in names and r <= latest)
+        committed = sorted(r for r, names in rounds.items() if _MANIFEST in names and r <= latest)
         keep = set(committed[-keep_last:]) | {latest}
         keep |= {r for r in committed if keep_every and r % keep_every == 0}
         doomed = sorted(r for r in rounds if r < latest and r not in keep)
@@ -417,7 +570,10 @@ def _manifest_is_well_formed(manifest: Any, round_num: int) -> bool:
     )
 
 
-_FALLBACK_FIX = "the checkpoint is damaged; load_latest_valid() falls back to the newest round that verifies"
+_FALLBACK = (
+    "the checkpoint is damaged; resume falls back to the newest round that verifies and sets newer ones "
+    "aside under damaged/"
+)
 
 
 def _json_roundtrip(obj: dict[str, Any], what: str) -> dict[str, Any]:

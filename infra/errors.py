@@ -33,7 +33,20 @@ class StorageUnreachableError(InfraError):
 
 
 class CorruptCheckpointError(InfraError):
-    """A committed checkpoint object is missing, unreadable or fails its sha256 check."""
+    """A committed checkpoint object is missing, unreadable or fails its sha256 check.
+
+    Attributes:
+        reason: what is wrong, one word: "bad-manifest", "missing-object", "checksum" or "bad-latest"
+            (a damaged round is set aside under a folder named after it).
+    """
+
+    def __init__(self, message: str, reason: str = "damaged") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UnrecoverableRunError(InfraError):
+    """A run has committed rounds but none of them verifies: resuming it would start it over."""
 
 
 class CheckpointNotFoundError(InfraError, LookupError):

@@ -8,7 +8,9 @@ Cache layout, written once per corpus configuration::
       <split>/<speaker_id>/<utterance_id>.wav      16 kHz, 16-bit PCM, mono
 
 ``generate_corpus`` renders into a temporary sibling directory and renames it into place, so a
-directory with that name is always complete; a second call reuses it.
+directory with that name and an ``index.json`` is complete; a second call reuses it. A directory
+without ``index.json`` (the index lost, or files removed by hand) is rendered again and replaced:
+rendering is deterministic, so the result is byte-identical to a fresh cache.
 
 Reading validates every line and file. Problems raise :class:`SpeechDataError` naming the file
 (and ``manifest.jsonl:<line>`` for manifest entries): a missing or corrupt WAV/FLAC, a bad JSON
@@ -238,13 +240,26 @@ def generate_corpus(config: CorpusConfig, cache_dir: Path | str, progress: bool 
     try:
         with _one_torch_thread():
             _write_plan(plan, staging, progress)
+        _install(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Rename the rendered corpus to `target`, first moving aside an incomplete one found there."""
+    incomplete = target.parent / f".{target.name}.incomplete-{os.getpid()}"
+    try:
+        if target.is_dir() and not (target / INDEX).is_file():
+            LOG.warning("corpus %s has no %s: replacing it with a fresh rendering", target, INDEX)
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                os.rename(target, incomplete)
         os.rename(staging, target)
     except OSError:
         if not (target / INDEX).is_file():  # not a lost race with another writer
             raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        shutil.rmtree(incomplete, ignore_errors=True)
 
 
 def _parse_line(line: str, where: str) -> dict[str, Any]:

@@ -5,7 +5,8 @@ them (checkpoints, tasks) never knows where its objects live (DESIGN.md, "Storag
 
 * `LocalStorage` keeps each key as a file under a root directory; a write goes to a temporary
   file in the same directory and is renamed over the target (`os.replace`), so a reader sees the
-  old object or the new one, never half of one.
+  old object or the new one, never half of one. A write killed before its rename leaves a
+  ``.tmp-*`` file, which listings skip and `remove_temporaries` removes.
 * `S3Storage` keeps each key as an S3 object (AWS, MinIO, SeaweedFS via `endpoint_url`); an S3
   PUT is atomic per object. The bucket is created on demand at the first write.
 * `CachingStorage` wraps either with an in-process, read-through LRU cache of immutable objects.
@@ -22,6 +23,7 @@ import re
 import socket
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -207,6 +209,33 @@ class LocalStorage:
         for key in self.list_keys(prefix):
             self.delete(key)
 
+    def remove_temporaries(self, prefix: str, older_than_s: float = 0.0) -> list[str]:
+        """Remove the temporary files of writes that never finished (a killed process leaves its
+        ``.tmp-*`` file behind) under `prefix`, and the directories left empty.
+
+        Args:
+            prefix: key prefix to clean, e.g. ``"exp/run/"``.
+            older_than_s: only files last written at least this many seconds ago; 0 for all of them
+                (only when no write under `prefix` can be running).
+
+        Returns:
+            The removed files' paths relative to the root, sorted.
+        """
+        validate_prefix(prefix)
+        start = self.root.joinpath(*prefix.split("/")[:-1])
+        cutoff = time.time() - older_than_s
+        removed = []
+        for dirpath, _dirs, files in os.walk(start):
+            for name in files:
+                path = Path(dirpath) / name
+                key = path.relative_to(self.root).as_posix()
+                if name.startswith(_TMP_PREFIX) and key.startswith(prefix) and _mtime(path) <= cutoff:
+                    path.unlink(missing_ok=True)
+                    removed.append(key)
+        for key in removed:
+            self._prune_empty_dirs((self.root / key).parent)
+        return sorted(removed)
+
     def _prune_empty_dirs(self, directory: Path) -> None:
         while directory != self.root and self.root in directory.parents:
             try:
@@ -214,6 +243,13 @@ class LocalStorage:
             except OSError:
                 return
             directory = directory.parent
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # its write finished (renamed) or another cleaner removed it
+        return float("inf")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -553,6 +589,20 @@ def open_storage(url: str, endpoint_url: str | None = None) -> Storage:
         f"storage url {url!r} has unsupported scheme {parts.scheme!r}: "
         "use file:///abs/path, a plain directory path, or s3://bucket/prefix"
     )
+
+
+def remove_temporaries(storage: Storage, prefix: str, older_than_s: float = 0.0) -> list[str]:
+    """Remove what interrupted writes left under `prefix`: `LocalStorage`'s ``.tmp-*`` files (see
+    `LocalStorage.remove_temporaries`). S3 leaves nothing (a PUT is atomic), so there it is a no-op.
+
+    Returns:
+        The removed paths, relative to the storage root.
+    """
+    if isinstance(storage, CachingStorage):
+        return remove_temporaries(storage.inner, prefix, older_than_s)
+    if isinstance(storage, LocalStorage):
+        return storage.remove_temporaries(prefix, older_than_s)
+    return []
 
 
 def check_reachable(storage: Storage, create_bucket: bool = False, timeout_s: float = 2.0) -> None:

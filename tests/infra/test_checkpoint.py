@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
-from infra.checkpoint import Checkpoint, CheckpointStore, RunSummary, list_runs
-from infra.errors import CheckpointNotFoundError, CorruptCheckpointError
+from infra.checkpoint import TMP_MAX_AGE_S, Checkpoint, CheckpointStore, RunSummary, list_runs
+from infra.errors import CheckpointNotFoundError, CorruptCheckpointError, UnrecoverableRunError
 from infra.storage import LocalStorage, Storage, get_json, sha256_hex
 
 
@@ -35,6 +39,13 @@ def _assert_is_round(checkpoint: Checkpoint | None, round_num: int) -> None:
             assert torch.equal(checkpoint.tensors[name][key], tensor), (name, key)
             assert checkpoint.tensors[name][key].dtype == tensor.dtype
     assert checkpoint.meta == _meta(round_num)
+
+
+def _recovered(ckpt: CheckpointStore) -> Checkpoint:
+    """The checkpoint a resumed run starts from (after `recover`)."""
+    plan = ckpt.recover()
+    assert plan.round_num is not None
+    return ckpt.load(plan.round_num)
 
 
 @pytest.fixture
@@ -150,9 +161,9 @@ def test_a_crash_during_commit_leaves_the_previous_checkpoint(
         crashing.commit(2, _tensors(2), _meta(2))
     assert ckpt.latest_round() == 1
     _assert_is_round(ckpt.load(), 1)
-    _assert_is_round(ckpt.load_latest_valid(), 1)
+    _assert_is_round(_recovered(ckpt), 1)
     ckpt.commit(2, _tensors(2), _meta(2))  # the resumed run redoes round 2
-    _assert_is_round(ckpt.load_latest_valid(), 2)
+    _assert_is_round(_recovered(ckpt), 2)
 
 
 def test_a_round_without_manifest_was_never_committed(ckpt: CheckpointStore) -> None:
@@ -161,7 +172,9 @@ def test_a_round_without_manifest_was_never_committed(ckpt: CheckpointStore) -> 
     assert ckpt.committed_rounds() == [1]
     with pytest.raises(CheckpointNotFoundError, match="round 2 .* never committed"):
         ckpt.load(2)
-    _assert_is_round(ckpt.load_latest_valid(), 1)
+    _assert_is_round(_recovered(ckpt), 1)
+    assert [k.rsplit("/", 1)[1] for k in ckpt.storage.list_keys("exp/run-1/damaged/")] == ["state.safetensors"]
+    assert ckpt.storage.list_keys("exp/run-1/damaged/")[0].startswith("exp/run-1/damaged/000002-uncommitted-")
 
 
 def test_a_flipped_byte_is_detected_and_the_reader_falls_back(ckpt: CheckpointStore) -> None:
@@ -173,7 +186,7 @@ def test_a_flipped_byte_is_detected_and_the_reader_falls_back(ckpt: CheckpointSt
     ckpt.storage.put_bytes(key, bytes(data))
     with pytest.raises(CorruptCheckpointError, match="rounds/000002/masks.safetensors fails its check"):
         ckpt.load()
-    _assert_is_round(ckpt.load_latest_valid(), 1)
+    assert ckpt.plan_recovery().round_num == 1
     ckpt.commit(2, _tensors(2), _meta(2))  # LATEST no longer verifies, so round 2 may be rewritten
     _assert_is_round(ckpt.load(), 2)
 
@@ -183,7 +196,8 @@ def test_a_missing_object_is_named(ckpt: CheckpointStore) -> None:
     ckpt.storage.delete(ckpt.object_key(1, "state"))
     with pytest.raises(CorruptCheckpointError, match="state.safetensors is missing"):
         ckpt.load()
-    assert ckpt.load_latest_valid() is None
+    with pytest.raises(UnrecoverableRunError, match=r"'exp/run-1' .* none verifies .*rounds: 1 \(missing-object\)"):
+        ckpt.plan_recovery()
 
 
 def test_an_unreadable_latest_falls_back_to_manifests(ckpt: CheckpointStore) -> None:
@@ -192,13 +206,183 @@ def test_an_unreadable_latest_falls_back_to_manifests(ckpt: CheckpointStore) -> 
     ckpt.storage.put_bytes(ckpt.latest_key, b"{not json")
     with pytest.raises(CorruptCheckpointError, match="LATEST is not"):
         ckpt.latest_round()
-    _assert_is_round(ckpt.load_latest_valid(), 2)
+    _assert_is_round(_recovered(ckpt), 2)
 
 
 def test_nothing_committed(ckpt: CheckpointStore) -> None:
-    assert ckpt.latest_round() is None and ckpt.load_latest_valid() is None
+    plan = ckpt.recover()
+    assert ckpt.latest_round() is None and plan.round_num is None and plan.warning is None
     with pytest.raises(CheckpointNotFoundError, match="no committed checkpoint"):
         ckpt.load()
+
+
+# --------------------------------------------------------------------------- recovery of a damaged run
+
+
+def _flip_state(ckpt: CheckpointStore) -> None:
+    key = ckpt.object_key(3, "state")
+    data = bytearray(ckpt.storage.get_bytes(key))
+    data[len(data) // 2] ^= 0x01
+    ckpt.storage.put_bytes(key, bytes(data))
+
+
+def _truncate_manifest(ckpt: CheckpointStore) -> None:
+    key = ckpt.manifest_key(3)
+    ckpt.storage.put_bytes(key, ckpt.storage.get_bytes(key)[:40])
+
+
+DAMAGES: dict[str, tuple[Callable[[CheckpointStore], None], int, str]] = {
+    # damage -> (how, the round resumed from, the reason round 3 is set aside under or "" if it stays)
+    "flipped-state": (_flip_state, 2, "checksum"),
+    "truncated-manifest": (_truncate_manifest, 2, "bad-manifest"),
+    "deleted-state": (lambda c: c.storage.delete(c.object_key(3, "state")), 2, "missing-object"),
+    "garbage-latest": (lambda c: c.storage.put_bytes(c.latest_key, b"\x00garbage"), 3, ""),
+    "deleted-latest": (lambda c: c.storage.delete(c.latest_key), 3, ""),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_recover_resumes_from_the_newest_round_that_verifies_and_sets_the_damage_aside(
+    ckpt: CheckpointStore, damage: str
+) -> None:
+    how, resumed, reason = DAMAGES[damage]
+    for round_num in (1, 2, 3):
+        ckpt.commit(round_num, _tensors(round_num), _meta(round_num))
+    how(ckpt)
+    round_3 = {k.rsplit("/", 1)[1]: ckpt.storage.get_bytes(k) for k in ckpt.storage.list_keys(ckpt.round_prefix(3))}
+
+    plan = ckpt.plan_recovery()
+    assert ckpt.storage.list_keys("exp/run-1/damaged/") == []  # planning changes nothing
+    assert ckpt.recover() == plan
+    assert plan.round_num == resumed and plan.meta == _meta(resumed)
+    _assert_is_round(ckpt.load(), resumed)  # LATEST names it
+    assert plan.warning is not None and f"resumes from round {resumed}" in plan.warning
+    aside = ckpt.storage.list_keys("exp/run-1/damaged/")
+    if reason:
+        assert [d.round_num for d in plan.damaged] == [3] and plan.damaged[0].reason == reason
+        assert f"round 3 ({reason})" in plan.warning
+        folder = aside[0].split("/")[3]
+        assert folder.startswith(f"000003-{reason}-")
+        assert {k.rsplit("/", 1)[1]: ckpt.storage.get_bytes(k) for k in aside} == round_3  # as found
+        assert ckpt.storage.list_keys(ckpt.round_prefix(3)) == []
+    elif damage == "garbage-latest":
+        assert [k.split("/", 3)[3].split("/")[1] for k in aside] == ["LATEST"]
+        assert ckpt.storage.get_bytes(aside[0]) == b"\x00garbage"
+        assert "LATEST was unreadable" in plan.warning
+    else:
+        assert aside == [] and "LATEST was missing" in plan.warning
+    ckpt.commit(resumed + 1, _tensors(resumed + 1), _meta(resumed + 1))  # the resumed run moves forward
+    _assert_is_round(ckpt.load(), resumed + 1)
+    again = ckpt.recover()
+    assert again.warning is None and ckpt.storage.list_keys("exp/run-1/damaged/") == aside
+
+
+def test_rounds_newer_than_a_verifying_latest_are_set_aside_intact(ckpt: CheckpointStore) -> None:
+    for round_num in range(5):
+        ckpt.commit(round_num, _tensors(round_num), _meta(round_num))
+    newer = {k: ckpt.storage.get_bytes(k) for k in ckpt.storage.list_keys("exp/run-1/rounds/")
+             if int(k.split("/")[3]) > 2}
+    ckpt.storage.put_bytes(ckpt.latest_key, b'{"round": 2}')  # e.g. LATEST restored from an older backup
+    plan = ckpt.recover()
+    assert plan.round_num == 2 and [(d.round_num, d.reason) for d in plan.damaged] == [(3, "uncommitted"),
+                                                                                      (4, "uncommitted")]
+    assert plan.warning == (
+        "run 'exp/run-1' resumes from round 2, the newest round that verifies; "
+        "set aside under exp/run-1/damaged/: round 3 (uncommitted), round 4 (uncommitted)"
+    )
+    aside = ckpt.storage.list_keys("exp/run-1/damaged/")
+    assert sorted(ckpt.storage.get_bytes(k) for k in aside) == sorted(newer.values())
+    assert ckpt.committed_rounds() == [0, 1, 2]
+
+
+def test_a_run_whose_rounds_all_fail_is_not_started_over(ckpt: CheckpointStore) -> None:
+    for round_num in (1, 2):
+        ckpt.commit(round_num, _tensors(round_num), _meta(round_num))
+        ckpt.storage.put_bytes(ckpt.object_key(round_num, "masks"), b"scrambled")
+    keys = {k: ckpt.storage.get_bytes(k) for k in ckpt.storage.list_keys("")}
+    message = r"'exp/run-1' .* none verifies \(LATEST: round 2; rounds: 1 \(checksum\), 2 \(checksum\)\)"
+    for attempt in (ckpt.plan_recovery, ckpt.recover):
+        with pytest.raises(UnrecoverableRunError, match=message):
+            attempt()
+    assert {k: ckpt.storage.get_bytes(k) for k in ckpt.storage.list_keys("")} == keys  # nothing moved
+    ckpt.storage.delete_prefix("exp/run-1/rounds/")
+    with pytest.raises(UnrecoverableRunError, match=r"LATEST: round 2; rounds: none"):
+        ckpt.plan_recovery()  # LATEST alone says a round was committed
+
+
+def test_leftovers_of_a_first_commit_that_died_are_set_aside_and_the_run_starts_at_0(ckpt: CheckpointStore) -> None:
+    ckpt.storage.put_bytes(ckpt.object_key(0, "state"), b"half of round 0")
+    plan = ckpt.recover()
+    assert plan.round_num is None and plan.meta == {}
+    assert plan.warning is not None and "starts from round 0" in plan.warning
+    assert ckpt.storage.list_keys(ckpt.round_prefix(0)) == []
+    assert len(ckpt.storage.list_keys("exp/run-1/damaged/")) == 1
+
+
+def test_a_round_damaged_twice_is_set_aside_twice(ckpt: CheckpointStore) -> None:
+    for _ in range(2):
+        ckpt.commit(1, _tensors(1), _meta(1))
+        ckpt.commit(2, _tensors(2), _meta(2))
+        ckpt.storage.delete(ckpt.object_key(2, "masks"))
+        assert ckpt.recover().round_num == 1
+    folders = {k.split("/")[3] for k in ckpt.storage.list_keys("exp/run-1/damaged/")}
+    assert len(folders) == 2 and all(f.startswith("000002-missing-object-") for f in folders)
+
+
+@pytest.mark.parametrize("latest", ["older", "garbage", "missing"])
+def test_retention_never_deletes_verified_rounds_newer_than_the_resume_point(
+    ckpt: CheckpointStore, latest: str
+) -> None:
+    small = {"state": {"w": torch.zeros(1)}}
+    for round_num in range(10):
+        ckpt.commit(round_num, {"state": {"w": torch.full((1,), float(round_num))}}, {})
+    stored = {k: ckpt.storage.get_bytes(k) for k in ckpt.storage.list_keys("exp/run-1/rounds/")}
+    if latest == "older":
+        ckpt.storage.put_bytes(ckpt.latest_key, b'{"round": 6}')
+    elif latest == "garbage":
+        ckpt.storage.put_bytes(ckpt.latest_key, b"{")
+    else:
+        ckpt.storage.delete(ckpt.latest_key)
+    assert ckpt.apply_retention(keep_last=1, keep_every=0) == ([0, 1, 2, 3, 4, 5] if latest == "older" else [])
+    assert ckpt.committed_rounds() == ([6, 7, 8, 9] if latest == "older" else list(range(10)))
+    resumed = ckpt.recover().round_num
+    assert resumed == (6 if latest == "older" else 9)
+    ckpt.commit(resumed + 1, small, {})
+    ckpt.apply_retention(keep_last=1, keep_every=0)
+    assert ckpt.committed_rounds() == [resumed + 1]
+    # every verified round newer than the resume point still exists, byte for byte, under damaged/
+    aside = {k.split("/")[3][:6]: ckpt.storage.get_bytes(k) for k in ckpt.storage.list_keys("exp/run-1/damaged/")
+             if k.endswith("state.safetensors")}
+    newer = {k.split("/")[3]: v for k, v in stored.items() if k.endswith("state.safetensors")
+             and int(k.split("/")[3]) > resumed}
+    assert aside == newer
+
+
+def _leftover(storage: LocalStorage, key: str, age_s: float) -> str:
+    """A temporary file as a write killed before its rename leaves it, last written `age_s` ago."""
+    folder = storage.root.joinpath(*key.split("/")[:-1])
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f".tmp-{key.rsplit('/', 1)[1]}.", dir=folder)
+    os.close(fd)
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return os.path.relpath(path, storage.root)
+
+
+def test_temporaries_of_killed_writes_are_removed_old_ones_after_commits_all_on_resume(tmp_path: Any) -> None:
+    storage = LocalStorage(tmp_path)
+    ckpt = CheckpointStore(storage, "exp", "run-1")
+    ckpt.commit(1, _tensors(1), _meta(1))
+    old = _leftover(storage, ckpt.object_key(2, "state"), age_s=2 * TMP_MAX_AGE_S)
+    recent = _leftover(storage, ckpt.latest_key, age_s=1)
+    other_run = _leftover(storage, "exp/run-2/LATEST", age_s=2 * TMP_MAX_AGE_S)
+    assert storage.list_keys("") == ["exp/run-1/LATEST", *(ckpt.round_prefix(1) + n for n in (
+        "manifest.json", "masks.safetensors", "state.safetensors"))]  # listings never show them
+    ckpt.apply_retention(keep_last=3, keep_every=0)
+    assert not (tmp_path / old).exists() and not (tmp_path / old).parent.exists()  # its empty round dir too
+    assert (tmp_path / recent).exists() and (tmp_path / other_run).exists()  # may still be being written
+    ckpt.recover()  # a run opened for resume: no write of it is running, every leftover is dead
+    assert not (tmp_path / recent).exists() and (tmp_path / other_run).exists()
+    _assert_is_round(ckpt.load(), 1)
 
 
 # --------------------------------------------------------------------------- retention, artifacts, runs

@@ -1,5 +1,6 @@
 import json
 import logging
+import shutil
 import wave
 from pathlib import Path
 
@@ -46,6 +47,20 @@ def test_cache_is_reused_not_rewritten(corpus):
     assert generate_corpus(CONFIG, corpus.parent, progress=False) == corpus
     assert index.stat().st_mtime_ns == stamp
     assert not [p for p in corpus.parent.iterdir() if p.name.startswith(".")]  # no staging left over
+
+
+def test_a_corpus_missing_its_index_is_rendered_again_byte_for_byte(corpus, tmp_path, caplog):
+    damaged = tmp_path / corpus.name
+    shutil.copytree(corpus, damaged)
+    (damaged / "index.json").unlink()
+    shutil.rmtree(damaged / "train" / "spk000")  # what else is wrong is unknown: nothing of it is trusted
+    next(damaged.rglob("*.wav")).write_bytes(b"stale")
+    with caplog.at_level(logging.WARNING, logger="infra.speech_data"):
+        healed = generate_corpus(CONFIG, tmp_path, progress=False)
+    assert healed == damaged
+    assert _files(healed) == _files(corpus)
+    assert f"corpus {damaged} has no index.json" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [corpus.name]  # nothing moved aside or staged is left
 
 
 def test_layout_index_and_round_trip(corpus):
