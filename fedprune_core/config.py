@@ -277,11 +277,12 @@ def check_numbers(config: Any, prefix: str = "") -> None:
 
 
 def _check_int(key: str, name: str, value: int, example: str) -> None:
-    if name == "seed" and not 0 <= value <= MAX_SEED:
-        raise ValueError(f"config key {key!r}={value} must be in [0, {MAX_SEED}] (MAX_SEED): pass a seed{example}")
-    limit, limit_name = (MAX_ROUNDS, "MAX_ROUNDS") if name in ROUND_FIELDS else (MAX_COUNT, "MAX_COUNT")
-    if value > limit:
-        raise ValueError(f"config key {key!r}={value} must be <= {limit} ({limit_name}): pass a smaller one{example}")
+    if name == "seed":
+        limit, limit_name = MAX_SEED, "MAX_SEED"
+    else:
+        limit, limit_name = (MAX_ROUNDS, "MAX_ROUNDS") if name in ROUND_FIELDS else (MAX_COUNT, "MAX_COUNT")
+    if not 0 <= value <= limit:
+        raise ValueError(f"config key {key!r}={value} must be in [0, {limit}] ({limit_name}): pass one{example}")
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
