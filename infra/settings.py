@@ -46,13 +46,18 @@ def apply_quiet_defaults(env: dict[str, str] | os._Environ[str]) -> None:
 class Settings(BaseSettings):
     """Frozen FedPrune settings; every field can be set as ``FEDPRUNE_<FIELD>`` in the environment.
 
+    `load_settings` builds them with one-line errors (the CLI's); every check reads only the environment
+    and the file system.
+
     Attributes:
-        home: directory for embedded data (storage, MLflow db, local stack); made absolute.
+        home: directory for embedded data (storage, MLflow db, local stack); made absolute; must be a
+            directory or one that can be created (no file in its place or above it).
         storage_url: checkpoint storage, ``file:///...`` or ``s3://bucket/prefix``
             (default ``file://<home>/storage``).
-        s3_endpoint_url: S3 endpoint for non-AWS stores, e.g. ``http://127.0.0.1:8333``.
-        tracking_uri: MLflow tracking URI (default ``sqlite:///<home>/mlflow.db``).
-        prefect_api_url: Prefect API; None uses Prefect's embedded ephemeral API.
+        s3_endpoint_url: S3 endpoint for non-AWS stores (http or https), e.g. ``http://127.0.0.1:8333``.
+        tracking_uri: MLflow tracking URI (default ``sqlite:///<home>/mlflow.db``), with a scheme of
+            `TRACKING_SCHEMES` (a bare word or path is refused).
+        prefect_api_url: Prefect API (http or https); None: the CLI's local server (`infra.prefect_api`).
         prefect_port / mlflow_port / s3_port: local stack ports on 127.0.0.1.
         worker_port: health endpoint of the local stack's Prefect process worker.
         seaweed_master_port / seaweed_volume_port / seaweed_filer_port / seaweed_admin_port: the

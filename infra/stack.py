@@ -5,10 +5,10 @@ Each service is a background process in its own session, with a pid file and a l
 service answers its health URL; `stack_down` stops them; `stack_status` reports them. The same
 builders (`prefect_spec`, `mlflow_spec`, `seaweed_spec`) and runners (`start_service`,
 `wait_healthy`, `stop_service`) start the throwaway servers of the integration tests.
-`running_or_started` is the one way the stack and the CLI start a service on demand: it holds
-an exclusive lock on ``<name>.lock`` (`service_lock`) while it reads the pid file and starts, so
-two runs launched at once start one server and both use it. When the Prefect port of this home
-was taken by a process that is not a Prefect server, the free port its server was started on
+`running_or_started` (the stack) and `infra.prefect_api` (the CLI's on-demand Prefect server)
+hold an exclusive lock on ``<name>.lock`` (`service_lock`) while they read the pid file and
+start, so two runs launched at once start one server and both use it. When this home's Prefect
+port was taken by a process that is not a Prefect server, the free port its server was started on
 instead is remembered in ``<home>/stack/prefect.port.json`` (`local_prefect_port`), so later runs,
 `stack status` and `stack_env` find that server.
 
