@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,21 @@ from fedprune_core.training import LocalTrainingConfig
 
 DROPOUT_UNITS: tuple[str, ...] = ("rows", "hidden")
 """`fed_dropout.units`: what Federated Dropout drops (see `FedDropoutConfig`)."""
+
+# Upper bounds of every integer in a configuration. Each integer reaches databases with 64-bit
+# (or narrower) integer columns: flow-run parameters in Prefect, params in MLflow, round numbers
+# in checkpoint names. Beyond 64 bits Prefect's server stores the parameters and then fails to
+# list any flow run (HTTP 500, "Integer exceeds 64-bit range") for every user of that server.
+MAX_ROUNDS = 1_000_000
+"""Rounds of a run, and every count of rounds (phase lengths, intervals), at most: 33x the longest runs (30,000)."""
+MAX_SEED = 2**31 - 1
+"""Seeds lie in [0, MAX_SEED]: a signed 32-bit integer, which every store and RNG API takes as is."""
+MAX_COUNT = 1_000_000
+"""Every other integer (steps, batch sizes, samples, clients) at most."""
+ROUND_FIELDS: frozenset[str] = frozenset(
+    {"num_rounds", "sparsify_rounds", "refine_rounds", "refine_every", "eval_every", "reconfig_every"}
+)
+"""Integer fields that count rounds (bounded by `MAX_ROUNDS`)."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +263,7 @@ class ExperimentConfig:
     init_from: str = ""
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not known: use one of {', '.join(STRATEGIES)}")
         if self.init_from and (self.init_from.count("/") > 1 or "" in self.init_from.split("/")):
@@ -267,6 +284,32 @@ class ExperimentConfig:
     def replace(self, overrides: dict[str, Any]) -> ExperimentConfig:
         """A copy with nested overrides applied, e.g. {"pruning": {"sparsity": 0.3}}."""
         return ExperimentConfig.from_dict(_merge(self.to_dict(), overrides))
+
+
+def check_numbers(config: Any, prefix: str = "") -> None:
+    """Every float of a (nested) configuration is finite and every integer within its bound.
+
+    Raises:
+        ValueError: naming the key, its value, the bound (`MAX_ROUNDS`, `MAX_SEED`, `MAX_COUNT`) and a fix.
+    """
+    for f in dataclasses.fields(config):
+        key, value = f"{prefix}{f.name}", getattr(config, f.name)
+        example = "" if f.default is dataclasses.MISSING else f", e.g. {f.default!r}"
+        if dataclasses.is_dataclass(value):
+            check_numbers(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config key {key!r}={value!r} must be a finite number: pass a finite one{example}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            _check_int(key, f.name, value, example)
+
+
+def _check_int(key: str, name: str, value: int, example: str) -> None:
+    if name == "seed":
+        limit, limit_name = MAX_SEED, "MAX_SEED"
+    else:
+        limit, limit_name = (MAX_ROUNDS, "MAX_ROUNDS") if name in ROUND_FIELDS else (MAX_COUNT, "MAX_COUNT")
+    if not 0 <= value <= limit:
+        raise ValueError(f"config key {key!r}={value} must be in [0, {limit}] ({limit_name}): pass one{example}")
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +337,7 @@ def _build(defaults: Any, data: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(current):
             kwargs[key] = _build(current, value, f"{prefix}{key}.")
             continue
-        _check_type(f"{prefix}{key}", current, value)
+        _check_type(f"{prefix}{key}", current, value, str(fields[key].type))
         if isinstance(current, tuple) and isinstance(value, list):
             kwargs[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         else:
@@ -302,9 +345,18 @@ def _build(defaults: Any, data: dict[str, Any], prefix: str) -> Any:
     return dataclasses.replace(defaults, **kwargs)
 
 
-def _check_type(key: str, default: Any, value: Any) -> None:
+_OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {"float | None": (int, float), "int | None": (int,)}
+"""What an optional field (default None) takes besides None, by its annotation."""
+
+
+def _check_type(key: str, default: Any, value: Any, declared: str = "") -> None:
     """A value has its default's type (an int may stand for a float; a list for a tuple)."""
-    if default is None:  # optional fields: their own validation decides
+    if default is None:  # optional fields: None or their annotation's type; their own validation decides
+        allowed_optional = _OPTIONAL_TYPES.get(declared)
+        if value is None or allowed_optional is None:
+            return
+        if not isinstance(value, allowed_optional) or isinstance(value, bool):
+            raise ValueError(f"config key {key!r}={value!r} must be {declared}: pass a number, or null for none")
         return
     kind = type(default)
     allowed: tuple[type, ...] = {float: (int, float), tuple: (list, tuple)}.get(kind, (kind,))

@@ -9,11 +9,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError  # typer 0.29 vendors click; pinned in pyproject.toml
 
-from infra.settings import apply_quiet_defaults
+from infra.settings import Settings, apply_quiet_defaults
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -29,41 +30,87 @@ app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
-def _settings() -> Any:
-    from infra.settings import Settings
+def _settings() -> Settings:
+    """The settings, or exit 2 with one line naming the bad variable."""
+    from infra.settings import load_settings
 
-    return Settings()
+    try:
+        return load_settings()
+    except ValueError as e:
+        _fail(str(e))
+
+
+OVERRIDES_EXAMPLE = '{"pruning": {"sparsity": 0.3}}'
+_JSON_KINDS: dict[type, str] = {list: "an array", str: "a string", int: "a number", float: "a number",
+                                bool: "a boolean", type(None): "null"}
 
 
 def parse_overrides(pairs: list[str], config_file: Path | None) -> dict[str, Any]:
     """`--set a.b=value` pairs (values parsed as JSON when they parse) over an optional JSON file."""
-    overrides: dict[str, Any] = json.loads(config_file.read_text()) if config_file else {}
+    overrides = read_config_file(config_file) if config_file else {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        *parents, leaf = key.split(".")
+        if not sep or "" in (*parents, leaf):
             raise ValueError(f"--set {pair!r} must look like section.key=value, e.g. pruning.sparsity=0.3")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         node = overrides
-        *parents, leaf = key.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[: depth + 1])
+                raise ValueError(
+                    f"--set {pair!r} sets a key inside {section!r}, which is a value ({node!r}), not a section: "
+                    f"set {section}=... itself, or a key of a section such as pruning.sparsity=0.3"
+                )
         node[leaf] = value
     return overrides
 
 
-def _run_flow(**params: Any) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The nested overrides in a `--config` JSON file (one object), or ValueError naming the file and the fix."""
+    fix = f"it must hold one JSON object of nested overrides, e.g. {OVERRIDES_EXAMPLE}"
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise ValueError(f"--config {str(path)!r} cannot be read ({reason}): pass a readable file; {fix}") from None
+    if not text.strip():
+        raise ValueError(f"--config {str(path)!r} is empty: {fix}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--config {str(path)!r} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}): "
+            f"fix the file; {fix}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {str(path)!r} holds {_JSON_KINDS.get(type(data), 'a value')}, not an object: {fix}")
+    return data
+
+
+def _prefect_api(settings: Settings) -> str:
+    """The Prefect API URL (a local server is started or shared on demand), or exit 2 with one line."""
+    from infra.errors import InfraError
     from infra.prefect_api import ensure_prefect_api
 
+    try:
+        return ensure_prefect_api(settings)
+    except (ValueError, InfraError) as e:
+        _fail(str(e))
+
+
+def _run_flow(**params: Any) -> dict[str, Any]:
     settings = _settings()
-    api = ensure_prefect_api(settings)
+    api = _prefect_api(settings)
     from flows.experiment import experiment
 
     result: dict[str, Any] = experiment(**params)
@@ -79,7 +126,7 @@ def _run_flow(**params: Any) -> dict[str, Any]:
 def run(
     preset: Annotated[str, typer.Option(help="Named configuration: toy, tiny or small.")] = "tiny",
     set_: Annotated[list[str], typer.Option("--set", help="Override, e.g. --set pruning.sparsity=0.3")] = [],  # noqa: B006
-    config: Annotated[Path | None, typer.Option(help="JSON file of nested overrides.", exists=True)] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON file of nested overrides.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Run id (letters, digits, - and _); new if omitted.")] = None,
     experiment_name: Annotated[str, typer.Option("--experiment", help="MLflow experiment and storage folder.")]
     = "fedprune",
@@ -91,59 +138,19 @@ def run(
     max_workers: Annotated[int, typer.Option(help="Concurrent client-train tasks.")] = 4,
 ) -> None:
     """Run a federated pruning experiment (or resume it, if RUN_ID exists with the same configuration)."""
+    from flows.validation import check_run
     from infra.errors import InfraError
+    from infra.runs import RunOptions
 
     try:
+        settings = _settings()
         overrides = parse_overrides(set_, config)
-        _validate_run(preset, overrides, run_id, experiment_name, rounds_per_segment, checkpoint_every, keep_last,
-                      keep_every, task_runner, max_workers)
+        options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers)
+        check_run(preset, overrides, run_id, experiment_name, options, settings)
     except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
     _run_flow(preset=preset, overrides=overrides, run_id=run_id, experiment_name=experiment_name,
-              rounds_per_segment=rounds_per_segment, checkpoint_every=checkpoint_every, keep_last=keep_last,
-              keep_every=keep_every, task_runner=task_runner, max_workers=max_workers)
-
-
-def _validate_run(
-    preset: str, overrides: dict[str, Any], run_id: str | None, experiment_name: str, *numbers: Any
-) -> None:
-    """Everything that can be checked without side effects, before Prefect starts."""
-    from fedprune_core.presets import preset as make_preset
-    from infra.checkpoint import validate_run_id
-    from infra.runs import RunOptions
-    from infra.workloads import num_clients
-
-    config = make_preset(preset, overrides)
-    RunOptions(*numbers)
-    if run_id is not None:
-        validate_run_id(run_id)
-    clients = num_clients(config)
-    if config.federated.clients_per_round > clients:
-        raise ValueError(
-            f"federated.clients_per_round={config.federated.clients_per_round} exceeds the {clients} clients "
-            f"available: lower it to at most {clients}"
-        )
-    storage = _check_services()
-    if run_id is not None:
-        from infra.checkpoint import CheckpointStore
-
-        CheckpointStore(storage, experiment_name, run_id).plan_recovery()  # committed but nothing verifies
-    if config.init_from:
-        from infra.runs import warm_start_source
-
-        warm_start_source(storage, experiment_name, config.init_from)
-
-
-def _check_services() -> Any:
-    """The configured storage, once it and the tracking server answer."""
-    from infra.storage import check_reachable, open_storage
-    from infra.tracking import check_tracking_uri
-
-    settings = _settings()
-    storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
-    check_reachable(storage, create_bucket=True)
-    check_tracking_uri(settings.tracking_uri)
-    return storage
+              **options.__dict__)
 
 
 @app.command()
@@ -154,24 +161,24 @@ def resume(
 ) -> None:
     """Resume a run from its newest checkpoint that verifies (newer, damaged ones are set aside) into the same
     MLflow run."""
+    from flows.validation import check_run, check_services
     from infra.checkpoint import CheckpointStore, list_runs, validate_run_id
     from infra.errors import InfraError
-    from infra.storage import open_storage
+    from infra.runs import RunOptions
 
     try:
-        validate_run_id(run_id)
-        _check_services()
         settings = _settings()
-        storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
+        validate_run_id(run_id)
+        storage = check_services(settings)
         found = [r for r in list_runs(storage, experiment_name) if r.run_id == run_id]
         if not found:
             raise ValueError(f"run_id={run_id!r} does not exist in {settings.storage_url}: see `fedprune runs list`")
         if len(found) > 1:
             raise ValueError(f"run_id={run_id!r} exists in several experiments: pass --experiment")
-        store = CheckpointStore(storage, found[0].experiment, run_id)
-        stored = store.read_config()
-        store.plan_recovery()  # committed rounds of which none verifies: stop here, not in the flow
-    except (ValueError, InfraError) as e:
+        stored = CheckpointStore(storage, found[0].experiment, run_id).read_config()
+        options = RunOptions(**stored["options"])
+        check_run(stored["preset"], stored["overrides"], run_id, found[0].experiment, options, settings)
+    except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
     _run_flow(preset=stored["preset"], overrides=stored["overrides"], run_id=run_id,
               experiment_name=found[0].experiment, **stored["options"])
@@ -199,11 +206,16 @@ def sweep(
     """The paper's experiments on the speech benchmark (about 2.5-3 hours on 2 cores); skips finished runs."""
     from fedprune_core.presets import preset as make_preset
     from fedprune_core.sweep import paper_sweep
-    from infra.checkpoint import validate_run_id
+    from flows.validation import check_request, check_services
+    from infra.checkpoint import validate_experiment, validate_run_id
     from infra.errors import InfraError
+    from infra.runs import MAX_WORKERS
 
     try:
+        settings = _settings()
         validate_run_id(name)
+        validate_experiment(name)
+        make_preset(preset)  # its name, before the sweep reads its model
         selected = tuple(v for v in only.split(",") if v)
         try:
             stages = tuple(int(r) for r in warmup_rounds.split(","))
@@ -212,19 +224,22 @@ def sweep(
         plan = paper_sweep(name, stages, rounds, clients_per_round, local_steps, preset=preset, only=selected,
                            warmup_from=warmup_from)
         for variant in (*plan.warmups, *plan.variants):
-            make_preset(plan.preset, variant.overrides)
-        if parallel < 1 or threads_per_run < 1:
-            raise ValueError(f"--parallel {parallel} / --threads-per-run {threads_per_run} must be >= 1: pass 2 / 1")
-        storage = _check_services()
+            check_request(plan.preset, variant.overrides, plan.run_id(variant), name)
+        if not (1 <= parallel <= MAX_WORKERS and 1 <= threads_per_run <= MAX_WORKERS):
+            raise ValueError(
+                f"--parallel {parallel} / --threads-per-run {threads_per_run} must be in [1, {MAX_WORKERS}] "
+                "(MAX_WORKERS): pass 2 / 1"
+            )
+        if out_dir is not None:
+            _check_out_dir(out_dir)
+        storage = check_services(settings)
         if warmup_from:
             from infra.runs import warm_start_source
 
             warm_start_source(storage, name, warmup_from)
     except (ValueError, InfraError) as e:
         _fail(str(e))
-    from infra.prefect_api import ensure_prefect_api
-
-    ensure_prefect_api(_settings())
+    _prefect_api(settings)
     from flows.sweep import sweep as sweep_flow
 
     files = sweep_flow(name=name, warmup_rounds=list(stages), rounds=rounds, clients_per_round=clients_per_round,
@@ -234,14 +249,30 @@ def sweep(
     typer.echo(json.dumps(files, indent=2))
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """`out_dir` is a directory, or one that can be created (no file in its way)."""
+    path = out_dir.resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out-dir {str(out_dir)!r} must be a directory, but {existing} is a file: pass a directory")
+
+
 @runs_app.command("list")
 def runs_list(experiment_name: Annotated[str | None, typer.Option("--experiment")] = None) -> None:
     """List runs in storage with their last committed round."""
     from infra.checkpoint import list_runs
-    from infra.storage import open_storage
+    from infra.errors import InfraError
+    from infra.storage import S3Storage, check_reachable, open_storage
 
-    settings = _settings()
-    for r in list_runs(open_storage(settings.storage_url, settings.s3_endpoint_url), experiment_name):
+    try:
+        settings = _settings()
+        storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
+        if isinstance(storage, S3Storage):  # fail fast; a local directory need not exist to be listed
+            check_reachable(storage)
+        runs = list_runs(storage, experiment_name)
+    except (ValueError, OSError, InfraError) as e:
+        _fail(str(e))
+    for r in runs:
         typer.echo(f"{r.experiment}\t{r.run_id}\tlatest round {r.latest_round}")
 
 
@@ -254,7 +285,7 @@ def stack_up_cmd() -> None:
     settings = _settings()
     try:
         statuses = stack_up(settings)
-    except InfraError as e:
+    except (ValueError, InfraError) as e:
         _fail(str(e))
     typer.echo(json.dumps(describe(statuses), indent=2))
     typer.echo(f"To use it: source {write_stack_env(settings)}")
@@ -265,7 +296,11 @@ def stack_down_cmd() -> None:
     """Stop the local stack."""
     from infra.stack import stack_down
 
-    typer.echo(f"stopped: {', '.join(stack_down(_settings())) or 'nothing was running'}")
+    try:
+        stopped = stack_down(_settings())
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
 @stack_app.command("status")
@@ -273,7 +308,11 @@ def stack_status_cmd() -> None:
     """Show each service: running, healthy, pid, URL, log file."""
     from infra.stack import describe, stack_status
 
-    typer.echo(json.dumps(describe(stack_status(_settings())), indent=2))
+    try:
+        statuses = stack_status(_settings())
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(describe(statuses), indent=2))
 
 
 @data_app.command("generate")
@@ -291,8 +330,32 @@ def data_generate(corpus: Annotated[str, typer.Option(help="Corpus preset: test 
 
 
 def main() -> None:
-    """Console entry point."""
-    app(sys.argv[1:])
+    """Console entry point: like `app()`, but a usage error is one line too (exit code 2)."""
+    try:
+        code = app(sys.argv[1:], standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        e.show()
+        code = e.exit_code
+    except typer.TyperException as e:  # typer's parsing: unknown option, value of the wrong type ...
+        typer.secho(f"error: {usage_line(e)}", fg=typer.colors.RED, err=True)
+        code = e.exit_code
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_line(error: typer.TyperException) -> str:
+    """A usage error as one line: the message, the value given (when typer parsed it), where to read more."""
+    from pydantic import ValidationError
+
+    message = " ".join(error.format_message().split()).rstrip(".")
+    cause = error.__cause__  # typer parses values with pydantic, which keeps the value given
+    if isinstance(cause, ValidationError) and cause.errors():
+        message += f" (given: {cause.errors()[0]['input']!r})"
+    ctx = getattr(error, "ctx", None)
+    where = f"`{ctx.command_path} --help`" if ctx is not None else "`--help`"
+    return f"{message}: see {where}"
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ its newest checkpoint that verifies (`CheckpointStore.recover`) into the same ML
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from fedprune_core.config import ExperimentConfig, FederatedConfig
+from fedprune_core.config import FederatedConfig
 from fedprune_core.participation import (
     RoundFailedError,
     RoundParticipation,
@@ -33,15 +31,13 @@ from fedprune_core.participation import (
     participation_csv,
     round_failed_message,
 )
-from fedprune_core.presets import preset as make_preset
 from fedprune_core.rng import sample_clients
 from fedprune_core.simulate import should_evaluate
-from infra.checkpoint import CheckpointStore, validate_run_id
-from infra.runs import RunOptions, RunRef, open_run, warm_start_source
-from infra.settings import Settings
-from infra.storage import check_reachable, open_storage
-from infra.tracking import RUN_ID_TAG, Tracker, check_tracking_uri
-from infra.workloads import num_clients
+from flows.validation import check_run
+from infra.checkpoint import CheckpointStore
+from infra.runs import RunOptions, RunRef, open_run
+from infra.settings import Settings, load_settings
+from infra.tracking import RUN_ID_TAG, Tracker
 from tasks.aggregate import aggregate
 from tasks.checkpoint import checkpoint
 from tasks.client_train import client_train
@@ -72,7 +68,7 @@ def prepare(
     options: RunOptions,
     settings: Settings,
 ) -> tuple[RunRef, str | None, bool]:
-    """Validate all input, then create the run or find it.
+    """Validate all input (`flows.validation.check_run`, as the CLI does), then create the run or find it.
 
     Returns:
         (ref, mlflow_run_id or None for a new run, whether the run already existed).
@@ -81,50 +77,18 @@ def prepare(
         ValueError and infra errors naming the bad value, before anything is written
         (`UnrecoverableRunError`: the run has committed rounds but none verifies).
     """
-    config = make_preset(preset, overrides)
-    clients = num_clients(config)
-    if config.federated.clients_per_round > clients:
-        raise ValueError(
-            f"clients_per_round={config.federated.clients_per_round} exceeds the {clients} clients of "
-            f"corpus {config.corpus!r}: lower federated.clients_per_round"
-        )
-    run_id = validate_run_id(run_id) if run_id else f"{config.name}-{uuid.uuid4().hex[:8]}"
-    storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
-    check_reachable(storage, create_bucket=True)
-    check_tracking_uri(settings.tracking_uri)
-    if config.init_from:
-        warm_start_source(storage, experiment_name, config.init_from)
-    store = CheckpointStore(storage, experiment_name, run_id)
-    record = {"experiment": config.to_dict(), "options": options.__dict__, "preset": preset,
-              "overrides": overrides or {}}
-    existed = store.exists()
-    recovery = store.plan_recovery()  # the newest round that verifies; never round 0 of a committed run
-    if recovery.round_num is not None:
-        _check_same_run(store.read_config(), record, run_id)
-    else:  # new, or it failed before committing round 0: nothing committed to protect
-        store.write_config(record)
+    checked = check_run(preset, overrides, run_id, experiment_name, options, settings)
+    store = CheckpointStore(checked.storage, experiment_name, checked.run_id)
+    recovery = checked.recovery  # the newest round that verifies; never round 0 of a committed run
+    if recovery.round_num is None:  # new, or it failed before committing round 0: nothing committed to protect
+        store.write_config(checked.record)
     store.recover(recovery)  # damaged rounds set aside, LATEST names the round the run resumes from
     if recovery.warning:
         get_run_logger().warning(recovery.warning)
     mlflow_run_id = recovery.meta.get("mlflow_run_id")
-    ref = RunRef(settings.storage_url, settings.s3_endpoint_url, experiment_name, run_id,
+    ref = RunRef(settings.storage_url, settings.s3_endpoint_url, experiment_name, checked.run_id,
                  str(settings.home / "data"))
-    return ref, mlflow_run_id, existed
-
-
-def _check_same_run(stored: dict[str, Any], requested: dict[str, Any], run_id: str) -> None:
-    requested = json.loads(json.dumps(requested))  # as stored: tuples become lists
-    # A run stored before a configuration key existed has no entry for it: read it with today's
-    # defaults, as the run itself does, so an upgrade does not make it unresumable.
-    with_defaults = ExperimentConfig.from_dict(stored["experiment"]).to_dict()
-    stored = {**stored, "experiment": json.loads(json.dumps(with_defaults))}
-    for section in ("experiment", "options"):
-        if stored[section] != requested[section]:
-            diff = sorted(k for k in requested[section] if stored[section].get(k) != requested[section][k])
-            raise ValueError(
-                f"run_id={run_id!r} exists with a different {section} ({', '.join(diff)} differ): resume it "
-                "with `fedprune resume RUN_ID` (which reuses its stored configuration) or pick a new run id"
-            )
+    return ref, mlflow_run_id, checked.existed
 
 
 PROGRESS_EVERY_S = 5.0
@@ -244,7 +208,7 @@ def experiment(
         {"run_id", "mlflow_run_id", "storage_url", "rounds"}.
     """
     options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers)
-    settings = Settings()
+    settings = load_settings()
     ref, mlflow_run_id, existed = prepare(preset, overrides, run_id, experiment_name, options, settings)
     run = open_run(ref)
     tags = {RUN_ID_TAG: ref.run_id, "fedprune.strategy": run.config.strategy}

@@ -6,26 +6,80 @@ events still queued then are lost. So when no API is configured, the CLI starts 
 stack's Prefect server on demand (loopback, `<home>/stack/`) and leaves it running: runs are
 recorded completely, browsable at its UI, and later runs start at once; runs launched together
 start it once. `fedprune stack down` stops it.
+
+Another checkout (another FEDPRUNE_HOME) on the same machine may already hold the port
+(FEDPRUNE_PREFECT_PORT, 4200 by default):
+- when what answers there is a Prefect server, this home shares it (one line on stderr says so):
+  one UI shows both homes' runs, and no second server competes for the machine;
+- else this home starts its own server on a free loopback port and remembers that port
+  (`infra.stack.local_prefect_port`), so its later runs, `stack status` and `stack_env` find it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 
-from infra.settings import Settings
-from infra.stack import running_or_started, stack_specs, wait_healthy
+from infra.settings import Settings, check_http_url
+from infra.stack import (
+    answers_as_prefect,
+    free_loopback_port,
+    port_free,
+    prefect_spec,
+    read_pid,
+    remember_prefect_port,
+    service_lock,
+    stack_specs,
+    start_service,
+    wait_healthy,
+)
 
 
-def ensure_prefect_api(settings: Settings) -> str:
-    """The Prefect API URL to use, starting the local Prefect server if none is configured.
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def ensure_prefect_api(settings: Settings, say: Callable[[str], None] = _to_stderr) -> str:
+    """The Prefect API URL to use, starting (or sharing) a local Prefect server if none is configured.
 
     Sets PREFECT_API_URL in this process's environment (before any flow runs).
+
+    Args:
+        settings: this home's settings.
+        say: shows the one line that says which server is used when it is not this home's own
+            on its configured port.
+
+    Raises:
+        ValueError: PREFECT_API_URL is not an http(s) URL.
+        StackError: the local server does not start (names its log).
     """
     url = os.environ.get("PREFECT_API_URL") or settings.prefect_api_url
-    if not url:
-        spec = stack_specs(settings)["prefect"]
-        pid = running_or_started(spec, settings.stack_dir)
-        wait_healthy(spec, pid, settings.stack_dir)
-        url = f"{spec.url}/api"
+    if url:
+        check_http_url("PREFECT_API_URL", url, "http://127.0.0.1:4200/api")
+    else:
+        url = f"{_local_server(settings, say)}/api"
     os.environ["PREFECT_API_URL"] = url
     return url
+
+
+def _local_server(settings: Settings, say: Callable[[str], None]) -> str:
+    """The URL of this home's Prefect server (started now if not running), or of the Prefect server on its port."""
+    run_dir = settings.stack_dir
+    spec = stack_specs(settings)["prefect"]
+    with service_lock(run_dir, spec.name):
+        pid = read_pid(run_dir, spec.name)
+        port = spec.ports[0]
+        if pid is None and not port_free(port):
+            if answers_as_prefect(spec.url):
+                say(f"Prefect: using the server already at {spec.url} (not started from {settings.home}): "
+                    "this run is recorded there")
+                return spec.url
+            spec = prefect_spec(spec.workdir, free_loopback_port())
+            where = remember_prefect_port(settings, spec.ports[0])
+            say(f"Prefect: port {port} is taken by something that is not a Prefect server: this home's server "
+                f"runs at {spec.url} instead (remembered in {where})")
+        if pid is None:
+            pid = start_service(spec, run_dir)
+    wait_healthy(spec, pid, run_dir)
+    return spec.url

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from fedprune_core.config import ExperimentConfig
+from fedprune_core.config import MAX_ROUNDS, ExperimentConfig
 from fedprune_core.engine import ServerState, Strategy, init_state
 from fedprune_core.participation import RoundParticipation
 from fedprune_core.strategies import make_strategy
@@ -109,6 +109,17 @@ class RunRef:
     data_dir: str
 
 
+MAX_WORKERS = 1024
+"""Concurrent client-train tasks of a run at most (threads or processes of one machine, or Dask workers)."""
+TASK_RUNNERS: tuple[str, ...] = ("threads", "processes", "dask")
+_OPTION_LIMITS: dict[str, tuple[int, str]] = {
+    "rounds_per_segment": (MAX_ROUNDS, "MAX_ROUNDS"), "checkpoint_every": (MAX_ROUNDS, "MAX_ROUNDS"),
+    "keep_last": (MAX_ROUNDS, "MAX_ROUNDS"), "keep_every": (MAX_ROUNDS, "MAX_ROUNDS"),
+    "max_workers": (MAX_WORKERS, "MAX_WORKERS"),
+}
+"""The upper bound of each integer option, with its name."""
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How a run is orchestrated (not part of the experiment's result).
@@ -129,12 +140,16 @@ class RunOptions:
     max_workers: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("rounds_per_segment", "checkpoint_every", "keep_last", "keep_every", "max_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1: pass e.g. 10")
-        if self.task_runner not in ("threads", "processes", "dask"):
+        for name, (limit, limit_name) in _OPTION_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                default = next(f.default for f in fields(self) if f.name == name)
+                raise ValueError(
+                    f"{name}={value!r} must be an integer in [1, {limit}] ({limit_name}): pass e.g. {default}"
+                )
+        if self.task_runner not in TASK_RUNNERS:
             raise ValueError(
-                f"task_runner={self.task_runner!r} is not known: use 'threads', 'processes' or 'dask'"
+                f"task_runner={self.task_runner!r} is not known: use one of {', '.join(TASK_RUNNERS)}"
             )
 
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infra.errors import redact_url
+
 LOOPBACK = "127.0.0.1"
+TRACKING_SCHEMES: tuple[str, ...] = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+"""URI schemes of MLflow tracking stores (a database scheme may name a driver: ``postgresql+psycopg2``)."""
 CHILD_ENV_DEFAULTS: dict[str, str] = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
@@ -41,13 +46,18 @@ def apply_quiet_defaults(env: dict[str, str] | os._Environ[str]) -> None:
 class Settings(BaseSettings):
     """Frozen FedPrune settings; every field can be set as ``FEDPRUNE_<FIELD>`` in the environment.
 
+    `load_settings` builds them with one-line errors (the CLI's); every check reads only the environment
+    and the file system.
+
     Attributes:
-        home: directory for embedded data (storage, MLflow db, local stack); made absolute.
+        home: directory for embedded data (storage, MLflow db, local stack); made absolute; must be a
+            directory or one that can be created (no file in its place or above it).
         storage_url: checkpoint storage, ``file:///...`` or ``s3://bucket/prefix``
             (default ``file://<home>/storage``).
-        s3_endpoint_url: S3 endpoint for non-AWS stores, e.g. ``http://127.0.0.1:8333``.
-        tracking_uri: MLflow tracking URI (default ``sqlite:///<home>/mlflow.db``).
-        prefect_api_url: Prefect API; None uses Prefect's embedded ephemeral API.
+        s3_endpoint_url: S3 endpoint for non-AWS stores (http or https), e.g. ``http://127.0.0.1:8333``.
+        tracking_uri: MLflow tracking URI (default ``sqlite:///<home>/mlflow.db``), with a scheme of
+            `TRACKING_SCHEMES` (a bare word or path is refused).
+        prefect_api_url: Prefect API (http or https); None: the CLI's local server (`infra.prefect_api`).
         prefect_port / mlflow_port / s3_port: local stack ports on 127.0.0.1.
         worker_port: health endpoint of the local stack's Prefect process worker.
         seaweed_master_port / seaweed_volume_port / seaweed_filer_port / seaweed_admin_port: the
@@ -87,7 +97,39 @@ class Settings(BaseSettings):
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
-        return home.expanduser().resolve()
+        home = home.expanduser().resolve()
+        existing = next(p for p in (home, *home.parents) if p.exists())
+        if not existing.is_dir():
+            raise ValueError(
+                f"FEDPRUNE_HOME={str(home)!r} must be a directory (or one to create), but {existing} is a file: "
+                "point FEDPRUNE_HOME at a directory"
+            )
+        return home
+
+    @field_validator("tracking_uri", mode="after")
+    @classmethod
+    def _tracking_scheme(cls, uri: str) -> str:
+        if urlsplit(uri).scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"FEDPRUNE_TRACKING_URI={redact_url(uri)!r} must be an MLflow tracking URI with a scheme of "
+                f"{', '.join(TRACKING_SCHEMES)}: pass e.g. sqlite:////abs/path/mlflow.db or http://127.0.0.1:5000, "
+                "or unset it for the embedded store"
+            )
+        return uri
+
+    @field_validator("s3_endpoint_url", mode="after")
+    @classmethod
+    def _s3_endpoint(cls, url: str | None) -> str | None:
+        if url is not None:
+            check_http_url("FEDPRUNE_S3_ENDPOINT_URL", url, "http://127.0.0.1:8333")
+        return url
+
+    @field_validator("prefect_api_url", mode="after")
+    @classmethod
+    def _prefect_api(cls, url: str | None) -> str | None:
+        if url is not None:
+            check_http_url("FEDPRUNE_PREFECT_API_URL", url, "http://127.0.0.1:4200/api")
+        return url
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +147,43 @@ class Settings(BaseSettings):
     def stack_dir(self) -> Path:
         """``<home>/stack``: pid files, logs and data of the local stack."""
         return self.home / "stack"
+
+
+def check_http_url(name: str, url: str, example: str) -> None:
+    """Raise ValueError naming `name`, unless `url` is ``http(s)://host[:port][/path]`` (credentials redacted)."""
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or out of range
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(
+            f"{name}={redact_url(url)!r} must be an http(s) URL with a host and a valid port: pass e.g. {example}, "
+            "or unset it"
+        )
+
+
+def load_settings(**values: Any) -> Settings:
+    """`Settings(**values)`, whose errors are one line that names the variable, its value and the fix.
+
+    Raises:
+        ValueError: the first invalid setting (secrets are never shown).
+    """
+    try:
+        return Settings(**values)
+    except ValidationError as error:
+        raise ValueError(_one_line(error)) from None
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    message = str(first["msg"])
+    if message.startswith("Value error, "):  # our own validators name the variable
+        return message.removeprefix("Value error, ")
+    field = str(first["loc"][0]) if first["loc"] else "settings"
+    name = field if field.isupper() else f"FEDPRUNE_{field.upper()}"
+    shown = "***" if "secret" in field.lower() else repr(first.get("input"))
+    return f"{name}={shown} is invalid ({message}): set a valid value or unset it"
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -5,9 +5,12 @@ Each service is a background process in its own session, with a pid file and a l
 service answers its health URL; `stack_down` stops them; `stack_status` reports them. The same
 builders (`prefect_spec`, `mlflow_spec`, `seaweed_spec`) and runners (`start_service`,
 `wait_healthy`, `stop_service`) start the throwaway servers of the integration tests.
-`running_or_started` is the one way the stack and the CLI start a service on demand: it holds
-an exclusive lock on ``<name>.lock`` while it reads the pid file and starts, so two runs
-launched at once start one server and both use it.
+`running_or_started` (the stack) and `infra.prefect_api` (the CLI's on-demand Prefect server)
+hold an exclusive lock on ``<name>.lock`` (`service_lock`) while they read the pid file and
+start, so two runs launched at once start one server and both use it. When this home's Prefect
+port was taken by a process that is not a Prefect server, the free port its server was started on
+instead is remembered in ``<home>/stack/prefect.port.json`` (`local_prefect_port`), so later runs,
+`stack status` and `stack_env` find that server.
 
 SeaweedFS runs as ``weed mini`` (master, volume, filer and S3 in one process) bound to loopback,
 with WebDAV, Iceberg and Lance off and telemetry off. It opens the S3, master, volume, filer and
@@ -33,7 +36,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,18 +248,32 @@ def log_path(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.log"
 
 
+def port_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a server could bind `port` on `host` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_loopback_port() -> int:
+    """A port the kernel reports free on 127.0.0.1 now (from its ephemeral range)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
 def check_ports_free(spec: ServiceSpec, host: str = LOOPBACK) -> None:
     """Raise `StackError` naming the first of the spec's ports something already listens on."""
     for port in spec.ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError:
-                raise StackError(
-                    f"port {port} on {host} is in use, but {spec.name} needs it free: stop what listens "
-                    "there or choose other ports (FEDPRUNE_*_PORT settings)"
-                ) from None
+        if not port_free(port, host):
+            raise StackError(
+                f"port {port} on {host} is in use, but {spec.name} needs it free: stop what listens "
+                "there or choose other ports (FEDPRUNE_*_PORT settings)"
+            )
 
 
 def start_service(spec: ServiceSpec, run_dir: Path, die_with_parent: bool = False) -> int:
@@ -321,12 +339,18 @@ def wait_healthy(spec: ServiceSpec, pid: int, run_dir: Path, timeout_s: float = 
     )
 
 
-def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
+def _http_ok(url: str, timeout_s: float = 1.0, body: bytes | None = None) -> bool:
+    """Whether `url` answers 200 (with exactly `body`, when given)."""
     try:
         with _NO_PROXY.open(url, timeout=timeout_s) as response:
-            return bool(response.status == 200)
+            return bool(response.status == 200) and (body is None or response.read().strip() == body)
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def answers_as_prefect(url: str) -> bool:
+    """Whether a Prefect server answers at `url` (``http://host:port``): its health endpoint says ``true``."""
+    return _http_ok(f"{url}/api/health", timeout_s=2.0, body=b"true")
 
 
 def _log_tail(spec: ServiceSpec, run_dir: Path, lines: int = 3) -> str:
@@ -475,7 +499,7 @@ def stack_specs(settings: Settings) -> dict[str, ServiceSpec]:
             aws_credentials=_credentials(settings),
             workers=2,
         ),
-        "prefect": prefect_spec(settings.home / "prefect", settings.prefect_port),
+        "prefect": prefect_spec(settings.home / "prefect", local_prefect_port(settings)),
         "worker": worker_spec(settings),
     }
 
@@ -537,13 +561,49 @@ def running_or_started(spec: ServiceSpec, run_dir: Path) -> int:
         StackError: no service is running and one of its ports is taken.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / f"{spec.name}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with service_lock(run_dir, spec.name):
         pid = read_pid(run_dir, spec.name)
         if pid is not None:
             return pid
         check_ports_free(spec)
         return start_service(spec, run_dir)
+
+
+@contextmanager
+def service_lock(run_dir: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<run_dir>/<name>.lock``: one caller at a time decides whether to start it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / f"{name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+PREFECT_PORT_FILE = "prefect.port.json"
+"""In the stack dir: {"configured": FEDPRUNE_PREFECT_PORT, "port": the port this home's server uses instead}."""
+
+
+def local_prefect_port(settings: Settings) -> int:
+    """The port of this home's Prefect server: `settings.prefect_port`, or the one remembered for it.
+
+    A port is remembered (`remember_prefect_port`) when the configured one was taken by something
+    that is not a Prefect server; it applies while FEDPRUNE_PREFECT_PORT stays what it was then.
+    """
+    try:
+        record = json.loads((settings.stack_dir / PREFECT_PORT_FILE).read_text())
+    except (OSError, ValueError):
+        return settings.prefect_port
+    if not isinstance(record, dict) or record.get("configured") != settings.prefect_port:
+        return settings.prefect_port
+    port = record.get("port")
+    return port if isinstance(port, int) and 1 <= port <= 65535 else settings.prefect_port
+
+
+def remember_prefect_port(settings: Settings, port: int) -> Path:
+    """Record that this home's Prefect server uses `port` instead of `settings.prefect_port`; returns the file."""
+    path = settings.stack_dir / PREFECT_PORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"configured": settings.prefect_port, "port": port}) + "\n")
+    return path
 
 
 def _ensure_buckets(settings: Settings) -> None:
@@ -567,7 +627,7 @@ def stack_env(settings: Settings) -> dict[str, str]:
     Contains AWS_SECRET_ACCESS_KEY (the stack's S3 secret): never print or log the result.
     """
     access_key_id, secret = _credentials(settings)
-    prefect_api = f"http://{LOOPBACK}:{settings.prefect_port}/api"
+    prefect_api = f"http://{LOOPBACK}:{local_prefect_port(settings)}/api"
     return {
         "FEDPRUNE_HOME": str(settings.home),
         "FEDPRUNE_STORAGE_URL": f"s3://{settings.stack_bucket}",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedprune_core.config import ExperimentConfig, PruningConfig
+from fedprune_core.config import MAX_COUNT, MAX_ROUNDS, MAX_SEED, ExperimentConfig, PruningConfig
 from fedprune_core.presets import PRESETS, preset
 
 
@@ -82,3 +82,32 @@ def test_replace_is_as_strict_as_from_dict() -> None:
 def test_the_root_must_be_a_mapping() -> None:
     with pytest.raises(ValueError, match="config section '<root>'"):
         ExperimentConfig.from_dict([("seed", 1)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("data", "fragments"), [
+    ({"schedule": {"num_rounds": 10**20}}, [f"'schedule.num_rounds'={10**20}", "[0, 1000000] (MAX_ROUNDS)"]),
+    ({"schedule": {"num_rounds": MAX_ROUNDS + 1, "refine_rounds": 0}}, [f"'schedule.num_rounds'={MAX_ROUNDS + 1}"]),
+    ({"federated": {"eval_every": MAX_ROUNDS + 1}}, ["'federated.eval_every'", "MAX_ROUNDS"]),
+    ({"federated": {"local": {"batch_size": MAX_COUNT + 1}}}, ["'federated.local.batch_size'", "(MAX_COUNT)"]),
+    ({"prunefl": {"initial_max_steps": 2**64}}, [f"'prunefl.initial_max_steps'={2**64}"]),
+    ({"seed": -1}, [f"'seed'=-1 must be in [0, {MAX_SEED}] (MAX_SEED)"]),
+    ({"seed": MAX_SEED + 1}, [f"'seed'={MAX_SEED + 1}"]),
+    ({"federated": {"server_lr": float("inf")}}, ["'federated.server_lr'=inf must be a finite number", "1.0"]),
+    ({"federated": {"local": {"weight_decay": float("inf")}}}, ["'federated.local.weight_decay'=inf"]),
+    ({"prunefl": {"time_constant": float("inf")}}, ["'prunefl.time_constant'=inf"]),
+    ({"federated": {"local": {"max_grad_norm": "abc"}}}, ["'federated.local.max_grad_norm'='abc'", "float | None"]),
+    ({"federated": {"local": {"max_grad_norm": True}}}, ["'federated.local.max_grad_norm'=True"]),
+])  # fmt: skip
+def test_every_number_is_finite_and_bounded(data: dict[str, object], fragments: list[str]) -> None:
+    # Integers beyond 64 bits reach Prefect's database as flow-run parameters and break its listing.
+    with pytest.raises(ValueError) as err:
+        ExperimentConfig.from_dict(data)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    config = ExperimentConfig.from_dict({
+        "seed": MAX_SEED, "schedule": {"num_rounds": MAX_ROUNDS}, "federated": {"local": {"max_grad_norm": 1}},
+    })  # fmt: skip
+    assert (config.seed, config.schedule.num_rounds, config.federated.local.max_grad_norm) == (MAX_SEED, MAX_ROUNDS, 1)

@@ -19,10 +19,13 @@ from pydantic import SecretStr
 from infra.errors import StackError
 from infra.settings import Settings, child_env
 from infra.stack import (
+    PREFECT_PORT_FILE,
     SeaweedPorts,
     ServiceSpec,
     check_ports_free,
+    local_prefect_port,
     read_pid,
+    remember_prefect_port,
     running_or_started,
     stack_down,
     stack_env,
@@ -220,6 +223,18 @@ def test_a_taken_port_is_named_before_starting(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
         with pytest.raises(StackError, match=f"port {port} on 127.0.0.1 is in use"):
             check_ports_free(_python_spec(tmp_path, "", port))
+
+
+def test_a_remembered_prefect_port_holds_while_the_configured_port_stays(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, prefect_port=4200)
+    assert local_prefect_port(settings) == 4200  # nothing remembered
+    remember_prefect_port(settings, 4321)
+    assert local_prefect_port(settings) == 4321
+    assert stack_specs(settings)["prefect"].url == "http://127.0.0.1:4321"
+    assert stack_env(settings)["PREFECT_API_URL"] == "http://127.0.0.1:4321/api"
+    assert local_prefect_port(_settings(tmp_path, prefect_port=4300)) == 4300  # the user chose another port
+    (tmp_path / "stack" / PREFECT_PORT_FILE).write_text("[4321]")
+    assert local_prefect_port(settings) == 4200  # an unreadable record is ignored
 
 
 def test_status_of_a_stack_that_never_ran(tmp_path: Path) -> None:
