@@ -34,6 +34,20 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+OutageBudget = Annotated[float | None, typer.Option(
+    "--outage-budget", help="Seconds to wait for unreachable storage, MLflow or Prefect API before stopping "
+    "resumably (default: FEDPRUNE_OUTAGE_BUDGET_S, else 300).")]
+
+
+def _set_outage_budget(seconds: float | None) -> None:
+    """`--outage-budget`: FEDPRUNE_OUTAGE_BUDGET_S for this process and the task processes it starts."""
+    if seconds is None:
+        return
+    if seconds < 0:
+        raise ValueError(f"--outage-budget {seconds:g} must be >= 0 seconds: pass e.g. 300")
+    os.environ["FEDPRUNE_OUTAGE_BUDGET_S"] = str(seconds)
+
+
 def _settings() -> Any:
     from infra.settings import Settings
 
@@ -60,13 +74,41 @@ def parse_overrides(pairs: list[str], config_file: Path | None) -> dict[str, Any
 
 
 def _run_flow(**params: Any) -> dict[str, Any]:
-    from infra.prefect_api import ensure_prefect_api
+    """Run the experiment. When the Prefect API goes away, wait for it (within the outage budget) and
+    run it again with the same run id: it resumes from its last checkpoint. When a service stays down
+    past the budget, stop with one line and the resume command (exit code 1)."""
+    from fedprune_core.presets import preset as make_preset
+    from infra.outage import OutageError, configured_budget_s, find_outage, hide_outage_tracebacks
+    from infra.prefect_api import api_is_ours, ensure_prefect_api, prefect_api_lost, wait_for_prefect_api
 
     settings = _settings()
+    ours = api_is_ours(settings)
     api = ensure_prefect_api(settings)
-    from flows.experiment import experiment
+    from flows.experiment import experiment, new_run_id
 
-    result: dict[str, Any] = experiment(**params)
+    run_id = params["run_id"] = params["run_id"] or new_run_id(make_preset(params["preset"], params["overrides"]))
+    hide_outage_tracebacks()
+    while True:
+        try:
+            result: dict[str, Any] = experiment(**params)
+            break
+        except Exception as error:
+            outage = find_outage(error)
+            if outage is None and prefect_api_lost(error, api):
+                typer.secho(f"the Prefect API at {api} went away ({type(error).__name__}): run {run_id} goes on from "
+                            "its last checkpoint once it answers", fg=typer.colors.YELLOW, err=True)
+                try:
+                    wait_for_prefect_api(settings, api, ours, configured_budget_s())
+                    continue
+                except OutageError as lost:
+                    outage = lost
+            if outage is None:
+                raise
+            name = params["experiment_name"]
+            command = f"fedprune resume {run_id}" + ("" if name == "fedprune" else f" --experiment {name}")
+            typer.secho(f"error: {outage}; run {run_id} stopped at its last checkpoint: once it is back, "
+                        f"`{command}`", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
     ui = api.removesuffix("/api")
     typer.echo(json.dumps(result, indent=2))
     typer.echo(f"Prefect UI: {ui}  (flow runs)")
@@ -89,11 +131,13 @@ def run(
     keep_every: Annotated[int, typer.Option(help="... and every M-th round.")] = 1000,
     task_runner: Annotated[str, typer.Option(help="threads, processes or dask.")] = "threads",
     max_workers: Annotated[int, typer.Option(help="Concurrent client-train tasks.")] = 4,
+    outage_budget: OutageBudget = None,
 ) -> None:
     """Run a federated pruning experiment (or resume it, if RUN_ID exists with the same configuration)."""
     from infra.errors import InfraError
 
     try:
+        _set_outage_budget(outage_budget)
         overrides = parse_overrides(set_, config)
         _validate_run(preset, overrides, run_id, experiment_name, rounds_per_segment, checkpoint_every, keep_last,
                       keep_every, task_runner, max_workers)
@@ -147,6 +191,7 @@ def resume(
     run_id: Annotated[str, typer.Argument(help="The run to resume.")],
     experiment_name: Annotated[str | None, typer.Option("--experiment", help="Its experiment, if ambiguous.")]
     = None,
+    outage_budget: OutageBudget = None,
 ) -> None:
     """Resume a run from its last committed checkpoint into the same MLflow run."""
     from infra.checkpoint import CheckpointStore, list_runs, validate_run_id
@@ -154,6 +199,7 @@ def resume(
     from infra.storage import open_storage
 
     try:
+        _set_outage_budget(outage_budget)
         validate_run_id(run_id)
         _check_services()
         settings = _settings()

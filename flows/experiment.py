@@ -55,6 +55,11 @@ def make_task_runner(options: RunOptions) -> TaskRunner[Any]:
     return DaskTaskRunner(cluster_kwargs={"n_workers": options.max_workers, "processes": True})
 
 
+def new_run_id(config: ExperimentConfig) -> str:
+    """A fresh run id: the configuration's name and 8 random hex digits."""
+    return f"{config.name}-{uuid.uuid4().hex[:8]}"
+
+
 def prepare(
     preset: str,
     overrides: dict[str, Any] | None,
@@ -78,7 +83,7 @@ def prepare(
             f"clients_per_round={config.federated.clients_per_round} exceeds the {clients} clients of "
             f"corpus {config.corpus!r}: lower federated.clients_per_round"
         )
-    run_id = validate_run_id(run_id) if run_id else f"{config.name}-{uuid.uuid4().hex[:8]}"
+    run_id = validate_run_id(run_id) if run_id else new_run_id(config)
     storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
     check_reachable(storage, create_bucket=True)
     check_tracking_uri(settings.tracking_uri)

@@ -11,6 +11,7 @@ import pytest
 from mlflow.entities import Metric
 
 from infra.errors import TrackingUnreachableError
+from infra.outage import OutageError
 from infra.tracking import (
     MARKER_METRIC,
     MAX_METRICS_PER_BATCH,
@@ -119,16 +120,27 @@ def test_reopen_skips_identical_params_and_refuses_changed_ones(sqlite_uri: str)
 
 
 def test_a_failed_flush_keeps_the_unsent_metrics_for_the_next_flush(sqlite_uri: str) -> None:
-    tracker = Tracker(sqlite_uri, _experiment(), flush_every=10_000)
+    tracker = Tracker(sqlite_uri, _experiment(), flush_every=10_000, outage_budget_s=0)  # no waiting
     for step in range(400):
         tracker.log_metrics(step, {"a": step, "b": 2 * step, "c": 0.0})  # 1600 with markers: 2 batches
     counter = CountingLogBatch(tracker, fail_call=2)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(OutageError, match="simulated network failure"):
         tracker.flush()
     assert 0 < tracker.last_logged_step() < 399
     tracker.flush()
     assert counter.calls == 3
     assert _history(tracker, "b") == [(s, 2.0 * s) for s in range(400)]
+    assert [s for s, _ in _history(tracker, MARKER_METRIC)] == list(range(400))
+
+
+def test_a_flush_rides_through_a_failed_batch_within_the_budget(sqlite_uri: str) -> None:
+    tracker = Tracker(sqlite_uri, _experiment(), flush_every=10_000, outage_budget_s=30)
+    for step in range(400):
+        tracker.log_metrics(step, {"a": step, "b": 2 * step, "c": 0.0})
+    counter = CountingLogBatch(tracker, fail_call=2)
+    tracker.flush()  # the second batch fails once, is waited for and sent again
+    assert counter.calls == 3
+    assert [s for s, _ in _history(tracker, "b")] == list(range(400))
     assert [s for s, _ in _history(tracker, MARKER_METRIC)] == list(range(400))
 
 
