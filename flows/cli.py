@@ -78,7 +78,7 @@ def _run_flow(**params: Any) -> dict[str, Any]:
     run it again with the same run id: it resumes from its last checkpoint. When a service stays down
     past the budget, stop with one line and the resume command (exit code 1)."""
     from fedprune_core.presets import preset as make_preset
-    from infra.outage import OutageError, configured_budget_s, find_outage, hide_outage_tracebacks
+    from infra.outage import OutageError, configured_budget_s, find_outage, hide_outage_errors
     from infra.prefect_api import api_is_ours, ensure_prefect_api, prefect_api_lost, wait_for_prefect_api
 
     settings = _settings()
@@ -87,7 +87,7 @@ def _run_flow(**params: Any) -> dict[str, Any]:
     from flows.experiment import experiment, new_run_id
 
     run_id = params["run_id"] = params["run_id"] or new_run_id(make_preset(params["preset"], params["overrides"]))
-    hide_outage_tracebacks()
+    hide_outage_errors()
     while True:
         try:
             result: dict[str, Any] = experiment(**params)

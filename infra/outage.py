@@ -273,18 +273,21 @@ def configured_budget_s() -> float:
     return Settings().outage_budget_s
 
 
-class _HideOutageTracebacks(logging.Filter):
-    """Keeps records of failures caused by an outage off the console: the CLI says it in one line."""
+class _HideOutageErrors(logging.Filter):
+    """Keeps the errors of runs that an outage stopped off the console: the CLI says it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return error is None or (find_outage(error) is None and not is_outage(error, "prefect"))
+        if error is not None:
+            return find_outage(error) is None and not is_outage(error, "prefect")
+        return record.levelno < logging.ERROR or OutageError.__name__ not in record.getMessage()
 
 
-def hide_outage_tracebacks() -> None:
-    """Drop, on the console handlers of the root logger (Prefect's), the records whose exception is an
-    `OutageError` or a lost Prefect API: each flow and task run would print its traceback. Other
-    handlers (Prefect's API log handler, which sees records first) are left alone."""
+def hide_outage_errors() -> None:
+    """Drop, on the console handlers of the root logger (Prefect's), the records of a failure caused by
+    an outage: tracebacks of an `OutageError` or a lost Prefect API (each task and flow run prints
+    one), and ERROR lines naming an `OutageError` (a task run's failed state). INFO state lines stay;
+    other handlers (Prefect's API log handler, which sees records first) are left alone."""
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _HideOutageTracebacks) for f in handler.filters):
-            handler.addFilter(_HideOutageTracebacks())
+        if not any(isinstance(f, _HideOutageErrors) for f in handler.filters):
+            handler.addFilter(_HideOutageErrors())
