@@ -9,7 +9,10 @@ each MLflow step logged once; an outage longer than the budget stops it with one
 from __future__ import annotations
 
 import json
+import os
 import signal
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +20,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from infra.stack import read_pid, stop_service
 from tests.flows.conftest import Cli, cli_for
 from tests.flows.helpers import final_state, weights_hash
-from tests.servers import Outage, S3Server, restartable_mlflow, restartable_prefect, restartable_seaweed
+from tests.servers import Outage, S3Server, free_port, restartable_mlflow, restartable_prefect, restartable_seaweed
 
 pytestmark = pytest.mark.integration
 
@@ -103,13 +107,47 @@ def test_mlflow_outage_is_waited_out(tmp_path: Path, prefect_api: str, uninterru
         assert_each_step_once(mlflow.tracking_uri, "mlflow-down")
 
 
-def test_prefect_api_killed_and_restarted(tmp_path: Path, uninterrupted: str) -> None:
+@pytest.mark.parametrize("client_retries", [None, "1"], ids=["prefect-client-retries", "flow-run-again"])
+def test_prefect_api_killed_and_restarted(tmp_path: Path, uninterrupted: str, client_retries: str | None) -> None:
+    """With Prefect's default client retries (about a minute) the flow rides a short outage through
+    itself; with one retry its flow run fails, and the CLI waits for the API and runs it again."""
+    retries = {"PREFECT_CLIENT_MAX_RETRIES": client_retries} if client_retries else {}
     with restartable_prefect(tmp_path / "prefect") as (api, service):
-        cli = cli_for(tmp_path / "home", api)
+        cli = cli_for(tmp_path / "home", api, **retries)
         latest = local_latest(cli.home, "api-down")
-        run_through(cli, "api-down", Outage(service, lambda: latest() >= OUTAGE_AT, DOWN_S, signal.SIGKILL))
+        stderr = run_through(cli, "api-down", Outage(service, lambda: latest() >= OUTAGE_AT, DOWN_S, signal.SIGKILL))
+    if client_retries:
+        assert f"the Prefect API at {api} went away" in stderr and f"waiting for Prefect API {api}" in stderr
     assert weights_hash(final_state(cli.home, "api-down").weights) == uninterrupted
     assert_each_step_once(f"sqlite:///{cli.home / 'mlflow.db'}", "api-down")
+
+
+def test_the_on_demand_prefect_server_is_started_again_when_it_died(tmp_path: Path, uninterrupted: str) -> None:
+    """No PREFECT_API_URL: the CLI's own server is killed mid-run and nobody restarts it but the CLI."""
+    cli = cli_for(tmp_path / "home", "", FEDPRUNE_PREFECT_PORT=str(free_port()), PREFECT_CLIENT_MAX_RETRIES="1")
+    del cli.env["PREFECT_API_URL"]
+    stack_dir = cli.home / "stack"
+    latest = local_latest(cli.home, "ours")
+
+    def crash_when_ready() -> None:
+        while latest() < OUTAGE_AT:
+            time.sleep(0.05)
+        pid = read_pid(stack_dir, "prefect")
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)
+
+    crash = threading.Thread(target=crash_when_ready, daemon=True)
+    crash.start()
+    try:
+        done = cli("run", *ARGS, "--run-id", "ours", timeout=600)
+        crash.join(timeout=5)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "went away" in done.stderr and read_pid(stack_dir, "prefect") is not None  # started again
+        assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    finally:
+        stop_service(stack_dir, "prefect")
+    assert weights_hash(final_state(cli.home, "ours").weights) == uninterrupted
+    assert_each_step_once(f"sqlite:///{cli.home / 'mlflow.db'}", "ours")
 
 
 def test_an_outage_past_the_budget_stops_resumably(tmp_path: Path, prefect_api: str, uninterrupted: str) -> None:
