@@ -16,6 +16,7 @@ same final weights and each MLflow step once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import signal
@@ -41,6 +42,15 @@ from tests.servers import (
 )
 
 _BACK = re.compile(r"answers again after (\d+) s")
+RUNS: tuple[tuple[str, str | None, dict[str, str]], ...] = (
+    ("none", None, {}),
+    ("storage", "storage", {}),
+    ("MLflow", "MLflow", {}),
+    ("Prefect API", "Prefect API", {}),
+    # Prefect's client gives up after one retry (~2 s): the flow run fails and the CLI runs it again
+    ("Prefect API, 1 client retry", "Prefect API", {"PREFECT_CLIENT_MAX_RETRIES": "1"}),
+)
+"""(label, service stopped or None, extra environment of the run)."""
 
 
 @dataclass(frozen=True)
@@ -157,10 +167,11 @@ def main() -> None:
         cli = cli_for(base / "home", servers.prefect_api, **servers.s3.env(),
                       FEDPRUNE_TRACKING_URI=servers.mlflow.tracking_uri)
         results = []
-        for outage in (None, "storage", "MLflow", "Prefect API"):
-            run_id = f"outage-{(outage or 'none').split()[0].lower()}"
-            results.append(one_run(cli, servers, args, run_id, outage, opts.at, opts.down))
-            print(f"{results[-1].outage}: exit {results[-1].exit_code} in {results[-1].total_s:.1f} s", flush=True)
+        for label, outage, env in RUNS:
+            run_id = "outage-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+            result = one_run(Cli(cli.home, {**cli.env, **env}), servers, args, run_id, outage, opts.at, opts.down)
+            results.append(dataclasses.replace(result, outage=label))
+            print(f"{label}: exit {result.exit_code} in {result.total_s:.1f} s", flush=True)
     print(f"\ntoy preset, {opts.rounds} rounds, service down {opts.down:g} s from round {opts.at} "
           f"(Prefect: SIGKILL, the others SIGTERM)\n")
     print(table(results))
