@@ -35,6 +35,20 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+OutageBudget = Annotated[float | None, typer.Option(
+    "--outage-budget", help="Seconds to wait for unreachable storage, MLflow or Prefect API before stopping "
+    "resumably (default: FEDPRUNE_OUTAGE_BUDGET_S, else 300).")]
+
+
+def _set_outage_budget(seconds: float | None) -> None:
+    """`--outage-budget`: FEDPRUNE_OUTAGE_BUDGET_S for this process and the task processes it starts."""
+    if seconds is None:
+        return
+    if seconds < 0:
+        raise ValueError(f"--outage-budget {seconds:g} must be >= 0 seconds: pass e.g. 300")
+    os.environ["FEDPRUNE_OUTAGE_BUDGET_S"] = str(seconds)
+
+
 def _settings() -> Settings:
     """The settings, or exit 2 with one line naming the bad variable."""
     from infra.settings import load_settings
@@ -110,10 +124,46 @@ def _prefect_api(settings: Settings) -> str:
 
 def _run_flow(**params: Any) -> dict[str, Any]:
     settings = _settings()
-    api = _prefect_api(settings)
-    from flows.experiment import experiment
+    from infra.outage import OutageError, configured_budget_s, find_outage, hide_outage_errors
+    from infra.prefect_api import api_is_ours, prefect_api_lost, wait_for_prefect_api
 
-    result: dict[str, Any] = experiment(**params)
+    ours = api_is_ours(settings)
+    api = _prefect_api(settings)
+    from fedprune_core.participation import RoundFailedError
+    from fedprune_core.presets import preset as make_preset
+    from flows.experiment import experiment
+    from flows.validation import new_run_id
+
+    run_id = params["run_id"] = params["run_id"] or new_run_id(make_preset(params["preset"], params["overrides"]).name)
+    name = params["experiment_name"]
+    command = f"fedprune resume {run_id}" + ("" if name == "fedprune" else f" --experiment {name}")
+    hide_outage_errors()
+    while True:
+        try:
+            result: dict[str, Any] = experiment(**params)
+            break
+        except KeyboardInterrupt:
+            typer.secho(f"interrupted: run {run_id} stopped at its last checkpoint; to go on: `{command}`",
+                        fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130) from None
+        except RoundFailedError as error:
+            typer.secho(f"error: {error}: `{command}`", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        except Exception as error:
+            outage = find_outage(error)
+            if outage is None and prefect_api_lost(error, api):
+                typer.secho(f"the Prefect API at {api} went away ({type(error).__name__}): run {run_id} goes on from "
+                            "its last checkpoint once it answers", fg=typer.colors.YELLOW, err=True)
+                try:
+                    wait_for_prefect_api(settings, api, ours, configured_budget_s())
+                    continue
+                except OutageError as lost:
+                    outage = lost
+            if outage is None:
+                raise
+            typer.secho(f"error: {outage}; run {run_id} stopped at its last checkpoint: once it is back, "
+                        f"`{command}`", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
     ui = api.removesuffix("/api")
     typer.echo(json.dumps(result, indent=2))
     typer.echo(f"Prefect UI: {ui}  (flow runs)")
@@ -136,6 +186,7 @@ def run(
     keep_every: Annotated[int, typer.Option(help="... and every M-th round.")] = 1000,
     task_runner: Annotated[str, typer.Option(help="threads, processes or dask.")] = "threads",
     max_workers: Annotated[int, typer.Option(help="Concurrent client-train tasks.")] = 4,
+    outage_budget: OutageBudget = None,
 ) -> None:
     """Run a federated pruning experiment (or resume it, if RUN_ID exists with the same configuration)."""
     from flows.validation import check_run
@@ -143,13 +194,15 @@ def run(
     from infra.runs import RunOptions
 
     try:
+        _set_outage_budget(outage_budget)
         settings = _settings()
         overrides = parse_overrides(set_, config)
         options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers)
-        check_run(preset, overrides, run_id, experiment_name, options, settings)
+        checked = check_run(preset, overrides, run_id, experiment_name, options, settings)
     except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
-    _run_flow(preset=preset, overrides=overrides, run_id=run_id, experiment_name=experiment_name,
+    # the run id is fixed here (made now for a new run), so a run the CLI starts again after an outage resumes it
+    _run_flow(preset=preset, overrides=overrides, run_id=checked.run_id, experiment_name=experiment_name,
               **options.__dict__)
 
 
@@ -158,6 +211,7 @@ def resume(
     run_id: Annotated[str, typer.Argument(help="The run to resume.")],
     experiment_name: Annotated[str | None, typer.Option("--experiment", help="Its experiment, if ambiguous.")]
     = None,
+    outage_budget: OutageBudget = None,
 ) -> None:
     """Resume a run from its newest checkpoint that verifies (newer, damaged ones are set aside) into the same
     MLflow run."""
@@ -167,6 +221,7 @@ def resume(
     from infra.runs import RunOptions
 
     try:
+        _set_outage_budget(outage_budget)
         settings = _settings()
         validate_run_id(run_id)
         storage = check_services(settings)

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
         stack_bucket: bucket the local stack creates for checkpoints.
         mlflow_artifacts_bucket: bucket the local stack's MLflow server stores artifacts in.
         aws_access_key_id / aws_secret_access_key: from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+        outage_budget_s: how long a run waits for unreachable storage, MLflow or Prefect API before
+            it stops, resumable (`infra.outage`); ``fedprune run/resume --outage-budget`` sets it.
     """
 
     model_config = SettingsConfigDict(
@@ -93,6 +95,7 @@ class Settings(BaseSettings):
         default=SecretStr("fedprune-secret"),
         validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
     )
+    outage_budget_s: float = Field(default=300.0, ge=0)
 
     @field_validator("home", mode="after")
     @classmethod

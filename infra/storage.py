@@ -8,7 +8,9 @@ them (checkpoints, tasks) never knows where its objects live (DESIGN.md, "Storag
   old object or the new one, never half of one. A write killed before its rename leaves a
   ``.tmp-*`` file, which listings skip and `remove_temporaries` removes.
 * `S3Storage` keeps each key as an S3 object (AWS, MinIO, SeaweedFS via `endpoint_url`); an S3
-  PUT is atomic per object. The bucket is created on demand at the first write.
+  PUT is atomic per object. The bucket is created on demand at the first write. Every request
+  rides through an outage of the endpoint (`infra.outage`): it waits, within the outage budget,
+  and is sent again (each is idempotent: a PUT, GET, HEAD, LIST or DELETE).
 * `CachingStorage` wraps either with an in-process, read-through LRU cache of immutable objects.
 
 Stored objects are safetensors (`tensors_to_bytes`) and JSON (`put_json`), never pickle.
@@ -16,6 +18,7 @@ Stored objects are safetensors (`tensors_to_bytes`) and JSON (`put_json`), never
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -38,11 +41,14 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from infra.errors import InfraError, StorageKeyError, StorageUnreachableError, redact_url
+from infra.outage import configured_budget_s, ride_through
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 else:
     S3Client = Any
+
+T = TypeVar("T")
 
 _TMP_PREFIX = ".tmp-"
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
@@ -338,6 +344,8 @@ class S3Storage:
         endpoint_url: S3 endpoint for non-AWS stores, e.g. ``http://127.0.0.1:8333``.
         region: signing region (see `make_s3_client`).
         client: a ready boto3 S3 client (tests, custom credentials); built when None.
+        outage_budget_s: how long a request waits for an unreachable endpoint; None reads
+            FEDPRUNE_OUTAGE_BUDGET_S (default 300 s).
     """
 
     def __init__(
@@ -347,6 +355,7 @@ class S3Storage:
         endpoint_url: str | None = None,
         region: str | None = None,
         client: S3Client | None = None,
+        outage_budget_s: float | None = None,
     ) -> None:
         if not _BUCKET_RE.match(bucket):
             raise ValueError(
@@ -357,6 +366,7 @@ class S3Storage:
         self.prefix = validate_prefix(prefix.strip("/")).strip("/")
         self.endpoint_url = endpoint_url
         self.client: S3Client = client if client is not None else make_s3_client(endpoint_url, region)
+        self.outage_budget_s = configured_budget_s() if outage_budget_s is None else outage_budget_s
 
     @property
     def url(self) -> str:
@@ -370,8 +380,14 @@ class S3Storage:
     def _full(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _ride(self, call: Callable[[], T]) -> T:
+        return ride_through(f"storage {self.url}", call, self.outage_budget_s, "s3")
+
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (a concurrent creation is not an error)."""
+        self._ride(self._ensure_bucket)
+
+    def _ensure_bucket(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.bucket)
             return
@@ -391,29 +407,40 @@ class S3Storage:
     def put_bytes(self, key: str, data: bytes) -> None:
         """PUT the object (atomic in S3); creates the bucket and retries once if it is missing."""
         full = self._full(validate_key(key))
+        self._ride(lambda: self._put(full, data))
+
+    def _put(self, full: str, data: bytes) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
         except ClientError as error:
             if error.response["Error"].get("Code") != "NoSuchBucket":
                 raise
-            self.ensure_bucket()
+            self._ensure_bucket()
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
 
     def get_bytes(self, key: str) -> bytes:
         """GET the object; raise `StorageKeyError` if the key (or the bucket) does not exist."""
+        full = self._full(validate_key(key))
+        return self._ride(lambda: self._get(key, full))
+
+    def _get(self, key: str, full: str) -> bytes:
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._full(validate_key(key)))
+            response = self.client.get_object(Bucket=self.bucket, Key=full)
         except ClientError as error:
             if _is_not_found(error):
                 raise StorageKeyError(key, self.url) from None
             raise
-        body: bytes = response["Body"].read()
+        body: bytes = response["Body"].read()  # inside the ride: the connection can drop mid-body
         return body
 
     def exists(self, key: str) -> bool:
         """HEAD the object."""
+        full = self._full(validate_key(key))
+        return self._ride(lambda: self._exists(full))
+
+    def _exists(self, full: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._full(validate_key(key)))
+            self.client.head_object(Bucket=self.bucket, Key=full)
         except ClientError as error:
             if _is_not_found(error):
                 return False
@@ -423,6 +450,9 @@ class S3Storage:
     def list_keys(self, prefix: str) -> list[str]:
         """List keys under `prefix` (all pages), relative to this storage's prefix, sorted."""
         full = self._full(validate_prefix(prefix)) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        return self._ride(lambda: self._list(full))
+
+    def _list(self, full: str) -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys: list[str] = []
         try:
@@ -438,8 +468,12 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         """DELETE the object (S3 treats a missing key as success)."""
+        full = self._full(validate_key(key))
+        self._ride(lambda: self._delete(full))
+
+    def _delete(self, full: str) -> None:
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._full(validate_key(key)))
+            self.client.delete_object(Bucket=self.bucket, Key=full)
         except ClientError as error:
             if not _is_not_found(error):
                 raise
@@ -449,9 +483,7 @@ class S3Storage:
         keys = [self._full(key) for key in self.list_keys(prefix)]
         for start in range(0, len(keys), _DELETE_BATCH):
             batch = [{"Key": key} for key in keys[start : start + _DELETE_BATCH]]
-            response = self.client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
-            )
+            response = self._ride(functools.partial(self._delete_batch, batch))
             if response.get("Errors"):
                 first = response["Errors"][0]
                 raise InfraError(
@@ -459,6 +491,9 @@ class S3Storage:
                     f"(first: {first.get('Key')!r}, {first.get('Code')}): check the credentials' "
                     "s3:DeleteObject permission and retry"
                 )
+
+    def _delete_batch(self, batch: list[dict[str, str]]) -> Any:
+        return self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
 
 # --------------------------------------------------------------------------- cache

@@ -8,6 +8,12 @@ step is never split across batches unless it alone exceeds a batch (then the mar
 MLflow's SQL store commits one batch's metrics in one transaction, so ``round``'s latest value
 is a step up to which everything was logged; on reopen, steps up to it are dropped, and a resumed
 deterministic run ends with each step held exactly once.
+
+Every request rides through an outage of the server (`infra.outage`): it waits, within the outage
+budget, and is sent again. A metric batch whose connection dropped may have been committed
+before: it is sent again only if the store's ``round`` marker is still short of the batch's last
+step (and a batch without a marker, part of a step larger than a batch, holds the same rows
+again, which MLflow's SQL store keeps once: same key, step, timestamp and value).
 """
 
 from __future__ import annotations
@@ -15,15 +21,16 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from mlflow.entities import Metric, Param, RunTag
@@ -31,6 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from infra.errors import TrackingUnreachableError, redact_url
+from infra.outage import configured_budget_s, ride_through
 from infra.storage import validate_key
 
 if TYPE_CHECKING:
@@ -41,6 +49,14 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 _TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+MLFLOW_HTTP_DEFAULTS: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+"""MLflow's client retries a failed request 7 times over about 4 minutes by default, silently; here
+it retries for about 3 s and `infra.outage` waits out longer outages, with a waiting line, within
+the run's outage budget. Set the variables to override."""
+T = TypeVar("T")
 
 
 def flatten_params(params: Mapping[str, Any], parent: str = "") -> dict[str, str]:
@@ -116,7 +132,10 @@ def find_run(client: MlflowClient, experiment: str, run_id: str) -> str | None:
 @functools.lru_cache(maxsize=8)
 def mlflow_client(tracking_uri: str) -> MlflowClient:
     """One MLflow client per tracking URI and process: each run segment's `Tracker` reuses it
-    (a new client opens its store again, ~0.1 s for a SQLite file)."""
+    (a new client opens its store again, ~0.1 s for a SQLite file). Sets `MLFLOW_HTTP_DEFAULTS`
+    where the environment does not."""
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -136,9 +155,12 @@ class Tracker:
         flush_every: send buffered metrics once this many distinct steps are buffered.
         artifact_location: artifact root of a newly created experiment; for a sqlite URI it
             defaults to ``<db dir>/artifacts``, for a server the server decides.
+        outage_budget_s: how long a request waits for an unreachable server; None reads
+            FEDPRUNE_OUTAGE_BUDGET_S (default 300 s).
 
     Raises:
-        TrackingUnreachableError: the server does not answer.
+        OutageError: the server did not answer within the outage budget.
+        TrackingUnreachableError: a sqlite URI whose directory cannot be created.
         ValueError: bad arguments, or `run_id` belongs to another experiment.
     """
 
@@ -151,17 +173,19 @@ class Tracker:
         flush_every: int = 200,
         artifact_location: str | None = None,
         tags: Mapping[str, str] | None = None,
+        outage_budget_s: float | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every={flush_every} must be >= 1: pass e.g. 200 steps")
-        check_tracking_uri(tracking_uri)
         self.tracking_uri = tracking_uri
+        self.outage_budget_s = configured_budget_s() if outage_budget_s is None else outage_budget_s
+        self._ride(lambda: check_tracking_uri(tracking_uri))
         self.flush_every = flush_every
         self.client = mlflow_client(tracking_uri)
         self.experiment_id = self._experiment_id(experiment, artifact_location)
         self.run_id = self._open_run(run_id, run_name, dict(tags or {}))
         self._resume_step = self.last_logged_step()
-        self._params = dict(self.client.get_run(self.run_id).data.params)
+        self._params = dict(self._ride(lambda: self.client.get_run(self.run_id)).data.params)
         self._buffer: list[Metric] = []
         self._buffered_steps: set[int] = set()
         self._lock = threading.Lock()
@@ -186,23 +210,27 @@ class Tracker:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         try:
-            self.set_tags({FAILURE_TAG: reason[:500]})
+            self.client.set_tag(self.run_id, FAILURE_TAG, reason[:500])  # not waited for: the run is stopping
             self.client.set_terminated(self.run_id, status=status)
         except Exception:  # noqa: BLE001 - the run's own error is the one to report
             pass
 
+    def _ride(self, call: Callable[[], T]) -> T:
+        return ride_through(f"MLflow {redact_url(self.tracking_uri)}", call, self.outage_budget_s, "mlflow")
+
     # ----------------------------------------------------------------- opening
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
-        experiment = self.client.get_experiment_by_name(name)
+        experiment = self._ride(lambda: self.client.get_experiment_by_name(name))
         if experiment is None:
             location = artifact_location or _default_artifact_location(self.tracking_uri)
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self._ride(lambda: self.client.create_experiment(name, artifact_location=location))
             except MlflowException as error:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-                experiment = self.client.get_experiment_by_name(name)  # created concurrently
+                # created concurrently, or by a try whose answer an outage lost
+                experiment = self._ride(lambda: self.client.get_experiment_by_name(name))
                 assert experiment is not None
         if experiment.lifecycle_stage != "active":
             raise ValueError(
@@ -214,10 +242,12 @@ class Tracker:
 
     def _open_run(self, run_id: str | None, run_name: str | None, tags: dict[str, str]) -> str:
         if run_id is None:
-            new_id: str = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+            new_id: str = self._ride(
+                lambda: self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            ).info.run_id
             return new_id
         try:
-            run = self.client.get_run(run_id)
+            run = self._ride(lambda: self.client.get_run(run_id))
         except MlflowException:
             raise ValueError(
                 f"run_id={run_id!r} does not exist at {redact_url(self.tracking_uri)}: pass the id of an "
@@ -229,9 +259,9 @@ class Tracker:
                 f"{self.experiment_id}: resume it under its own experiment name"
             )
         if run.info.status != "RUNNING":
-            self.client.update_run(run_id, status="RUNNING")
+            self._ride(lambda: self.client.update_run(run_id, status="RUNNING"))
             if FAILURE_TAG in run.data.tags:
-                self.client.delete_tag(run_id, FAILURE_TAG)
+                self._ride(lambda: self.client.delete_tag(run_id, FAILURE_TAG))
         return run_id
 
     # ----------------------------------------------------------------- logging
@@ -253,7 +283,8 @@ class Tracker:
                     "MLflow params are immutable; resume with the same config or start a new run"
                 )
         for chunk in _chunks(sorted(new.items()), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk], synchronous=True)
+            batch = [Param(k, v) for k, v in chunk]  # the same value again is no error: resent as is
+            self._ride(functools.partial(self.client.log_batch, self.run_id, params=batch, synchronous=True))
             self._params.update(chunk)
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -289,10 +320,24 @@ class Tracker:
             batches = pack_metric_batches(pending)
             for sent, batch in enumerate(batches):
                 try:
-                    self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+                    self._send_metrics(batch)
                 except Exception:
                     self._requeue(batches[sent:])
                     raise
+
+    def _send_metrics(self, batch: list[Metric]) -> None:
+        """`log_batch`, riding through an outage; not sent again once it is in the store."""
+        markers = [m.step for m in batch if m.key == MARKER_METRIC]
+        tries = 0
+
+        def send() -> None:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and markers and self._stored_step() >= max(markers):
+                return  # committed before the connection dropped
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+        self._ride(send)
 
     def _requeue(self, batches: list[list[Metric]]) -> None:
         unsent = [m for batch in batches for m in batch if m.key != MARKER_METRIC]
@@ -305,14 +350,22 @@ class Tracker:
 
         Reads the ``round`` marker from the store; steps still buffered are not counted.
         """
+        return self._ride(self._stored_step)
+
+    def _stored_step(self) -> int:
         value = self.client.get_run(self.run_id).data.metrics.get(MARKER_METRIC)
         return -1 if value is None else int(value)
+
+    def metric_history(self, key: str) -> list[Metric]:
+        """Every value logged for metric `key` on this run (any order)."""
+        return list(self._ride(lambda: self.client.get_metric_history(self.run_id, key)))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags, 100 per batch."""
         items = sorted((k, str(v)) for k, v in tags.items())
         for chunk in _chunks(items, MAX_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in chunk], synchronous=True)
+            batch = [RunTag(k, v) for k, v in chunk]
+            self._ride(functools.partial(self.client.log_batch, self.run_id, tags=batch, synchronous=True))
 
     def log_artifact_bytes(self, path: str, data: bytes) -> None:
         """Store `data` as run artifact `path` (e.g. ``"plots/sparsity.json"``)."""
@@ -320,8 +373,8 @@ class Tracker:
         with tempfile.TemporaryDirectory(prefix="fedprune-artifact-") as tmp:
             local = Path(tmp) / relative.name
             local.write_bytes(data)
-            parent = str(relative.parent)
-            self.client.log_artifact(self.run_id, str(local), artifact_path=None if parent == "." else parent)
+            parent = None if str(relative.parent) == "." else str(relative.parent)
+            self._ride(lambda: self.client.log_artifact(self.run_id, str(local), artifact_path=parent))
 
     def log_figure(self, path: str, fig: Figure) -> None:
         """Save a matplotlib figure as artifact `path`; the format follows the suffix (default png)."""
@@ -335,7 +388,7 @@ class Tracker:
         if status not in _TERMINAL_STATUSES:
             raise ValueError(f"status={status!r} must be one of {_TERMINAL_STATUSES}: pass e.g. 'FINISHED'")
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        self._ride(lambda: self.client.set_terminated(self.run_id, status=status))
 
 
 def _default_artifact_location(tracking_uri: str) -> str | None:
@@ -384,10 +437,10 @@ def _check_http(uri: str, timeout_s: float) -> None:
         reason = f"HTTP {error.code}"
     except (urllib.error.URLError, OSError) as error:
         reason = str(getattr(error, "reason", error)) or type(error).__name__
-    raise TrackingUnreachableError(
+    raise TrackingUnreachableError(  # caused by a ConnectionError: an outage (`infra.outage`) mid-run
         f"MLflow server at {shown} is unreachable ({reason}): tracking needs a running server at "
         f"FEDPRUNE_TRACKING_URI; {fix}"
-    )
+    ) from ConnectionError(reason)
 
 
 def _check_sqlite_dir(uri: str, db: Path) -> None:

@@ -35,7 +35,7 @@ def sparsity_table(masks: dict, specs: dict) -> str:
 
 
 def _plot(tracker: Tracker, keys: list[str]) -> bytes | None:
-    history = {k: tracker.client.get_metric_history(tracker.run_id, k) for k in keys}
+    history = {k: tracker.metric_history(k) for k in keys}
     history = {k: v for k, v in history.items() if v}
     if not history:
         return None

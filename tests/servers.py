@@ -3,15 +3,23 @@
 They are started with the same command-line builders and process runners as the local stack
 (`infra.stack`), in temporary directories, and stopped (process group, SIGTERM then SIGKILL) when
 the context exits. If the test process dies, Linux sends them SIGTERM (PR_SET_PDEATHSIG).
+
+The ``restartable_*`` helpers also yield a `Restartable`, which a test stops (SIGTERM, or SIGKILL
+for a crash) and starts again on the same ports and data directory; `Outage` does that from a
+thread once a run reaches a given point, so the outage lands mid-run.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import random
 import secrets
+import signal
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +32,8 @@ from infra.stack import (
     ServiceSpec,
     check_ports_free,
     mlflow_spec,
+    prefect_spec,
+    read_pid,
     seaweed_spec,
     start_service,
     stop_service,
@@ -117,22 +127,123 @@ def running_service(spec: ServiceSpec, run_dir: Path, timeout_s: float = 60.0) -
         stop_service(run_dir, spec.name)
 
 
+@dataclass(frozen=True)
+class Restartable:
+    """A service that a test stops and starts again: same command, ports and data directory."""
+
+    spec: ServiceSpec
+    run_dir: Path
+    timeout_s: float = 60.0
+
+    def start(self) -> None:
+        """Start it and wait until it answers its health URL.
+
+        Linux sends the parent-death signal when the starting *thread* ends, so a service started
+        from another thread (`Outage`) goes without it; `restartable` still stops it on exit.
+        """
+        check_ports_free(self.spec)
+        main = threading.current_thread() is threading.main_thread()
+        pid = start_service(self.spec, self.run_dir, die_with_parent=main)
+        wait_healthy(self.spec, pid, self.run_dir, self.timeout_s)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop it: SIGTERM, a clean shutdown (SIGKILL after 20 s), or SIGKILL at once, a crash."""
+        pid = read_pid(self.run_dir, self.spec.name)
+        if pid is not None and sig == signal.SIGKILL:
+            os.killpg(pid, signal.SIGKILL)
+        stop_service(self.run_dir, self.spec.name)
+
+
 @contextmanager
-def running_seaweed(base: Path, bucket: str = "fedprune-test") -> Iterator[S3Server]:
+def restartable(spec: ServiceSpec, run_dir: Path, timeout_s: float = 60.0) -> Iterator[Restartable]:
+    """Start `spec` as a `Restartable`; stop it, whatever state the test left it in, on exit."""
+    service = Restartable(spec, run_dir, timeout_s)
+    service.start()
+    try:
+        yield service
+    finally:
+        stop_service(run_dir, spec.name)
+
+
+class Outage(threading.Thread):
+    """Once `ready()` holds, stops `service`, keeps it down `down_s` seconds, then starts it again.
+
+    Runs in a thread next to the run under test; `join` re-raises what went wrong in it (e.g. the
+    run finished before `ready()` ever held). `down_at` and `back_at` are ``time.monotonic()``
+    readings: when it was stopped and when it answered again.
+    """
+
+    def __init__(self, service: Restartable, ready: Callable[[], bool], down_s: float,
+                 sig: signal.Signals = signal.SIGTERM, timeout_s: float = 300.0) -> None:
+        super().__init__(daemon=True, name=f"outage-{service.spec.name}")
+        self.service, self.ready, self.down_s, self.sig, self.timeout_s = service, ready, down_s, sig, timeout_s
+        self.down_at = self.back_at = float("nan")
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + self.timeout_s
+            while not self.ready():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the outage of {self.service.spec.name} never began: ready() stayed False")
+                time.sleep(0.05)
+            self.down_at = time.monotonic()
+            self.service.stop(self.sig)
+            time.sleep(self.down_s)
+            self.service.start()
+            self.back_at = time.monotonic()
+        except BaseException as error:  # handed to the test thread by join()
+            self.error = error
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def seconds_down(self) -> float:
+        """From the stop until the service answered again."""
+        return self.back_at - self.down_at
+
+
+@contextmanager
+def restartable_seaweed(base: Path, bucket: str = "fedprune-test") -> Iterator[tuple[S3Server, Restartable]]:
     """A ``weed mini`` S3 server under `base` with fresh random credentials and `bucket` created."""
     ports = free_seaweed_ports()
     server = S3Server(f"http://{LOOPBACK}:{ports.s3}", "fedprune-test", secrets.token_hex(16), bucket)
     spec = seaweed_spec(base / "data", ports, (server.access_key_id, server.secret_access_key), (bucket,))
-    with running_service(spec, base):
+    with restartable(spec, base) as service:
         server.storage().ensure_bucket()
+        yield server, service
+
+
+@contextmanager
+def running_seaweed(base: Path, bucket: str = "fedprune-test") -> Iterator[S3Server]:
+    """A ``weed mini`` S3 server under `base` with fresh random credentials and `bucket` created."""
+    with restartable_seaweed(base, bucket) as (server, _):
         yield server
+
+
+@contextmanager
+def restartable_mlflow(base: Path) -> Iterator[tuple[MlflowServer, Restartable]]:
+    """An ``mlflow server`` under `base`: SQLite backend, artifacts in ``base/artifacts``, 1 worker."""
+    port = free_port()
+    artifacts = base / "artifacts"
+    spec = mlflow_spec(base, port, f"sqlite:///{base / 'mlflow.db'}", str(artifacts), workers=1)
+    with restartable(spec, base) as service:
+        yield MlflowServer(spec.url, artifacts, base / "mlflow.log"), service
 
 
 @contextmanager
 def running_mlflow(base: Path) -> Iterator[MlflowServer]:
     """An ``mlflow server`` under `base`: SQLite backend, artifacts in ``base/artifacts``, 1 worker."""
-    port = free_port()
-    artifacts = base / "artifacts"
-    spec = mlflow_spec(base, port, f"sqlite:///{base / 'mlflow.db'}", str(artifacts), workers=1)
-    with running_service(spec, base):
-        yield MlflowServer(spec.url, artifacts, base / "mlflow.log")
+    with restartable_mlflow(base) as (server, _):
+        yield server
+
+
+@contextmanager
+def restartable_prefect(base: Path) -> Iterator[tuple[str, Restartable]]:
+    """A `prefect server start` under `base` on a free port; yields its API URL and the service."""
+    spec = prefect_spec(base / "home", free_port())
+    with restartable(spec, base, timeout_s=120) as service:
+        yield f"{spec.url}/api", service

@@ -15,17 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import prefect_spec
-from tests.servers import free_port, running_service
+from tests.servers import restartable_prefect
 
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `prefect server start` on a free loopback port; yields its API URL."""
-    base = tmp_path_factory.mktemp("prefect")
-    spec = prefect_spec(base / "home", free_port())
-    with running_service(spec, base, timeout_s=120):
-        yield f"{spec.url}/api"
+    with restartable_prefect(tmp_path_factory.mktemp("prefect")) as (api, _):
+        yield api
 
 
 @dataclass(frozen=True)
@@ -48,11 +45,17 @@ class Cli:
         )
 
 
+def cli_for(home: Path, prefect_api: str, **extra_env: str) -> Cli:
+    """A CLI runner with FEDPRUNE_HOME `home` against `prefect_api`; `extra_env` on top (e.g. S3 settings)."""
+    env = {**os.environ, "FEDPRUNE_HOME": str(home), "PREFECT_API_URL": prefect_api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+    for key in ("FEDPRUNE_STORAGE_URL", "FEDPRUNE_TRACKING_URI", "FEDPRUNE_S3_ENDPOINT_URL",
+                "FEDPRUNE_OUTAGE_BUDGET_S"):
+        env.pop(key, None)
+    return Cli(home, {**env, **extra_env})
+
+
 @pytest.fixture
 def cli(tmp_path: Path, prefect_api: str) -> Cli:
     """A CLI runner with a fresh FEDPRUNE_HOME under tmp_path."""
-    env = {**os.environ, "FEDPRUNE_HOME": str(tmp_path / "home"), "PREFECT_API_URL": prefect_api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
-    for key in ("FEDPRUNE_STORAGE_URL", "FEDPRUNE_TRACKING_URI", "FEDPRUNE_S3_ENDPOINT_URL"):
-        env.pop(key, None)
-    return Cli(tmp_path / "home", env)
+    return cli_for(tmp_path / "home", prefect_api)

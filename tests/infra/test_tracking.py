@@ -11,6 +11,7 @@ import pytest
 from mlflow.entities import Metric
 
 from infra.errors import TrackingUnreachableError
+from infra.outage import OutageError
 from infra.tracking import (
     MARKER_METRIC,
     MAX_METRICS_PER_BATCH,
@@ -48,6 +49,22 @@ class CountingLogBatch:
         if self.calls == self.fail_call:
             raise ConnectionError("simulated network failure")
         return self.real(*args, **kwargs)
+
+
+class LostAnswers:
+    """Wraps `client.log_batch`: the calls numbered in `lose` reach the server, then their answer is
+    lost (a connection reset), as when a server goes down between committing and answering."""
+
+    def __init__(self, tracker: Tracker, lose: set[int]) -> None:
+        self.real, self.calls, self.lose = tracker.client.log_batch, 0, lose
+        tracker.client.log_batch = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        answer = self.real(*args, **kwargs)
+        if self.calls in self.lose:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return answer
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -119,16 +136,27 @@ def test_reopen_skips_identical_params_and_refuses_changed_ones(sqlite_uri: str)
 
 
 def test_a_failed_flush_keeps_the_unsent_metrics_for_the_next_flush(sqlite_uri: str) -> None:
-    tracker = Tracker(sqlite_uri, _experiment(), flush_every=10_000)
+    tracker = Tracker(sqlite_uri, _experiment(), flush_every=10_000, outage_budget_s=0)  # no waiting
     for step in range(400):
         tracker.log_metrics(step, {"a": step, "b": 2 * step, "c": 0.0})  # 1600 with markers: 2 batches
     counter = CountingLogBatch(tracker, fail_call=2)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(OutageError, match="simulated network failure"):
         tracker.flush()
     assert 0 < tracker.last_logged_step() < 399
     tracker.flush()
     assert counter.calls == 3
     assert _history(tracker, "b") == [(s, 2.0 * s) for s in range(400)]
+    assert [s for s, _ in _history(tracker, MARKER_METRIC)] == list(range(400))
+
+
+def test_a_flush_rides_through_a_failed_batch_within_the_budget(sqlite_uri: str) -> None:
+    tracker = Tracker(sqlite_uri, _experiment(), flush_every=10_000, outage_budget_s=30)
+    for step in range(400):
+        tracker.log_metrics(step, {"a": step, "b": 2 * step, "c": 0.0})
+    counter = CountingLogBatch(tracker, fail_call=2)
+    tracker.flush()  # the second batch fails once, is waited for and sent again
+    assert counter.calls == 3
+    assert [s for s, _ in _history(tracker, "b")] == list(range(400))
     assert [s for s, _ in _history(tracker, MARKER_METRIC)] == list(range(400))
 
 
@@ -201,6 +229,23 @@ def test_server_resume_after_a_crash_logs_each_step_exactly_once(mlflow_server: 
     resumed.finish()
     assert _history(resumed, "loss") == [(s, 1.0 / (s + 1)) for s in range(400)]
     assert [s for s, _ in _history(resumed, "acc")] == list(range(400))
+
+
+@pytest.mark.integration
+def test_server_a_batch_whose_answer_was_lost_is_held_once(mlflow_server: MlflowServer) -> None:
+    tracker = Tracker(mlflow_server.tracking_uri, _experiment(), flush_every=10_000, outage_budget_s=30)
+    for step in range(400):
+        tracker.log_metrics(step, {"a": step, "b": 2 * step, "c": 0.0})
+    tracker.log_metrics(400, {f"big{i}": float(i) for i in range(1500)})  # larger than a batch
+    # batches: steps 0-249, steps 250-399, 1000 of step 400 without its marker, the rest with it
+    lost = LostAnswers(tracker, lose={1, 3})
+    tracker.flush()
+    # the first batch is not sent again (its marker is in the store); the third, markerless, is,
+    # and the store keeps its rows once (same key, step, timestamp and value)
+    assert lost.calls == 5
+    assert [s for s, _ in _history(tracker, "a")] == list(range(400))
+    assert [s for s, _ in _history(tracker, MARKER_METRIC)] == list(range(401))
+    assert all(_history(tracker, f"big{i}") == [(400, float(i))] for i in (0, 999, 1000, 1499))
 
 
 @pytest.mark.integration
