@@ -115,18 +115,6 @@ class MlflowServer:
     log_path: Path
 
 
-@contextmanager
-def running_service(spec: ServiceSpec, run_dir: Path, timeout_s: float = 60.0) -> Iterator[int]:
-    """Start `spec`, wait until it answers, yield its pid; stop it on exit."""
-    check_ports_free(spec)
-    pid = start_service(spec, run_dir, die_with_parent=True)
-    try:
-        wait_healthy(spec, pid, run_dir, timeout_s)
-        yield pid
-    finally:
-        stop_service(run_dir, spec.name)
-
-
 @dataclass(frozen=True)
 class Restartable:
     """A service that a test stops and starts again: same command, ports and data directory."""
@@ -163,6 +151,15 @@ def restartable(spec: ServiceSpec, run_dir: Path, timeout_s: float = 60.0) -> It
         yield service
     finally:
         stop_service(run_dir, spec.name)
+
+
+@contextmanager
+def running_service(spec: ServiceSpec, run_dir: Path, timeout_s: float = 60.0) -> Iterator[int]:
+    """Start `spec`, wait until it answers, yield its pid; stop it on exit."""
+    with restartable(spec, run_dir, timeout_s):
+        pid = read_pid(run_dir, spec.name)
+        assert pid is not None, f"{spec.name} answered but its pid file names no live process"
+        yield pid
 
 
 class Outage(threading.Thread):
