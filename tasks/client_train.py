@@ -11,21 +11,15 @@ from prefect.states import State
 from fedprune_core.engine import train_client
 from infra.errors import ClientDataError
 from infra.runs import RunRef, open_run
-from tasks.options import IO_RETRIES
+from tasks.options import IO_RETRIES, retry_unless_outage
 
 GRAD_SQ = "grad_sq:"
 
 
 def _worth_retrying(task: Any, task_run: Any, state: State[Any]) -> bool:
-    """A client's unreadable data fails every try alike: leave it out at once. Other errors
-    (storage, a lost worker) may pass, so they are retried."""
-    try:
-        state.result()
-    except ClientDataError:
-        return False
-    except Exception:  # noqa: BLE001 - any other failure is worth another try
-        return True
-    return True
+    """A client's unreadable data fails every try alike: leave it out at once. An outage past its
+    budget is not retried either (`tasks.options.retry_unless_outage`); other errors may pass."""
+    return not isinstance(state.data, ClientDataError) and retry_unless_outage(task, task_run, state)
 
 
 @task(name="client-train", task_run_name="client-train-r{round_num}-c{client_id}",
