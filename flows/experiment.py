@@ -37,7 +37,7 @@ from flows.validation import check_run
 from infra.checkpoint import CheckpointStore
 from infra.runs import RunOptions, RunRef, open_run
 from infra.settings import Settings, load_settings
-from infra.tracking import RUN_ID_TAG, Tracker
+from infra.tracking import RUN_ID_TAG, Tracker, fail_unfinished_starts
 from tasks.aggregate import aggregate
 from tasks.checkpoint import checkpoint
 from tasks.client_train import client_train
@@ -212,6 +212,8 @@ def experiment(
     ref, mlflow_run_id, existed = prepare(preset, overrides, run_id, experiment_name, options, settings)
     run = open_run(ref)
     tags = {RUN_ID_TAG: ref.run_id, "fedprune.strategy": run.config.strategy}
+    if mlflow_run_id is None:  # nothing committed: an earlier start of this run id died before round 0
+        fail_unfinished_starts(settings.tracking_uri, experiment_name, ref.run_id)
     # A run that stops on an error ends its MLflow run as FAILED, the reason in a tag (`Tracker.__exit__`);
     # resuming it sets it RUNNING again.
     with Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id,

@@ -129,6 +129,25 @@ def find_run(client: MlflowClient, experiment: str, run_id: str) -> str | None:
     return matches[0].info.run_id if matches else None
 
 
+def fail_unfinished_starts(tracking_uri: str, experiment: str, run_id: str) -> list[str]:
+    """End as FAILED the MLflow runs of FedPrune run `run_id` still RUNNING from starts that died before
+    they committed round 0 (a kill, a lost machine); call it only when the run has nothing committed.
+
+    Returns:
+        The MLflow run ids ended.
+    """
+    client = mlflow_client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = f"tags.`{RUN_ID_TAG}` = '{run_id}' and attributes.status = 'RUNNING'"
+    runs = client.search_runs([found.experiment_id], query)
+    for run in runs:
+        client.set_tag(run.info.run_id, FAILURE_TAG, "the start died before it committed round 0; started again")
+        client.set_terminated(run.info.run_id, status="FAILED")
+    return [run.info.run_id for run in runs]
+
+
 @functools.lru_cache(maxsize=8)
 def mlflow_client(tracking_uri: str) -> MlflowClient:
     """One MLflow client per tracking URI and process: each run segment's `Tracker` reuses it

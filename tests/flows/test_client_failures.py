@@ -104,3 +104,28 @@ def test_clients_past_the_deadline_stop_the_run_naming_them_and_fail_its_mlflow_
     _, run = mlflow_run(cli.home, "late")
     assert run.info.status == "FAILED"
     assert run.data.tags[FAILURE_TAG].startswith("RoundFailedError: round 1:")
+
+
+def test_a_start_that_fails_before_round_0_leaves_no_running_mlflow_run(cli: Cli) -> None:
+    """PruneFL's initial pruning reads one client's data before round 0: unreadable, the start fails and
+    its MLflow run ends FAILED with the run id and the reason; a start killed before round 0 (its run left
+    RUNNING) is ended FAILED when the run id is started again."""
+    assert cli("data", "generate", "--corpus", "test").returncode == 0
+    audio = first_audio(cli.home, 1)
+    original = audio.read_bytes()
+    audio.write_bytes(b"RIFF not a wave file")
+    prunefl = ("--set", "strategy=prunefl", "--set", "prunefl.initial_client=1", "--set",
+               "prunefl.initial_max_steps=2", "--set", "prunefl.initial_reconfig_every=1")
+    failed = cli("run", *ARGS, *prunefl, "--run-id", "early")
+    assert failed.returncode != 0
+    client, run = mlflow_run(cli.home, "early")
+    assert run.info.status == "FAILED"
+    assert "ClientDataError: client 1" in run.data.tags[FAILURE_TAG]
+
+    killed = client.create_run(run.info.experiment_id, run_name="early", tags={"fedprune.run_id": "early"})
+    audio.write_bytes(original)
+    done = cli("run", *ARGS, *prunefl, "--run-id", "early")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = client.search_runs([run.info.experiment_id], "tags.`fedprune.run_id` = 'early'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FINISHED"]
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"
