@@ -19,7 +19,7 @@ run: setup
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2  # two workers: most end-to-end tests wait on servers and child processes
 
 lint: setup
 	.venv/bin/ruff check .
