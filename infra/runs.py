@@ -197,16 +197,30 @@ class Run:
 
     def participation_key(self, round_num: int) -> str:
         """Key of the record of a round that left clients out."""
-        return f"{self.ref.experiment}/{self.ref.run_id}/participation/{round_num:06d}.json"
+        return f"{self._participation_prefix}{round_num:06d}.json"
+
+    @property
+    def _participation_prefix(self) -> str:
+        return f"{self.ref.experiment}/{self.ref.run_id}/participation/"
+
+    @functools.cached_property
+    def _recorded_rounds(self) -> set[int]:
+        """The rounds with a participation record: listed once per process (the flow's, where dispatch
+        and aggregate run), then kept up to date by `record_participation`, so a round costs no read."""
+        keys = self.storage.list_keys(self._participation_prefix)
+        return {int(k.rsplit("/", 1)[1].removesuffix(".json")) for k in keys if k.endswith(".json")}
 
     def record_participation(self, participation: RoundParticipation) -> None:
         """Keep who took part in a round that left a client out (before the round is aggregated), so
         the round, run again after a resume, trains the same clients. Complete rounds write nothing."""
         if not participation.complete:
             put_json(self.storage, self.participation_key(participation.round_num), participation.to_json())
+            self._recorded_rounds.add(participation.round_num)
 
     def recorded_participation(self, round_num: int) -> RoundParticipation | None:
         """The record of `round_num` if an earlier run of it left a client out."""
+        if round_num not in self._recorded_rounds:
+            return None
         try:
             return RoundParticipation.from_json(get_json(self.storage, self.participation_key(round_num)))
         except StorageKeyError:
@@ -214,8 +228,7 @@ class Run:
 
     def participation_records(self) -> list[RoundParticipation]:
         """Every round of the run that left a client out, in round order."""
-        keys = self.storage.list_keys(f"{self.ref.experiment}/{self.ref.run_id}/participation/")
-        return [RoundParticipation.from_json(get_json(self.storage, k)) for k in keys if k.endswith(".json")]
+        return [r for r in map(self.recorded_participation, sorted(self._recorded_rounds)) if r is not None]
 
     def checkpoint_key(self, round_num: int) -> str:
         return self.checkpoints.object_key(round_num, STATE_OBJECT)
