@@ -37,6 +37,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fedprune_core.participation import one_line
 from infra.errors import TrackingUnreachableError, redact_url
 from infra.outage import configured_budget_s, ride_through
 from infra.storage import validate_key
@@ -227,9 +228,9 @@ class Tracker:
             self.finish("FINISHED")
             return
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = one_line(exc, limit=500)
         try:
-            self.client.set_tag(self.run_id, FAILURE_TAG, reason[:500])  # not waited for: the run is stopping
+            self.client.set_tag(self.run_id, FAILURE_TAG, reason)  # not waited for: the run is stopping
             self.client.set_terminated(self.run_id, status=status)
         except Exception:  # noqa: BLE001 - the run's own error is the one to report
             pass
