@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
@@ -37,6 +40,16 @@ from fedprune_core.presets import preset as make_preset
 from fedprune_core.rng import sample_clients
 from fedprune_core.simulate import should_evaluate
 from infra.checkpoint import CheckpointStore, validate_run_id
+from infra.cluster import (
+    ALL,
+    NONE,
+    check_cluster,
+    placed_on,
+    placement_csv,
+    placement_row,
+    security_for,
+    served_clients,
+)
 from infra.runs import RunOptions, RunRef, open_run, warm_start_source
 from infra.settings import Settings
 from infra.storage import check_reachable, open_storage
@@ -54,13 +67,17 @@ from tasks.score import score
 
 
 def make_task_runner(options: RunOptions) -> TaskRunner[Any]:
-    """Threads (default), processes, or a local Dask cluster (prefect-dask)."""
+    """Threads (default), processes, a local Dask cluster, or the Dask cluster at `options.dask_address`
+    whose workers stand for the clients (prefect-dask; TLS from Dask's configuration)."""
     if options.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=options.max_workers)
     if options.task_runner == "processes":
         return ProcessPoolTaskRunner(max_workers=options.max_workers)
     from prefect_dask import DaskTaskRunner
 
+    if options.dask_address:
+        security = security_for(options.dask_address)
+        return DaskTaskRunner(address=options.dask_address, client_kwargs={"security": security} if security else None)
     return DaskTaskRunner(cluster_kwargs={"n_workers": options.max_workers, "processes": True})
 
 
@@ -103,8 +120,11 @@ def prepare(
     else:  # new, or it failed before committing round 0: nothing committed to protect
         store.write_config(record)
     mlflow_run_id = store.load(latest).meta.get("mlflow_run_id") if latest is not None else None
+    # On a cluster the workers hold the clients' data; this process holds none of it.
     ref = RunRef(settings.storage_url, settings.s3_endpoint_url, experiment_name, run_id,
-                 str(settings.home / "data"))
+                 str(settings.home / "data"), NONE if options.dask_address else ALL)
+    if options.dask_address:
+        check_cluster(options.dask_address, clients, settings.storage_url, store.config_key)
     return ref, mlflow_run_id, existed
 
 
@@ -113,7 +133,8 @@ def _check_same_run(stored: dict[str, Any], requested: dict[str, Any], run_id: s
     # A run stored before a configuration key existed has no entry for it: read it with today's
     # defaults, as the run itself does, so an upgrade does not make it unresumable.
     with_defaults = ExperimentConfig.from_dict(stored["experiment"]).to_dict()
-    stored = {**stored, "experiment": json.loads(json.dumps(with_defaults))}
+    options = RunOptions(**stored["options"]).__dict__
+    stored = {**stored, "experiment": json.loads(json.dumps(with_defaults)), "options": options}
     for section in ("experiment", "options"):
         if stored[section] != requested[section]:
             diff = sorted(k for k in requested[section] if stored[section].get(k) != requested[section][k])
@@ -134,14 +155,30 @@ def progress_line(round_num: int, total: int, metrics: dict[str, float]) -> str:
     return f"round {round_num}/{total} ({100 * round_num / total:.1f}%) " + " ".join(parts)
 
 
+WATCH_S = 2.0
+"""On a cluster, how often a waiting round asks whether its clients' workers are still there."""
+
+Served = Callable[[], Mapping[int, Sequence[str]]]
+"""Asks the cluster which clients its workers serve now (client id -> worker names)."""
+
+
 def train_round(
-    ref: RunRef, round_num: int, sampled: list[int], dispatched: Dispatched, fed: FederatedConfig
+    ref: RunRef,
+    round_num: int,
+    sampled: list[int],
+    dispatched: Dispatched,
+    fed: FederatedConfig,
+    served: Served | None = None,
 ) -> tuple[list[dict[str, Any]], RoundParticipation]:
     """Train a round's clients under the client-failure policy (`fedprune_core.participation`).
 
     A client whose task fails after its retries, or that has not finished `client_timeout_s` after it
     was sent, is left out; if fewer than `min_clients` finished, the failed ones are sent again, up
     to `round_tries` times. A straggler's task is not stopped: what it uploads late is never read.
+
+    On a cluster (`served` given) each client's task is placed on a worker that serves it, and a
+    client that no worker serves (before it is sent, or because its worker left while it waited)
+    fails like any other.
 
     Returns:
         The finished clients' results (in client order) and who took part.
@@ -153,25 +190,60 @@ def train_round(
     failed: dict[int, str] = {}
     pending = sorted(dispatched.payloads)
     for _ in range(fed.round_tries):
-        futures = {c: client_train.submit(ref, round_num, c, dispatched.payloads[c]) for c in pending}
+        failed = _unserved(pending, served)
+        futures = {c: _submit(ref, round_num, c, dispatched.payloads[c], served is not None)
+                   for c in pending if c not in failed}
         deadline = None if fed.client_timeout_s is None else time.monotonic() + fed.client_timeout_s
-        failed = {}
         for c, future in futures.items():
-            future.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            given_up = _wait(future, deadline, fed, _still_served(served, c))
             state = future.state
-            if state.is_completed():
+            if given_up is None and state.is_completed():
                 finished[c] = future.result()
-            elif state.is_final():
+            elif given_up is None and state.is_final():
                 error = future.result(raise_on_failure=False)
                 failed[c] = one_line(error) if isinstance(error, BaseException) else str(state.name)
             else:
-                failed[c] = f"missed the deadline (federated.client_timeout_s={fed.client_timeout_s})"
+                failed[c] = given_up or f"missed the deadline (federated.client_timeout_s={fed.client_timeout_s})"
         decided = decide(round_num, sampled, list(finished), failed, fed, dispatched.recorded)
         if decided is not None:
             return [finished[c] for c in decided.done], decided
         pending = sorted(failed)
     needed = len(dispatched.recorded.done) if dispatched.recorded is not None else min_clients(fed)
     raise RoundFailedError(round_failed_message(round_num, failed, len(finished), needed, fed.round_tries))
+
+
+def _unserved(clients: list[int], served: Served | None) -> dict[int, str]:
+    if served is None:
+        return {}
+    now = served()
+    return {c: f"no worker serves client {c}: start `fedprune worker --clients {c}`" for c in clients if not now.get(c)}
+
+
+def _still_served(served: Served | None, client_id: int) -> Callable[[], bool] | None:
+    return None if served is None else lambda: bool(served().get(client_id))
+
+
+def _submit(ref: RunRef, round_num: int, client_id: int, payload_key: str, placed: bool) -> PrefectFuture[Any]:
+    if not placed:
+        return client_train.submit(ref, round_num, client_id, payload_key)
+    with placed_on(client_id):
+        return client_train.submit(ref, round_num, client_id, payload_key)
+
+
+def _wait(
+    future: PrefectFuture[Any], deadline: float | None, fed: FederatedConfig, still_served: Callable[[], bool] | None
+) -> str | None:
+    """Wait until `future` is final (None), its deadline passes, or its client's worker is gone (the reason)."""
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        step = left if still_served is None else (WATCH_S if left is None else min(left, WATCH_S))
+        future.wait(step)
+        if future.state.is_final():
+            return None
+        if left is not None and left <= (step or 0.0):
+            return f"missed the deadline (federated.client_timeout_s={fed.client_timeout_s})"
+        if still_served is not None and not still_served():
+            return "no worker serves it any more (its worker left the cluster)"
 
 
 @flow(name="fedprune-rounds", persist_result=False)
@@ -183,6 +255,8 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
     logger = get_run_logger()
     shown = time.monotonic()
     left_out: list[RoundParticipation] = []
+    served = _cluster_view(options)
+    placements: list[dict[str, Any]] = []
     for r in range(first, last + 1):
         scores_key = masks_key = None  # the state's own
         if not run.strategy.keeps_masks(r):
@@ -190,7 +264,8 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
             masks_key = mask(ref, r, state_key, scores_key)
         sampled = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
         trained, participation = train_round(ref, r, sampled, dispatch(ref, r, state_key, masks_key, sampled),
-                                             cfg.federated)
+                                             cfg.federated, served)
+        placements += [placement_row(r, t) for t in trained] if served else []
         result = aggregate(ref, r, state_key, scores_key, masks_key, trained, participation)
         state_key, metrics = result["state_key"], result["metrics"]
         if not participation.complete:
@@ -209,8 +284,23 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
             if left_out:
                 tracker.log_artifact_bytes("participation.csv", participation_csv(run.participation_records()).encode())
                 left_out = []
+            if placements:
+                run.record_placement(r, placements)
+                tracker.log_artifact_bytes("placement.csv", placement_csv(run.placement_rows(r)).encode())
+                placements = []
     tracker.flush()
     return state_key
+
+
+def _cluster_view(options: RunOptions) -> Served | None:
+    """On a cluster (`options.dask_address`), who serves which client, asked through the segment's
+    Dask client; None otherwise."""
+    if not options.dask_address:
+        return None
+    context = FlowRunContext.get()
+    assert context is not None, "a segment runs inside its flow run"
+    runner: Any = context.task_runner  # a prefect_dask DaskTaskRunner
+    return lambda: served_clients(runner.client)
 
 
 @flow(name="fedprune-experiment", persist_result=False)
@@ -225,6 +315,8 @@ def experiment(
     keep_every: int = 1000,
     task_runner: str = "threads",
     max_workers: int = 4,
+    dask_address: str | None = None,
+    insecure: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) one federated pruning experiment.
 
@@ -233,13 +325,14 @@ def experiment(
         overrides: nested overrides of the preset, e.g. {"pruning": {"sparsity": 0.3}}.
         run_id: the run to create or resume; a new id is made when None.
         experiment_name: MLflow experiment and storage folder.
-        rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers:
-            see `infra.runs.RunOptions`.
+        rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers, dask_address,
+            insecure: see `infra.runs.RunOptions`.
 
     Returns:
         {"run_id", "mlflow_run_id", "storage_url", "rounds"}.
     """
-    options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers)
+    options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers,
+                         dask_address, insecure)
     settings = Settings()
     ref, mlflow_run_id, existed = prepare(preset, overrides, run_id, experiment_name, options, settings)
     run = open_run(ref)

@@ -26,6 +26,7 @@ from fedprune_core.participation import RoundParticipation
 from fedprune_core.strategies import make_strategy
 from fedprune_core.training import is_running_stat, model_state
 from infra.checkpoint import CheckpointStore
+from infra.cluster import check_address
 from infra.errors import StorageKeyError
 from infra.storage import (
     CachingStorage,
@@ -49,6 +50,10 @@ class Scratch(Protocol):
     def get(self, key: str) -> dict[str, torch.Tensor]: ...
 
     def delete_prefix(self, prefix: str) -> None: ...
+
+    def moved_bytes(self, key: str) -> int:
+        """Bytes the last put or get of `key` moved through storage (0 in memory); asked once."""
+        ...
 
 
 class TensorScratch:
@@ -81,32 +86,55 @@ class TensorScratch:
             for key in [k for k in self._items if k.startswith(prefix)]:
                 del self._items[key]
 
+    def moved_bytes(self, key: str) -> int:
+        return 0
+
 
 class StoredScratch:
     """Work objects as safetensors in the run's storage (process and Dask task runners)."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self._moved: dict[str, int] = {}  # key -> bytes of its last put or get, until asked or deleted
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        self.storage.put_bytes(key, tensors_to_bytes(tensors))
+        data = tensors_to_bytes(tensors)
+        self.storage.put_bytes(key, data)
+        self._moved[key] = len(data)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        return tensors_from_bytes(self.storage.get_bytes(key))
+        data = self.storage.get_bytes(key)
+        self._moved[key] = len(data)
+        return tensors_from_bytes(data)
 
     def delete_prefix(self, prefix: str) -> None:
         self.storage.delete_prefix(prefix)
+        for key in [k for k in list(self._moved) if k.startswith(prefix)]:
+            self._moved.pop(key, None)
+
+    def moved_bytes(self, key: str) -> int:
+        return self._moved.pop(key, 0)
 
 
 @dataclass(frozen=True)
 class RunRef:
-    """Everything a task needs to find a run: small, JSON-friendly, safe to log (no credentials)."""
+    """Everything a task needs to find a run: small, JSON-friendly, safe to log (no credentials).
+
+    Attributes:
+        storage_url, s3_endpoint_url: the run's storage.
+        experiment, run_id: the run.
+        data_dir: where the process that opens the run keeps its data.
+        clients: the training clients whose data that process holds: "all", a list such as
+            "0-3,7" (a cluster worker's own, `infra.cluster.local_ref`) or "none" (the flow's
+            process when a cluster's workers hold the clients).
+    """
 
     storage_url: str
     s3_endpoint_url: str | None
     experiment: str
     run_id: str
     data_dir: str
+    clients: str = "all"
 
 
 @dataclass(frozen=True)
@@ -118,7 +146,10 @@ class RunOptions:
         checkpoint_every: commit a checkpoint every this many rounds (and at each segment end).
         keep_last, keep_every: checkpoint retention (the last K, and every M-th round).
         task_runner: "threads", "processes" or "dask".
-        max_workers: concurrent client-train tasks.
+        max_workers: concurrent client-train tasks (a local runner's size; a cluster has its own).
+        dask_address: the scheduler of an existing Dask cluster whose workers stand for the clients
+            (`fedprune worker`); None starts a local cluster for task_runner "dask".
+        insecure: allow plain tcp:// to a non-loopback scheduler (`infra.cluster.check_address`).
     """
 
     rounds_per_segment: int = 100
@@ -127,6 +158,8 @@ class RunOptions:
     keep_every: int = 1000
     task_runner: str = "threads"
     max_workers: int = 4
+    dask_address: str | None = None
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rounds_per_segment", "checkpoint_every", "keep_last", "keep_every", "max_workers"):
@@ -136,6 +169,13 @@ class RunOptions:
             raise ValueError(
                 f"task_runner={self.task_runner!r} is not known: use 'threads', 'processes' or 'dask'"
             )
+        if self.dask_address is not None:
+            if self.task_runner != "dask":
+                raise ValueError(
+                    f"dask_address={self.dask_address!r} needs task_runner='dask', not {self.task_runner!r}: "
+                    "pass --task-runner dask"
+                )
+            check_address(self.dask_address, self.insecure)
 
 
 class Run:
@@ -150,7 +190,7 @@ class Run:
         self.options = RunOptions(**stored["options"])
         threads = self.options.task_runner == "threads"
         self.scratch: Scratch = TensorScratch() if threads else StoredScratch(self.storage)
-        self.data: WorkloadData = load_for(self.config, Path(ref.data_dir))
+        self.data: WorkloadData = load_for(self.config, Path(ref.data_dir), ref.clients)
         self.strategy: Strategy = make_strategy(self.config, self._template())
 
     def _template(self) -> nn.Module:
@@ -201,6 +241,22 @@ class Run:
         """Every round of the run that left a client out, in round order."""
         keys = self.storage.list_keys(f"{self.ref.experiment}/{self.ref.run_id}/participation/")
         return [RoundParticipation.from_json(get_json(self.storage, k)) for k in keys if k.endswith(".json")]
+
+    def record_placement(self, last_round: int, rows: list[dict[str, Any]]) -> None:
+        """Keep where the client-train tasks of the rounds up to `last_round` since the previous record
+        ran (`infra.cluster.placement_row`). Written once the checkpoint of `last_round` is committed,
+        so no resumed run trains those rounds again (a crash between the two loses these rows)."""
+        put_json(self.storage, f"{self._placement_prefix()}{last_round:06d}.json", {"rows": rows})
+
+    def placement_rows(self, last_round: int) -> list[dict[str, Any]]:
+        """Every placement row recorded for rounds up to `last_round`."""
+        keys = self.storage.list_keys(self._placement_prefix())
+        records = [get_json(self.storage, k) for k in keys if k.endswith(".json")]
+        rows = {(row["round"], row["client"]): row for record in records for row in record["rows"]}
+        return [row for (round_num, _), row in sorted(rows.items()) if round_num <= last_round]
+
+    def _placement_prefix(self) -> str:
+        return f"{self.ref.experiment}/{self.ref.run_id}/placement/"
 
     def checkpoint_key(self, round_num: int) -> str:
         return self.checkpoints.object_key(round_num, STATE_OBJECT)
