@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.config
+import distributed  # noqa: F401 - loads Dask's distributed defaults before `dask.config.set`
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
