@@ -5,8 +5,10 @@ Work objects live under `<experiment>/<run_id>/work/<round:06d>/` and are delete
 checkpoint covers them; checkpoints are `infra.checkpoint`'s committed rounds. Work objects are
 scratch: a crash loses them and the run recomputes them from the last checkpoint. With the
 thread task runner every task of a run shares one process, so they stay in memory as tensors
-(`TensorScratch`: nothing is serialized); with processes or Dask they go to the run's storage as
-safetensors (`StoredScratch`), where other processes can read them.
+(`TensorScratch`: nothing is serialized). With processes or Dask only the client-train tasks run
+elsewhere, so only what crosses to and from them, the payloads down and the updates up, goes to
+the run's storage as safetensors (`StoredScratch`); the server's own objects (state, scores,
+masks) stay in the flow's memory (`SplitScratch`).
 """
 
 from __future__ import annotations
@@ -116,6 +118,34 @@ class StoredScratch:
         return self._moved.pop(key, 0)
 
 
+CROSSING = ("payload-", "update-")
+"""Work objects (by name prefix) that cross between the flow's process and the client-train tasks."""
+
+
+class SplitScratch:
+    """Payloads and updates in the run's storage (they cross to other processes), the rest in memory."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.memory = TensorScratch()
+        self.stored = StoredScratch(storage)
+
+    def _of(self, key: str) -> Scratch:
+        return self.stored if key.rpartition("/")[2].startswith(CROSSING) else self.memory
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        self._of(key).put(key, tensors)
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        return self._of(key).get(key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.memory.delete_prefix(prefix)
+        self.stored.delete_prefix(prefix)
+
+    def moved_bytes(self, key: str) -> int:
+        return self._of(key).moved_bytes(key)
+
+
 @dataclass(frozen=True)
 class RunRef:
     """Everything a task needs to find a run: small, JSON-friendly, safe to log (no credentials).
@@ -189,7 +219,7 @@ class Run:
         self.config = ExperimentConfig.from_dict(stored["experiment"])
         self.options = RunOptions(**stored["options"])
         threads = self.options.task_runner == "threads"
-        self.scratch: Scratch = TensorScratch() if threads else StoredScratch(self.storage)
+        self.scratch: Scratch = TensorScratch() if threads else SplitScratch(self.storage)
         self.data: WorkloadData = load_for(self.config, Path(ref.data_dir), ref.clients)
         self.strategy: Strategy = make_strategy(self.config, self._template())
 

@@ -4,11 +4,13 @@ updates through the session's SeaweedFS. Over TLS: tests/flows/test_cluster_tls.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -25,6 +27,7 @@ from tests.flows.cluster import (
     check_run_on_cluster,
     flow_cli,
     latest_round,
+    mlflow_run,
     placement,
     reference,
     run_args,
@@ -48,10 +51,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, base_env: dict[str, str]) 
 
 
 def test_clients_train_on_their_own_workers_and_the_flow_equals_simulate(
-    cluster: Cluster, reference: str, tmp_path: Path, base_env: dict[str, str], seaweed_s3: S3Server
+    cluster: Cluster, reference: str, tmp_path: Path, base_env: dict[str, str], seaweed_s3: S3Server,
+    prefect_api: str,
 ) -> None:
     cli, prefix = flow_cli(tmp_path, base_env, seaweed_s3)
-    check_run_on_cluster(cluster, cli, prefix, "on-cluster", reference, seaweed_s3)
+    done = check_run_on_cluster(cluster, cli, prefix, "on-cluster", reference, seaweed_s3)
 
     # Each worker's home holds its own clients' audio and nothing else; the flow's home holds none.
     speakers = list(read_index(next((cluster.home("w0") / "data").glob("*"))).get("splits", {})["train"])
@@ -61,6 +65,30 @@ def test_clients_train_on_their_own_workers_and_the_flow_equals_simulate(
     assert "train" not in speakers_on_disk(cli.home)
     log = cluster.log("w1").read_text()
     assert "client 2 ran on worker w1" in log
+
+    # Workers read S3 with their own credentials: the secret is in no task parameter (Prefect's task
+    # and flow runs), no log line (the flow's, the workers', Prefect's) and no MLflow record.
+    secret = seaweed_s3.secret_access_key
+    task_runs = prefect_records(prefect_api, "task_runs")
+    assert "client-train-r1-c" in task_runs  # the records are there, named by client
+    for text in (done.stdout + done.stderr, *(cluster.log(n).read_text() for n in WORKERS), task_runs,
+                 prefect_records(prefect_api, "flow_runs"), prefect_records(prefect_api, "logs")):
+        assert secret not in text
+    mlflow, run = mlflow_run(cli.home, "on-cluster")
+    assert secret not in json.dumps([run.data.params, run.data.tags])
+    for artifact in ("config.json", "placement.csv"):
+        assert secret not in Path(mlflow.download_artifacts(run.info.run_id, artifact)).read_text()
+
+
+def prefect_records(api: str, kind: str) -> str:
+    """Every record of `kind` ("flow_runs", "task_runs", "logs") the Prefect server holds, as JSON text."""
+    pages, offset = [], 0
+    while True:
+        page = httpx.post(f"{api}/{kind}/filter", json={"limit": 200, "offset": offset}, timeout=30).json()
+        if not page:
+            return "".join(json.dumps(p) for p in pages)
+        pages += page
+        offset += len(page)
 
 
 def test_a_run_stops_before_round_1_naming_the_clients_no_worker_serves(
