@@ -259,9 +259,10 @@ def latest_round(storage_prefix: str, seaweed_s3: S3Server, run_id: str) -> int:
 
 
 def check_run_on_cluster(cluster: Cluster, cli: Cli, prefix: str, run_id: str, reference: str,
-                         seaweed_s3: S3Server) -> None:
+                         seaweed_s3: S3Server) -> subprocess.CompletedProcess[str]:
     """Run the tests' configuration on `cluster`: it must end at `simulate`'s weights, every client
-    trained on its own worker, and the bytes of each task's objects must match the bytes metrics."""
+    trained on its own worker, and the bytes of each task's objects must match the bytes metrics.
+    Returns the finished `fedprune run`."""
     done = cli(*run_args(cluster, run_id), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     state = final_state(seaweed_s3.storage(prefix=prefix), run_id)
@@ -279,3 +280,4 @@ def check_run_on_cluster(cluster: Cluster, cli: Cli, prefix: str, run_id: str, r
     mlflow, run = mlflow_run(cli.home, run_id)
     down = {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, "bytes_down")}
     assert down == {r: float(sum(int(x["bytes_down"]) for x in rows if int(x["round"]) == r)) for r in SAMPLED}
+    return done
