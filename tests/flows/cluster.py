@@ -267,7 +267,7 @@ def check_run_on_cluster(cluster: Cluster, cli: Cli, prefix: str, run_id: str, r
     assert done.returncode == 0, done.stderr[-3000:]
     state = final_state(seaweed_s3.storage(prefix=prefix), run_id)
     assert state.round_num == ROUNDS
-    assert weights_hash(state.weights) == reference
+    assert weights_hash(state.weights) == reference, done.stderr[-5000:]
 
     rows = placement(cli.home, run_id)
     assert {(int(r["round"]), int(r["client"])) for r in rows} == {(r, c) for r, s in SAMPLED.items() for c in s}
@@ -275,8 +275,8 @@ def check_run_on_cluster(cluster: Cluster, cli: Cli, prefix: str, run_id: str, r
     # What crossed: each client read its payload object and wrote its update object, whose tensor
     # bytes are the bytes_down / bytes_up metrics; the rest is the safetensors header.
     for r in rows:
-        assert 0 < int(r["bytes_read"]) - int(r["bytes_down"]) <= 16384
-        assert 0 < int(r["bytes_written"]) - int(r["bytes_up"]) <= 16384
+        assert 0 < int(r["bytes_read"]) - int(r["bytes_down"]) <= 16384, r
+        assert 0 < int(r["bytes_written"]) - int(r["bytes_up"]) <= 16384, r
     mlflow, run = mlflow_run(cli.home, run_id)
     down = {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, "bytes_down")}
     assert down == {r: float(sum(int(x["bytes_down"]) for x in rows if int(x["round"]) == r)) for r in SAMPLED}
