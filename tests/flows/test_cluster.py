@@ -36,6 +36,7 @@ from tests.flows.cluster import (
     start_workers,
     stop,
 )
+from tests.flows.conftest import Cli
 from tests.flows.helpers import final_state, weights_hash
 from tests.servers import S3Server
 
@@ -151,3 +152,18 @@ def test_a_worker_killed_mid_run_leaves_its_client_out_and_the_run_goes_on(
     for r in later:
         assert f"{r},3,left_out," in table
     assert "no worker serves" in table
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("worker", "--scheduler", "tcp://10.0.0.5:8786", "--clients", "0"), "is plain TCP to a non-loopback host"),
+    (("worker", "--scheduler", "tcp://127.0.0.1:1", "--clients", "0-4", "--corpus", "test"),
+     "names 4, but the data has clients 0-3"),
+    (("worker", "--scheduler", "tls://10.0.0.5:8786", "--clients", "0"), "DASK_DISTRIBUTED__COMM__TLS__WORKER__CERT"),
+    (("run", "--preset", "toy", "--task-runner", "dask", "--dask-address", "10.0.0.5:8786"),
+     "is plain TCP to a non-loopback host"),
+    (("run", "--preset", "toy", "--dask-address", "tcp://127.0.0.1:1"), "needs task_runner='dask'"),
+])
+def test_bad_cluster_input_exits_2_naming_the_rule(cli: Cli, args: tuple[str, ...], message: str) -> None:
+    done = cli(*args)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr
