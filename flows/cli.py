@@ -25,6 +25,9 @@ stack_app = typer.Typer(help="The local stack on 127.0.0.1: Prefect server + UI,
                         no_args_is_help=True)
 data_app = typer.Typer(help="Speech corpora.", no_args_is_help=True)
 runs_app = typer.Typer(help="Runs in storage.", no_args_is_help=True)
+cluster_app = typer.Typer(help="A Dask cluster whose workers stand for clients (docs/cluster.md).",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
@@ -186,6 +189,10 @@ def run(
     keep_every: Annotated[int, typer.Option(help="... and every M-th round.")] = 1000,
     task_runner: Annotated[str, typer.Option(help="threads, processes or dask.")] = "threads",
     max_workers: Annotated[int, typer.Option(help="Concurrent client-train tasks.")] = 4,
+    dask_address: Annotated[str | None, typer.Option(
+        help="Scheduler of a Dask cluster whose workers stand for the clients (`fedprune worker`); "
+             "with --task-runner dask.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow plain tcp:// to a non-loopback scheduler.")] = False,
     outage_budget: OutageBudget = None,
 ) -> None:
     """Run a federated pruning experiment (or resume it, if RUN_ID exists with the same configuration)."""
@@ -197,7 +204,8 @@ def run(
         _set_outage_budget(outage_budget)
         settings = _settings()
         overrides = parse_overrides(set_, config)
-        options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers)
+        options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers,
+                             dask_address, insecure)
         checked = check_run(preset, overrides, run_id, experiment_name, options, settings)
     except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
@@ -371,17 +379,79 @@ def stack_status_cmd() -> None:
 
 
 @data_app.command("generate")
-def data_generate(corpus: Annotated[str, typer.Option(help="Corpus preset: test or bench.")] = "test") -> None:
-    """Synthesize a speech corpus with eSpeak NG into the cache (once; reused afterwards)."""
+def data_generate(
+    corpus: Annotated[str, typer.Option(help="Corpus preset: test or bench.")] = "test",
+    clients: Annotated[str, typer.Option(help="Training clients to synthesize: all, or e.g. 0-15,32.")] = "all",
+    held_out: Annotated[bool, typer.Option(help="Also the held-out test speakers (the server's evaluation data).")]
+    = True,
+) -> None:
+    """Synthesize a speech corpus (or some clients of it) with eSpeak NG into the cache (once; reused afterwards)."""
+    from infra.cluster import parse_clients
     from infra.speech_data import generate_corpus
     from infra.workloads import corpus_config
 
     try:
         config = corpus_config(corpus)
+        chosen = None if clients == "all" else parse_clients(clients, config.num_clients)
     except ValueError as e:
         _fail(str(e))
-    path = generate_corpus(config, _settings().home / "data")
+    path = generate_corpus(config, _settings().home / "data", clients=chosen, held_out=held_out)
     typer.echo(f"corpus {corpus!r} at {path}")
+
+
+@app.command()
+def worker(
+    scheduler: Annotated[str, typer.Option(help="The Dask scheduler, e.g. tls://scheduler.example.org:8786.")],
+    clients: Annotated[str, typer.Option(help="The clients this worker stands for: e.g. 0-15,32, or all.")],
+    corpus: Annotated[str | None, typer.Option(
+        help="Speech corpus preset (test, bench) whose clients' data the worker prepares; omit for the toy "
+             "workloads, whose data comes from the seed.")] = None,
+    name: Annotated[str | None, typer.Option(help="Unique worker name (default: HOST-clients-SPEC).")] = None,
+    nthreads: Annotated[int, typer.Option(help="Concurrent tasks per worker process.")] = 1,
+    nworkers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    insecure: Annotated[bool, typer.Option(help="Allow plain tcp:// to a non-loopback scheduler.")] = False,
+    death_timeout: Annotated[float | None, typer.Option(
+        help="Seconds to wait for the scheduler before giving up (default: forever).")] = None,
+) -> None:
+    """Start a Dask worker that stands for CLIENTS and holds only their data, under this FEDPRUNE_HOME."""
+    from infra.cluster import check_address, check_worker_security, format_clients, parse_clients, worker_argv
+    from infra.errors import InfraError
+    from infra.speech_data import generate_corpus
+    from infra.workloads import TOY_CLIENTS, corpus_config
+
+    try:
+        address = check_address(scheduler, insecure)
+        check_worker_security(address)
+        config = corpus_config(corpus) if corpus else None
+        served = parse_clients(clients, config.num_clients if config else TOY_CLIENTS)
+        if not served:
+            raise ValueError(f"--clients {clients!r} names no client: a worker stands for at least one")
+    except (ValueError, InfraError) as e:
+        _fail(str(e))
+    if config is not None:  # prepared before joining, so the first round does not wait for synthesis
+        path = generate_corpus(config, _settings().home / "data", clients=served, held_out=False)
+        typer.echo(f"clients {format_clients(served)} of corpus {corpus!r} at {path}")
+    import socket
+
+    name = name or f"{socket.gethostname()}-clients-{format_clients(served)}"
+    argv = worker_argv(address, served, name, nthreads, nworkers, death_timeout)
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+
+
+@cluster_app.command("certs")
+def cluster_certs(
+    directory: Annotated[Path, typer.Argument(help="Where the CA, certificates and env files go.")],
+    host: Annotated[list[str], typer.Option(help="Host name or IP to name in the certificates (repeatable).")]
+    = [],  # noqa: B006
+) -> None:
+    """Make a CA and TLS certificates for the scheduler, the workers and the flow, with an env file per role."""
+    from infra.certs import make_certificates
+
+    files = make_certificates(directory, host or None)
+    typer.echo(f"CA: {directory / 'ca.pem'} (keep {directory / 'ca-key.pem'} off the cluster)")
+    for role, paths in files.items():
+        typer.echo(f"{role}: source {paths.env}")
 
 
 def main() -> None:

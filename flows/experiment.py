@@ -15,9 +15,12 @@ its newest checkpoint that verifies (`CheckpointStore.recover`) into the same ML
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
@@ -35,6 +38,17 @@ from fedprune_core.rng import sample_clients
 from fedprune_core.simulate import should_evaluate
 from flows.validation import check_run
 from infra.checkpoint import CheckpointStore
+from infra.cluster import (
+    ALL,
+    NONE,
+    check_shared_storage,
+    connect,
+    placed_on,
+    placement_csv,
+    placement_row,
+    security_for,
+    served_clients,
+)
 from infra.runs import RunOptions, RunRef, open_run
 from infra.settings import Settings, load_settings
 from infra.tracking import RUN_ID_TAG, Tracker, fail_unfinished_starts
@@ -50,13 +64,17 @@ from tasks.score import score
 
 
 def make_task_runner(options: RunOptions) -> TaskRunner[Any]:
-    """Threads (default), processes, or a local Dask cluster (prefect-dask)."""
+    """Threads (default), processes, a local Dask cluster, or the Dask cluster at `options.dask_address`
+    whose workers stand for the clients (prefect-dask; TLS from Dask's configuration)."""
     if options.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=options.max_workers)
     if options.task_runner == "processes":
         return ProcessPoolTaskRunner(max_workers=options.max_workers)
     from prefect_dask import DaskTaskRunner
 
+    if options.dask_address:
+        security = security_for(options.dask_address)
+        return DaskTaskRunner(address=options.dask_address, client_kwargs={"security": security} if security else None)
     return DaskTaskRunner(cluster_kwargs={"n_workers": options.max_workers, "processes": True})
 
 
@@ -82,12 +100,16 @@ def prepare(
     recovery = checked.recovery  # the newest round that verifies; never round 0 of a committed run
     if recovery.round_num is None:  # new, or it failed before committing round 0: nothing committed to protect
         store.write_config(checked.record)
+    if options.dask_address:  # every worker reads the run's storage (the config just written proves it)
+        with connect(options.dask_address) as client:
+            check_shared_storage(client, settings.storage_url, store.config_key)
     store.recover(recovery)  # damaged rounds set aside, LATEST names the round the run resumes from
     if recovery.warning:
         get_run_logger().warning(recovery.warning)
     mlflow_run_id = recovery.meta.get("mlflow_run_id")
+    # On a cluster the workers hold the clients' data; this process holds none of it.
     ref = RunRef(settings.storage_url, settings.s3_endpoint_url, experiment_name, checked.run_id,
-                 str(settings.home / "data"))
+                 str(settings.home / "data"), NONE if options.dask_address else ALL)
     return ref, mlflow_run_id, checked.existed
 
 
@@ -102,14 +124,30 @@ def progress_line(round_num: int, total: int, metrics: dict[str, float]) -> str:
     return f"round {round_num}/{total} ({100 * round_num / total:.1f}%) " + " ".join(parts)
 
 
+WATCH_S = 2.0
+"""On a cluster, how often a waiting round asks whether its clients' workers are still there."""
+
+Served = Callable[[], Mapping[int, Sequence[str]]]
+"""Asks the cluster which clients its workers serve now (client id -> worker names)."""
+
+
 def train_round(
-    ref: RunRef, round_num: int, sampled: list[int], dispatched: Dispatched, fed: FederatedConfig
+    ref: RunRef,
+    round_num: int,
+    sampled: list[int],
+    dispatched: Dispatched,
+    fed: FederatedConfig,
+    served: Served | None = None,
 ) -> tuple[list[dict[str, Any]], RoundParticipation]:
     """Train a round's clients under the client-failure policy (`fedprune_core.participation`).
 
     A client whose task fails after its retries, or that has not finished `client_timeout_s` after it
     was sent, is left out; if fewer than `min_clients` finished, the failed ones are sent again, up
     to `round_tries` times. A straggler's task is not stopped: what it uploads late is never read.
+
+    On a cluster (`served` given) each client's task is placed on a worker that serves it, and a
+    client that no worker serves (before it is sent, or because its worker left while it waited)
+    fails like any other.
 
     Returns:
         The finished clients' results (in client order) and who took part.
@@ -121,25 +159,60 @@ def train_round(
     failed: dict[int, str] = {}
     pending = sorted(dispatched.payloads)
     for _ in range(fed.round_tries):
-        futures = {c: client_train.submit(ref, round_num, c, dispatched.payloads[c]) for c in pending}
+        failed = _unserved(pending, served)
+        futures = {c: _submit(ref, round_num, c, dispatched.payloads[c], served is not None)
+                   for c in pending if c not in failed}
         deadline = None if fed.client_timeout_s is None else time.monotonic() + fed.client_timeout_s
-        failed = {}
         for c, future in futures.items():
-            future.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            given_up = _wait(future, deadline, fed, _still_served(served, c))
             state = future.state
-            if state.is_completed():
+            if given_up is None and state.is_completed():
                 finished[c] = future.result()
-            elif state.is_final():
+            elif given_up is None and state.is_final():
                 error = future.result(raise_on_failure=False)
                 failed[c] = one_line(error) if isinstance(error, BaseException) else str(state.name)
             else:
-                failed[c] = f"missed the deadline (federated.client_timeout_s={fed.client_timeout_s})"
+                failed[c] = given_up or f"missed the deadline (federated.client_timeout_s={fed.client_timeout_s})"
         decided = decide(round_num, sampled, list(finished), failed, fed, dispatched.recorded)
         if decided is not None:
             return [finished[c] for c in decided.done], decided
         pending = sorted(failed)
     needed = len(dispatched.recorded.done) if dispatched.recorded is not None else min_clients(fed)
     raise RoundFailedError(round_failed_message(round_num, failed, len(finished), needed, fed.round_tries))
+
+
+def _unserved(clients: list[int], served: Served | None) -> dict[int, str]:
+    if served is None:
+        return {}
+    now = served()
+    return {c: f"no worker serves client {c}: start `fedprune worker --clients {c}`" for c in clients if not now.get(c)}
+
+
+def _still_served(served: Served | None, client_id: int) -> Callable[[], bool] | None:
+    return None if served is None else lambda: bool(served().get(client_id))
+
+
+def _submit(ref: RunRef, round_num: int, client_id: int, payload_key: str, placed: bool) -> PrefectFuture[Any]:
+    if not placed:
+        return client_train.submit(ref, round_num, client_id, payload_key)
+    with placed_on(client_id):
+        return client_train.submit(ref, round_num, client_id, payload_key)
+
+
+def _wait(
+    future: PrefectFuture[Any], deadline: float | None, fed: FederatedConfig, still_served: Callable[[], bool] | None
+) -> str | None:
+    """Wait until `future` is final (None), its deadline passes, or its client's worker is gone (the reason)."""
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        step = left if still_served is None else (WATCH_S if left is None else min(left, WATCH_S))
+        future.wait(step)
+        if future.state.is_final():
+            return None
+        if left is not None and left <= (step or 0.0):
+            return f"missed the deadline (federated.client_timeout_s={fed.client_timeout_s})"
+        if still_served is not None and not still_served():
+            return "no worker serves it any more (its worker left the cluster)"
 
 
 @flow(name="fedprune-rounds", persist_result=False)
@@ -151,6 +224,8 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
     logger = get_run_logger()
     shown = time.monotonic()
     left_out: list[RoundParticipation] = []
+    served = _cluster_view(options)
+    placements: list[dict[str, Any]] = []
     for r in range(first, last + 1):
         scores_key = masks_key = None  # the state's own
         if not run.strategy.keeps_masks(r):
@@ -158,7 +233,8 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
             masks_key = mask(ref, r, state_key, scores_key)
         sampled = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
         trained, participation = train_round(ref, r, sampled, dispatch(ref, r, state_key, masks_key, sampled),
-                                             cfg.federated)
+                                             cfg.federated, served)
+        placements += [placement_row(r, t) for t in trained] if served else []
         result = aggregate(ref, r, state_key, scores_key, masks_key, trained, participation)
         state_key, metrics = result["state_key"], result["metrics"]
         if not participation.complete:
@@ -177,8 +253,23 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
             if left_out:
                 tracker.log_artifact_bytes("participation.csv", participation_csv(run.participation_records()).encode())
                 left_out = []
+            if placements:
+                run.record_placement(r, placements)
+                tracker.log_artifact_bytes("placement.csv", placement_csv(run.placement_rows(r)).encode())
+                placements = []
     tracker.flush()
     return state_key
+
+
+def _cluster_view(options: RunOptions) -> Served | None:
+    """On a cluster (`options.dask_address`), who serves which client, asked through the segment's
+    Dask client; None otherwise."""
+    if not options.dask_address:
+        return None
+    context = FlowRunContext.get()
+    assert context is not None, "a segment runs inside its flow run"
+    runner: Any = context.task_runner  # a prefect_dask DaskTaskRunner
+    return lambda: served_clients(runner.client)
 
 
 @flow(name="fedprune-experiment", persist_result=False)
@@ -193,6 +284,8 @@ def experiment(
     keep_every: int = 1000,
     task_runner: str = "threads",
     max_workers: int = 4,
+    dask_address: str | None = None,
+    insecure: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) one federated pruning experiment.
 
@@ -201,13 +294,14 @@ def experiment(
         overrides: nested overrides of the preset, e.g. {"pruning": {"sparsity": 0.3}}.
         run_id: the run to create or resume; a new id is made when None.
         experiment_name: MLflow experiment and storage folder.
-        rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers:
-            see `infra.runs.RunOptions`.
+        rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers, dask_address,
+            insecure: see `infra.runs.RunOptions`.
 
     Returns:
         {"run_id", "mlflow_run_id", "storage_url", "rounds"}.
     """
-    options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers)
+    options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers,
+                         dask_address, insecure)
     settings = load_settings()
     ref, mlflow_run_id, existed = prepare(preset, overrides, run_id, experiment_name, options, settings)
     run = open_run(ref)

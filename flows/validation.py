@@ -3,9 +3,9 @@
 The CLI calls `check_run` before it starts Prefect, so bad input costs one line on stderr and no
 flow run; the experiment flow's `prepare` calls it again (a deployment's parameters never passed
 the CLI) and writes only after it passed. The checks run cheapest first: the input alone
-(configuration, options, names), then whether the services answer, then what storage holds (a
-warm start's source, an existing run's configuration). Settings (`infra.settings.load_settings`)
-are checked where they are read.
+(configuration, options, names), then whether the services answer (on a cluster: that a worker
+serves each client), then what storage holds (a warm start's source, an existing run's
+configuration). Settings (`infra.settings.load_settings`) are checked where they are read.
 
 No Prefect import here: the CLI reaches a verdict before Prefect's import and server start.
 """
@@ -67,6 +67,10 @@ def check_run(
     """
     config = check_request(preset, overrides, run_id, experiment_name)
     storage = check_services(settings)
+    if options.dask_address:  # the cluster answers and serves every client
+        from infra.cluster import check_cluster  # imports Dask: after the cheap checks
+
+        check_cluster(options.dask_address, num_clients(config))
     if config.init_from:
         warm_start_source(storage, experiment_name, config.init_from)
     run_id = run_id or new_run_id(config.name)

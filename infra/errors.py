@@ -61,6 +61,10 @@ class TrackingUnreachableError(InfraError):
     """The MLflow tracking server does not answer."""
 
 
+class ClusterError(InfraError):
+    """A Dask cluster cannot be used: unreachable, refusing this client, or missing a client's worker."""
+
+
 class StackError(InfraError):
     """A local stack service failed to start, answer or stop."""
 

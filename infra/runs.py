@@ -5,8 +5,10 @@ Work objects live under `<experiment>/<run_id>/work/<round:06d>/` and are delete
 checkpoint covers them; checkpoints are `infra.checkpoint`'s committed rounds. Work objects are
 scratch: a crash loses them and the run recomputes them from the last checkpoint. With the
 thread task runner every task of a run shares one process, so they stay in memory as tensors
-(`TensorScratch`: nothing is serialized); with processes or Dask they go to the run's storage as
-safetensors (`StoredScratch`), where other processes can read them.
+(`TensorScratch`: nothing is serialized). With processes or Dask only the client-train tasks run
+elsewhere, so only what crosses to and from them, the payloads down and the updates up, goes to
+the run's storage as safetensors (`StoredScratch`); the server's own objects (state, scores,
+masks) stay in the flow's memory (`SplitScratch`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fedprune_core.participation import RoundParticipation
 from fedprune_core.strategies import make_strategy
 from fedprune_core.training import is_running_stat, model_state
 from infra.checkpoint import CheckpointStore
+from infra.cluster import check_address
 from infra.errors import StorageKeyError
 from infra.storage import (
     CachingStorage,
@@ -49,6 +52,10 @@ class Scratch(Protocol):
     def get(self, key: str) -> dict[str, torch.Tensor]: ...
 
     def delete_prefix(self, prefix: str) -> None: ...
+
+    def moved_bytes(self, key: str) -> int:
+        """Bytes the last put or get of `key` moved through storage (0 in memory); asked once."""
+        ...
 
 
 class TensorScratch:
@@ -81,32 +88,83 @@ class TensorScratch:
             for key in [k for k in self._items if k.startswith(prefix)]:
                 del self._items[key]
 
+    def moved_bytes(self, key: str) -> int:
+        return 0
+
 
 class StoredScratch:
     """Work objects as safetensors in the run's storage (process and Dask task runners)."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self._moved: dict[str, int] = {}  # key -> bytes of its last put or get, until asked or deleted
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        self.storage.put_bytes(key, tensors_to_bytes(tensors))
+        data = tensors_to_bytes(tensors)
+        self.storage.put_bytes(key, data)
+        self._moved[key] = len(data)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        return tensors_from_bytes(self.storage.get_bytes(key))
+        data = self.storage.get_bytes(key)
+        self._moved[key] = len(data)
+        return tensors_from_bytes(data)
 
     def delete_prefix(self, prefix: str) -> None:
         self.storage.delete_prefix(prefix)
+        for key in [k for k in list(self._moved) if k.startswith(prefix)]:
+            self._moved.pop(key, None)
+
+    def moved_bytes(self, key: str) -> int:
+        return self._moved.pop(key, 0)
+
+
+CROSSING = ("payload-", "update-")
+"""Work objects (by name prefix) that cross between the flow's process and the client-train tasks."""
+
+
+class SplitScratch:
+    """Payloads and updates in the run's storage (they cross to other processes), the rest in memory."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.memory = TensorScratch()
+        self.stored = StoredScratch(storage)
+
+    def _of(self, key: str) -> Scratch:
+        return self.stored if key.rpartition("/")[2].startswith(CROSSING) else self.memory
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        self._of(key).put(key, tensors)
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        return self._of(key).get(key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.memory.delete_prefix(prefix)
+        self.stored.delete_prefix(prefix)
+
+    def moved_bytes(self, key: str) -> int:
+        return self._of(key).moved_bytes(key)
 
 
 @dataclass(frozen=True)
 class RunRef:
-    """Everything a task needs to find a run: small, JSON-friendly, safe to log (no credentials)."""
+    """Everything a task needs to find a run: small, JSON-friendly, safe to log (no credentials).
+
+    Attributes:
+        storage_url, s3_endpoint_url: the run's storage.
+        experiment, run_id: the run.
+        data_dir: where the process that opens the run keeps its data.
+        clients: the training clients whose data that process holds: "all", a list such as
+            "0-3,7" (a cluster worker's own, `infra.cluster.local_ref`) or "none" (the flow's
+            process when a cluster's workers hold the clients).
+    """
 
     storage_url: str
     s3_endpoint_url: str | None
     experiment: str
     run_id: str
     data_dir: str
+    clients: str = "all"
 
 
 MAX_WORKERS = 1024
@@ -129,7 +187,10 @@ class RunOptions:
         checkpoint_every: commit a checkpoint every this many rounds (and at each segment end).
         keep_last, keep_every: checkpoint retention (the last K, and every M-th round).
         task_runner: "threads", "processes" or "dask".
-        max_workers: concurrent client-train tasks.
+        max_workers: concurrent client-train tasks (a local runner's size; a cluster has its own).
+        dask_address: the scheduler of an existing Dask cluster whose workers stand for the clients
+            (`fedprune worker`); None starts a local cluster for task_runner "dask".
+        insecure: allow plain tcp:// to a non-loopback scheduler (`infra.cluster.check_address`).
     """
 
     rounds_per_segment: int = 100
@@ -138,6 +199,8 @@ class RunOptions:
     keep_every: int = 1000
     task_runner: str = "threads"
     max_workers: int = 4
+    dask_address: str | None = None
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         for name, (limit, limit_name) in _OPTION_LIMITS.items():
@@ -151,6 +214,13 @@ class RunOptions:
             raise ValueError(
                 f"task_runner={self.task_runner!r} is not known: use one of {', '.join(TASK_RUNNERS)}"
             )
+        if self.dask_address is not None:
+            if self.task_runner != "dask":
+                raise ValueError(
+                    f"dask_address={self.dask_address!r} needs task_runner='dask', not {self.task_runner!r}: "
+                    "pass --task-runner dask"
+                )
+            check_address(self.dask_address, self.insecure)
 
 
 class Run:
@@ -164,8 +234,8 @@ class Run:
         self.config = ExperimentConfig.from_dict(stored["experiment"])
         self.options = RunOptions(**stored["options"])
         threads = self.options.task_runner == "threads"
-        self.scratch: Scratch = TensorScratch() if threads else StoredScratch(self.storage)
-        self.data: WorkloadData = load_for(self.config, Path(ref.data_dir))
+        self.scratch: Scratch = TensorScratch() if threads else SplitScratch(self.storage)
+        self.data: WorkloadData = load_for(self.config, Path(ref.data_dir), ref.clients)
         self.strategy: Strategy = make_strategy(self.config, self._template())
 
     def _template(self) -> nn.Module:
@@ -229,6 +299,22 @@ class Run:
     def participation_records(self) -> list[RoundParticipation]:
         """Every round of the run that left a client out, in round order."""
         return [r for r in map(self.recorded_participation, sorted(self._recorded_rounds)) if r is not None]
+
+    def record_placement(self, last_round: int, rows: list[dict[str, Any]]) -> None:
+        """Keep where the client-train tasks of the rounds up to `last_round` since the previous record
+        ran (`infra.cluster.placement_row`). Written once the checkpoint of `last_round` is committed,
+        so no resumed run trains those rounds again (a crash between the two loses these rows)."""
+        put_json(self.storage, f"{self._placement_prefix()}{last_round:06d}.json", {"rows": rows})
+
+    def placement_rows(self, last_round: int) -> list[dict[str, Any]]:
+        """Every placement row recorded for rounds up to `last_round`."""
+        keys = self.storage.list_keys(self._placement_prefix())
+        records = [get_json(self.storage, k) for k in keys if k.endswith(".json")]
+        rows = {(row["round"], row["client"]): row for record in records for row in record["rows"]}
+        return [row for (round_num, _), row in sorted(rows.items()) if round_num <= last_round]
+
+    def _placement_prefix(self) -> str:
+        return f"{self.ref.experiment}/{self.ref.run_id}/placement/"
 
     def checkpoint_key(self, round_num: int) -> str:
         return self.checkpoints.object_key(round_num, STATE_OBJECT)

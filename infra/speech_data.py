@@ -1,16 +1,18 @@
 """Speech data on disk: the synthetic corpus cache and a LibriSpeech reader.
 
-Cache layout, written once per corpus configuration::
+Cache layout, one directory per corpus configuration::
 
     <cache_dir>/synth-<sha256 of the corpus plan, 12 hex>/
-      index.json                                   config, speakers, utterance counts; written last
+      index.json                                   config, speakers, utterance counts (the whole corpus)
       <split>/<speaker_id>/manifest.jsonl          one JSON object per utterance (see `_manifest_line`)
       <split>/<speaker_id>/<utterance_id>.wav      16 kHz, 16-bit PCM, mono
 
-``generate_corpus`` renders into a temporary sibling directory and renames it into place, so a
-directory with that name and an ``index.json`` is complete; a second call reuses it. A directory
-without ``index.json`` (the index lost, or files removed by hand) is rendered again and replaced:
-rendering is deterministic, so the result is byte-identical to a fresh cache.
+``generate_corpus`` creates a corpus directory with its ``index.json`` in one rename, then renders
+each speaker into a staging folder and renames it into place, so a speaker folder that exists is
+complete; a second call reuses it. It may render part of a corpus (some training clients, with or
+without the test splits): a cluster worker holds only its own clients, byte-identical to the same
+clients of the whole corpus. A directory without ``index.json`` (the index lost, or files removed
+by hand) is not trusted: it is moved aside and rendered again, byte-identical to a fresh cache.
 
 Reading validates every line and file. Problems raise :class:`SpeechDataError` naming the file
 (and ``manifest.jsonl:<line>`` for manifest entries): a missing or corrupt WAV/FLAC, a bad JSON
@@ -35,14 +37,21 @@ import os
 import shutil
 import sys
 import wave
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchaudio.functional as AF
 
-from fedprune_core.speech.corpus import SPLITS, CorpusConfig, CorpusPlan, plan_corpus, render_utterance
+from fedprune_core.speech.corpus import (
+    SPLITS,
+    CorpusConfig,
+    CorpusPlan,
+    SpeakerPlan,
+    plan_corpus,
+    render_utterance,
+)
 from fedprune_core.speech.synth import SAMPLE_RATE
 from fedprune_core.speech.text import CharVocabulary, normalize_transcript
 from fedprune_core.speech.utterance import Utterance
@@ -190,21 +199,53 @@ def _progress(enabled: bool) -> Any:
     return Progress(*columns, console=Console(file=sys.stderr), disable=not enabled)
 
 
-def _write_plan(plan: CorpusPlan, root: Path, progress: bool) -> None:
-    total = sum(len(p.utterances) for plans in plan.splits.values() for p in plans)
-    with _progress(progress) as bar:
-        task = bar.add_task("corpus", total=total)
-        for split, plans in plan.splits.items():
-            for speaker_plan in plans:
-                folder = root / split / speaker_plan.speaker.speaker_id
-                folder.mkdir(parents=True)
-                with open(folder / MANIFEST, "w") as manifest:
-                    for planned in speaker_plan.utterances:
-                        utterance = render_utterance(planned, speaker_plan.speaker)
-                        write_wav(folder / f"{utterance.utterance_id}.wav", utterance.audio)
-                        manifest.write(_manifest_line(utterance, f"{utterance.utterance_id}.wav"))
-                        bar.advance(task)
-    (root / INDEX).write_text(json.dumps(_index(plan), indent=1))
+def _speaker_plans(
+    plan: CorpusPlan, clients: Sequence[int] | None, held_out: bool
+) -> list[tuple[str, SpeakerPlan]]:
+    """(split, speaker plan) of the training `clients` (None: all) and, if `held_out`, the test splits."""
+    train = plan.train if clients is None else [plan.train[c] for c in _check_clients(clients, len(plan.train))]
+    chosen = [("train", p) for p in train]
+    if held_out:
+        chosen += [(split, p) for split in SPLITS if split != "train" for p in plan.splits[split]]
+    return chosen
+
+
+def _check_clients(clients: Sequence[int], num_clients: int) -> list[int]:
+    bad = [c for c in clients if not 0 <= c < num_clients]
+    if bad:
+        raise ValueError(f"clients {bad} are not clients of the corpus: its clients are 0-{num_clients - 1}")
+    return sorted(set(clients))
+
+
+def _write_speaker(speaker_plan: SpeakerPlan, folder: Path, advance: Any) -> None:
+    folder.mkdir(parents=True)
+    with open(folder / MANIFEST, "w") as manifest:
+        for planned in speaker_plan.utterances:
+            utterance = render_utterance(planned, speaker_plan.speaker)
+            write_wav(folder / f"{utterance.utterance_id}.wav", utterance.audio)
+            manifest.write(_manifest_line(utterance, f"{utterance.utterance_id}.wav"))
+            advance()
+
+
+def _write_speakers(chosen: list[tuple[str, SpeakerPlan]], root: Path, progress: bool) -> None:
+    """Render each speaker into a staging folder and rename it into place: a speaker folder that
+    exists is complete. A folder another process renamed first is kept."""
+    staging = root / f".staging-{os.getpid()}"
+    total = sum(len(p.utterances) for _, p in chosen)
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task("corpus", total=total)
+            for split, speaker_plan in chosen:
+                folder = staging / split / speaker_plan.speaker.speaker_id
+                _write_speaker(speaker_plan, folder, lambda: bar.advance(task))
+                (root / split).mkdir(parents=True, exist_ok=True)
+                try:
+                    os.rename(folder, root / split / speaker_plan.speaker.speaker_id)
+                except OSError:
+                    if not (root / split / speaker_plan.speaker.speaker_id / MANIFEST).is_file():
+                        raise  # not a lost race with another writer
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -219,47 +260,64 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def generate_corpus(config: CorpusConfig, cache_dir: Path | str, progress: bool = True) -> Path:
-    """Render the corpus of ``config`` into ``cache_dir`` once; later calls return the cached copy.
+def generate_corpus(
+    config: CorpusConfig,
+    cache_dir: Path | str,
+    progress: bool = True,
+    clients: Sequence[int] | None = None,
+    held_out: bool = True,
+) -> Path:
+    """Render the corpus of ``config`` (or part of it) into ``cache_dir``; what exists is reused.
+
+    A part holds the same bytes as the same speakers of the whole corpus: every utterance is
+    rendered from the whole corpus's plan, whatever else is rendered with it.
 
     Args:
         config: What to generate (e.g. ``CORPUS_PRESETS["bench"]``).
         cache_dir: Parent directory of all cached corpora.
         progress: Show a progress bar on stderr.
+        clients: The training clients to render (None: all of them); e.g. a worker's own clients.
+        held_out: Render the test splits too (the server's evaluation data; workers need none).
 
     Returns:
-        The corpus directory (see the module docstring for its layout).
+        The corpus directory (see the module docstring for its layout). Its ``index.json`` always
+        describes the whole corpus; a speaker folder exists only where it was rendered.
+
+    Raises:
+        ValueError: a client id that is not a client of the corpus.
     """
     plan = plan_corpus(config)
     target = corpus_dir(config, Path(cache_dir), plan)
-    if (target / INDEX).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    chosen = _speaker_plans(plan, clients, held_out)
+    _create(target, plan)
+    missing = [(split, p) for split, p in chosen if not (target / split / p.speaker.speaker_id).is_dir()]
+    if missing:
         with _one_torch_thread():
-            _write_plan(plan, staging, progress)
-        _install(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            _write_speakers(missing, target, progress)
     return target
 
 
-def _install(staging: Path, target: Path) -> None:
-    """Rename the rendered corpus to `target`, first moving aside an incomplete one found there."""
+def _create(target: Path, plan: CorpusPlan) -> None:
+    """Create `target` holding only its index, in one rename; a directory found there without an
+    index is moved aside first (nothing of it is trusted)."""
     incomplete = target.parent / f".{target.name}.incomplete-{os.getpid()}"
+    staging = target.parent / f".{target.name}.staging-{os.getpid()}"
     try:
         if target.is_dir() and not (target / INDEX).is_file():
             LOG.warning("corpus %s has no %s: replacing it with a fresh rendering", target, INDEX)
             with contextlib.suppress(FileNotFoundError):  # another process moved it first
                 os.rename(target, incomplete)
-        os.rename(staging, target)
-    except OSError:
-        if not (target / INDEX).is_file():  # not a lost race with another writer
-            raise
+        if not target.is_dir():
+            staging.mkdir(parents=True)
+            (staging / INDEX).write_text(json.dumps(_index(plan), indent=1))
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not (target / INDEX).is_file():  # not a lost race with another writer
+                    raise
     finally:
         shutil.rmtree(incomplete, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _parse_line(line: str, where: str) -> dict[str, Any]:
@@ -378,19 +436,24 @@ def _chapter(folder: Path, vocabulary: CharVocabulary, resample: ResampleCounter
     return utterances
 
 
-def read_librispeech(root: Path | str, split: str, vocabulary: CharVocabulary | None = None) -> ClientData:
+def read_librispeech(
+    root: Path | str, split: str, vocabulary: CharVocabulary | None = None, clients: Sequence[int] | None = None
+) -> ClientData:
     """Read a LibriSpeech split (e.g. ``"train-clean-100"``) with one client per speaker.
 
     Args:
         root: The folder holding the split folders (``LibriSpeech/``).
         split: The split folder name.
         vocabulary: Transcripts must fit it after lowercasing (default: the workload's characters).
+        clients: Read only these clients (indices into the sorted speakers; None: all), e.g. a
+            cluster worker's own; the other speakers' audio is not opened.
 
     Returns:
         Speaker id -> utterances, speakers and chapters in sorted order.
 
     Raises:
         SpeechDataError: A folder, transcript or FLAC is missing or malformed; the message names it.
+        ValueError: a client id beyond the split's speakers.
     """
     folder = Path(root) / split
     if not folder.is_dir():
@@ -400,7 +463,10 @@ def read_librispeech(root: Path | str, split: str, vocabulary: CharVocabulary | 
     vocabulary = vocabulary or CharVocabulary()
     resample = ResampleCounter()
     data: ClientData = {}
-    for speaker in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name):
+    speakers = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name)
+    if clients is not None:
+        speakers = [speakers[c] for c in _check_clients(clients, len(speakers))]
+    for speaker in speakers:
         chapters = sorted((p for p in speaker.iterdir() if p.is_dir()), key=lambda p: p.name)
         utterances = [u for chapter in chapters for u in _chapter(chapter, vocabulary, resample)]
         if not utterances:

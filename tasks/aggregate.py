@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from prefect import task
@@ -13,6 +14,8 @@ from fedprune_core.simulate import round_metrics
 from infra.runs import RunRef, open_run
 from tasks.client_train import GRAD_SQ
 from tasks.options import IO_RETRIES
+
+STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ClientStats))
 
 
 def _outcome(upload: dict[str, Any], stats: ClientStats) -> ClientOutcome:
@@ -39,7 +42,7 @@ def aggregate(
     """
     run = open_run(ref)
     run.record_participation(participation)
-    stats = [ClientStats(**{k: v for k, v in c.items() if k != "update_key"}) for c in clients]
+    stats = [ClientStats(**{k: c[k] for k in STATS_FIELDS}) for c in clients]
     outcomes = [_outcome(run.get(c["update_key"]), s) for c, s in zip(clients, stats, strict=True)]
     previous = run.state(state_key, round_num - 1)
     state = aggregate_round(

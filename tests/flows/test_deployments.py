@@ -26,5 +26,5 @@ def test_deployment_binds_to_flow(deployment: dict) -> None:
     flow.validate_parameters(params)
     preset(bound.arguments["preset"], bound.arguments["overrides"])
     RunOptions(*(bound.arguments[k] for k in ("rounds_per_segment", "checkpoint_every", "keep_last", "keep_every",
-                                              "task_runner", "max_workers")))
+                                              "task_runner", "max_workers", "dask_address", "insecure")))
     assert deployment["work_pool"]["name"] == "fedprune-process"

@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from infra.errors import StorageKeyError
-from infra.runs import StoredScratch, TensorScratch
+from infra.runs import SplitScratch, StoredScratch, TensorScratch
 from infra.storage import LocalStorage
 
 
-@pytest.fixture(params=["memory", "stored"])
-def scratch(request: pytest.FixtureRequest, tmp_path) -> TensorScratch | StoredScratch:
-    return TensorScratch() if request.param == "memory" else StoredScratch(LocalStorage(tmp_path))
+@pytest.fixture(params=["memory", "stored", "split"])
+def scratch(request: pytest.FixtureRequest, tmp_path) -> TensorScratch | StoredScratch | SplitScratch:
+    kinds = {"memory": TensorScratch, "stored": lambda: StoredScratch(LocalStorage(tmp_path)),
+             "split": lambda: SplitScratch(LocalStorage(tmp_path))}
+    return kinds[request.param]()
 
 
 def test_an_object_reads_back_equal_whatever_its_producer_or_reader_does_in_place(scratch) -> None:
@@ -38,3 +40,17 @@ def test_delete_prefix_drops_only_the_objects_under_it(scratch) -> None:
     with pytest.raises(StorageKeyError):
         scratch.get("exp/run/work/000001/a.safetensors")
     assert torch.equal(scratch.get("exp/other/work/000001/a.safetensors")["x"], torch.ones(1))
+
+
+def test_split_scratch_stores_only_what_crosses_and_counts_its_bytes(tmp_path) -> None:
+    storage = LocalStorage(tmp_path)
+    scratch = SplitScratch(storage)
+    tensors = {"w": torch.ones(4)}
+    for name in ("payload-000003", "update-000003", "state", "masks"):
+        scratch.put(f"exp/run/work/000001/{name}.safetensors", tensors)
+    stored = storage.list_keys("exp/run/work/")
+    assert stored == ["exp/run/work/000001/payload-000003.safetensors", "exp/run/work/000001/update-000003.safetensors"]
+    assert scratch.moved_bytes(stored[0]) == len(storage.get_bytes(stored[0]))
+    assert scratch.moved_bytes(stored[0]) == 0  # asked once
+    assert scratch.moved_bytes("exp/run/work/000001/state.safetensors") == 0
+    assert torch.equal(scratch.get("exp/run/work/000001/state.safetensors")["w"], tensors["w"])

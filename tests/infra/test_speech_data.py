@@ -63,6 +63,26 @@ def test_a_corpus_missing_its_index_is_rendered_again_byte_for_byte(corpus, tmp_
     assert [p.name for p in tmp_path.iterdir()] == [corpus.name]  # nothing moved aside or staged is left
 
 
+def test_a_part_of_the_corpus_holds_the_same_bytes_as_those_clients_of_the_whole(corpus, tmp_path):
+    speakers = [p.speaker.speaker_id for p in plan_corpus(CONFIG).train]
+    part = generate_corpus(CONFIG, tmp_path, progress=False, clients=[3, 1], held_out=False)
+    assert part.name == corpus.name
+    whole = _files(corpus)
+    own = ("train/" + speakers[1] + "/", "train/" + speakers[3] + "/")
+    assert _files(part) == {k: v for k, v in whole.items() if k.startswith(own) or k == "index.json"}
+    # Adding clients and the held-out speakers later renders only what is missing, into the same bytes.
+    stamp = (part / "train" / speakers[1] / MANIFEST).stat().st_mtime_ns
+    assert generate_corpus(CONFIG, tmp_path, progress=False) == part
+    assert _files(part) == whole
+    assert (part / "train" / speakers[1] / MANIFEST).stat().st_mtime_ns == stamp
+    assert not [p for p in part.iterdir() if p.name.startswith(".")]  # no staging left over
+
+
+def test_a_client_outside_the_corpus_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"clients \[4\] are not clients of the corpus: its clients are 0-3"):
+        generate_corpus(CONFIG, tmp_path, progress=False, clients=[0, 4])
+
+
 def test_layout_index_and_round_trip(corpus):
     index = read_index(corpus)
     plan = plan_corpus(CONFIG)
@@ -211,6 +231,14 @@ def test_librispeech_reader_one_client_per_speaker(tmp_path, caplog):
     assert clients["19"][0].audio.numel() == 8000
     assert abs(clients["26"][0].audio.numel() - 8000) <= 1  # 0.5 s at 8 kHz, resampled
     assert "resampled 1 of 3" in caplog.text
+
+
+def test_librispeech_reader_reads_only_the_chosen_clients(tmp_path):
+    _librispeech_tree(tmp_path, {})
+    (tmp_path / "dev-clean" / "19" / "198" / "19-198-0000.flac").write_bytes(b"garbage")  # never opened
+    assert list(read_librispeech(tmp_path, "dev-clean", clients=[1])) == ["26"]
+    with pytest.raises(ValueError, match=r"clients \[2\] are not clients"):
+        read_librispeech(tmp_path, "dev-clean", clients=[2])
 
 
 def test_librispeech_errors_name_transcript_and_line(tmp_path):
