@@ -49,6 +49,7 @@ from infra.cluster import (
     security_for,
     served_clients,
 )
+from infra.prefect_retention import segment_name, trim_segments
 from infra.runs import RunOptions, RunRef, open_run
 from infra.settings import Settings, load_settings
 from infra.tracking import RUN_ID_TAG, Tracker, fail_unfinished_starts
@@ -322,12 +323,13 @@ def experiment(
         for first in range(latest + 1, total + 1, options.rounds_per_segment):
             last = min(first + options.rounds_per_segment - 1, total)
             segment = rounds_segment.with_options(
-                task_runner=make_task_runner(options), flow_run_name=f"{ref.run_id}-rounds-{first}-{last}"
+                task_runner=make_task_runner(options), flow_run_name=segment_name(ref.run_id, first, last)
             )
             # The parent flow run's heartbeat covers its segments (one process). A segment with its own
             # heartbeat thread would wait up to 1 s at its end for that thread to wake and stop.
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
+            trim_segments(ref.run_id, last, settings.prefect_keep_rounds)  # the Prefect database stays small
         finalize(ref, state_key, settings.tracking_uri, tracker.run_id)
     return {"run_id": ref.run_id, "mlflow_run_id": tracker.run_id, "storage_url": settings.storage_url,
             "rounds": total, "resumed": existed}

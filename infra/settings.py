@@ -67,6 +67,8 @@ class Settings(BaseSettings):
         aws_access_key_id / aws_secret_access_key: from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
         outage_budget_s: how long a run waits for unreachable storage, MLflow or Prefect API before
             it stops, resumable (`infra.outage`); ``fedprune run/resume --outage-budget`` sets it.
+        prefect_keep_rounds: the Prefect server keeps every task run of at least this many recent rounds
+            of a run; older segments are deleted from it (`infra.prefect_retention`); 0 keeps all.
     """
 
     model_config = SettingsConfigDict(
@@ -96,6 +98,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
     )
     outage_budget_s: float = Field(default=300.0, ge=0)
+    prefect_keep_rounds: int = Field(default=100, ge=0)
 
     @field_validator("home", mode="after")
     @classmethod

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.errors import StackError
-from infra.prefect_server import RECORDING_ENV
+from infra.prefect_server import SERVER_ENV
 from infra.settings import LOOPBACK, Settings
 from infra.stack.process import (
     ServiceSpec,
@@ -116,7 +116,7 @@ def prefect_spec(prefect_home: Path, port: int, host: str = LOOPBACK) -> Service
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "true",
-        **RECORDING_ENV,
+        **SERVER_ENV,
     }
     argv = (sys.executable, "-m", "infra.prefect_server", "server", "start", "--host", host, "--port", str(port))
     url = f"http://{host}:{port}"
