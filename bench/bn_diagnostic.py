@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedprune_core.speech.workload import SpeechWorkload
-from infra.workloads import load_speech
+from infra.workloads import load
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     home = Path(args.home)
-    data = load_speech("small", "bench", home / "data")
+    data = load("small", "bench", 0, str(home / "data"))
     workload = data.workload
     assert isinstance(workload, SpeechWorkload)
     for run in args.runs:

@@ -414,22 +414,20 @@ def worker(
         help="Seconds to wait for the scheduler before giving up (default: forever).")] = None,
 ) -> None:
     """Start a Dask worker that stands for CLIENTS and holds only their data, under this FEDPRUNE_HOME."""
-    from infra.cluster import check_address, check_worker_security, format_clients, parse_clients, worker_argv
+    from infra.cluster import check_address, check_worker_security, format_clients, worker_argv
     from infra.errors import InfraError
-    from infra.speech_data import generate_corpus
-    from infra.workloads import TOY_CLIENTS, corpus_config
+    from infra.workloads import prepare_worker, worker_clients
 
     try:
         address = check_address(scheduler, insecure)
         check_worker_security(address)
-        config = corpus_config(corpus) if corpus else None
-        served = parse_clients(clients, config.num_clients if config else TOY_CLIENTS)
+        served = worker_clients(corpus, clients)
         if not served:
             raise ValueError(f"--clients {clients!r} names no client: a worker stands for at least one")
     except (ValueError, InfraError) as e:
         _fail(str(e))
-    if config is not None:  # prepared before joining, so the first round does not wait for synthesis
-        path = generate_corpus(config, _settings().home / "data", clients=served, held_out=False)
+    path = prepare_worker(corpus, _settings().home / "data", served)  # before joining: the first round does not wait
+    if path is not None:
         typer.echo(f"clients {format_clients(served)} of corpus {corpus!r} at {path}")
     import socket
 

@@ -55,7 +55,7 @@ from infra.settings import Settings, load_settings
 from infra.tracking import RUN_ID_TAG, Tracker, fail_unfinished_starts
 from tasks.aggregate import aggregate
 from tasks.checkpoint import checkpoint
-from tasks.client_train import client_train
+from tasks.client_train import Trained, client_train
 from tasks.dispatch import Dispatched, dispatch
 from tasks.evaluate import evaluate
 from tasks.finalize import finalize
@@ -139,7 +139,7 @@ def train_round(
     dispatched: Dispatched,
     fed: FederatedConfig,
     served: Served | None = None,
-) -> tuple[list[dict[str, Any]], RoundParticipation]:
+) -> tuple[list[Trained], RoundParticipation]:
     """Train a round's clients under the client-failure policy (`fedprune_core.participation`).
 
     A client whose task fails after its retries, or that has not finished `client_timeout_s` after it
@@ -156,7 +156,7 @@ def train_round(
     Raises:
         RoundFailedError: naming the clients, when no try made the round.
     """
-    finished: dict[int, dict[str, Any]] = {}
+    finished: dict[int, Trained] = {}
     failed: dict[int, str] = {}
     pending = sorted(dispatched.payloads)
     for _ in range(fed.round_tries):
@@ -193,7 +193,7 @@ def _still_served(served: Served | None, client_id: int) -> Callable[[], bool] |
     return None if served is None else lambda: bool(served().get(client_id))
 
 
-def _submit(ref: RunRef, round_num: int, client_id: int, payload_key: str, placed: bool) -> PrefectFuture[Any]:
+def _submit(ref: RunRef, round_num: int, client_id: int, payload_key: str, placed: bool) -> PrefectFuture[Trained]:
     if not placed:
         return client_train.submit(ref, round_num, client_id, payload_key)
     with placed_on(client_id):
@@ -235,9 +235,9 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
         sampled = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
         trained, participation = train_round(ref, r, sampled, dispatch(ref, r, state_key, masks_key, sampled),
                                              cfg.federated, served)
-        placements += [placement_row(r, t) for t in trained] if served else []
-        result = aggregate(ref, r, state_key, scores_key, masks_key, trained, participation)
-        state_key, metrics = result["state_key"], result["metrics"]
+        placements += [placement_row(r, t.stats, t.placement) for t in trained] if served else []
+        aggregated = aggregate(ref, r, state_key, scores_key, masks_key, trained, participation)
+        state_key, metrics = aggregated.state_key, dict(aggregated.metrics)
         if not participation.complete:
             left_out.append(participation)
             logger.warning(participation.summary())

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from distributed import Client
     from distributed.security import Security
 
+    from fedprune_core.engine import ClientStats
     from infra.runs import RunRef
 
 ALL = "all"
@@ -389,12 +390,26 @@ payload and update objects it read and wrote through storage, and their tensor b
 `bytes_down` / `bytes_up` metrics; the difference is each object's safetensors header)."""
 
 
-def placement_row(round_num: int, result: Mapping[str, Any]) -> dict[str, Any]:
-    """The placement row of one client-train result (`tasks.client_train.client_train`)."""
-    where = result["placement"]
-    return {"round": round_num, "client": result["client_id"], "worker": where["worker"],
-            "bytes_read": where["bytes_read"], "bytes_written": where["bytes_written"],
-            "bytes_down": result["bytes_down"], "bytes_up": result["bytes_up"]}
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a client-train task ran (`tasks.client_train.Trained.placement`).
+
+    Attributes:
+        worker: the Dask worker's name (`worker_name`: "flow" off a cluster).
+        bytes_read: the size of the payload object it read through storage.
+        bytes_written: the size of the update object it wrote.
+    """
+
+    worker: str
+    bytes_read: int
+    bytes_written: int
+
+
+def placement_row(round_num: int, stats: ClientStats, placement: Placement) -> dict[str, Any]:
+    """The placement row (`PLACEMENT_COLUMNS`) of one client-train task: its client's stats and placement."""
+    return {"round": round_num, "client": stats.client_id, "worker": placement.worker,
+            "bytes_read": placement.bytes_read, "bytes_written": placement.bytes_written,
+            "bytes_down": stats.bytes_down, "bytes_up": stats.bytes_up}
 
 
 def placement_csv(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import task
@@ -12,10 +12,21 @@ from fedprune_core.engine import aggregate as aggregate_round
 from fedprune_core.participation import RoundParticipation
 from fedprune_core.simulate import round_metrics
 from infra.runs import RunRef, open_run
-from tasks.client_train import GRAD_SQ
+from tasks.client_train import GRAD_SQ, Trained
 from tasks.options import IO_RETRIES
 
-STATS_FIELDS = tuple(f.name for f in dataclasses.fields(ClientStats))
+
+@dataclass(frozen=True)
+class Aggregated:
+    """What the aggregate task returns.
+
+    Attributes:
+        state_key: the storage key of the round's new server state.
+        metrics: the round's metrics (`fedprune_core.simulate.round_metrics`).
+    """
+
+    state_key: str
+    metrics: dict[str, float]
 
 
 def _outcome(upload: dict[str, Any], stats: ClientStats) -> ClientOutcome:
@@ -32,22 +43,22 @@ def aggregate(
     state_key: str,
     scores_key: str | None,
     masks_key: str | None,
-    clients: list[dict[str, Any]],
+    clients: list[Trained],
     participation: RoundParticipation,
-) -> dict[str, Any]:
-    """Returns the key of the new state and the round's metrics (keys None: the state's scores and masks).
+) -> Aggregated:
+    """The new state and the round's metrics (scores_key, masks_key None: the state's scores and masks).
 
     `clients` are the results of `participation.done`; a round that left a client out is recorded
     first, so a resumed run trains the same clients in it.
     """
     run = open_run(ref)
     run.record_participation(participation)
-    stats = [ClientStats(**{k: c[k] for k in STATS_FIELDS}) for c in clients]
-    outcomes = [_outcome(run.get(c["update_key"]), s) for c, s in zip(clients, stats, strict=True)]
+    stats = [c.stats for c in clients]
+    outcomes = [_outcome(run.get(c.update_key), c.stats) for c in clients]
     previous = run.state(state_key, round_num - 1)
     state = aggregate_round(
         run.strategy, run.config, previous, run.get_or(scores_key, previous.scores),
         run.get_or(masks_key, previous.masks), outcomes, round_num,
     )
     metrics = round_metrics(round_num, run.config, run.strategy, state, stats, len(participation.sampled))
-    return {"state_key": run.put(round_num, "state", state.flat()), "metrics": metrics}
+    return Aggregated(run.put(round_num, "state", state.flat()), metrics)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.logging.loggers import PrefectLogAdapter
 from prefect.states import State
 
-from fedprune_core.engine import train_client
-from infra.cluster import local_ref, worker_name
+from fedprune_core.engine import ClientStats, train_client
+from infra.cluster import Placement, local_ref, worker_name
 from infra.errors import ClientDataError
 from infra.runs import RunRef, open_run
 from tasks.options import IO_RETRIES, retry_unless_outage
@@ -20,6 +20,22 @@ GRAD_SQ = "grad_sq:"
 PLACEMENT_LOGGER = "prefect.task_runs.placement"
 """The task run's log at INFO for where it ran, while Prefect's own task-run lines keep the quieter
 level `infra.settings.QUIET_DEFAULTS` sets."""
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a client-train task returns: a reference and small numbers, no tensor.
+
+    Attributes:
+        update_key: the storage key of the client's uploaded update (with its squared gradients
+            under `GRAD_SQ` when the strategy tracks them).
+        stats: the client's loss, examples, time, memory and payload bytes.
+        placement: where the task ran and the bytes it read and wrote through storage.
+    """
+
+    update_key: str
+    stats: ClientStats
+    placement: Placement
 
 
 def _placement_logger() -> logging.LoggerAdapter[logging.Logger]:
@@ -37,12 +53,9 @@ def _worth_retrying(task: Any, task_run: Any, state: State[Any]) -> bool:
 
 @task(name="client-train", task_run_name="client-train-r{round_num}-c{client_id}",
       **{**IO_RETRIES, "retry_condition_fn": _worth_retrying})
-def client_train(ref: RunRef, round_num: int, client_id: int, payload_key: str) -> dict[str, Any]:
-    """Returns the update's key, the client's stats (loss, examples, time, memory, bytes) and where
-    it ran (`placement`: the worker, and the bytes it read and wrote through storage).
-
-    On a cluster worker the run is opened with the worker's own data (`infra.cluster.local_ref`).
-    """
+def client_train(ref: RunRef, round_num: int, client_id: int, payload_key: str) -> Trained:
+    """Trains one client and uploads its update (on a cluster worker, opening the run with the
+    worker's own data: `infra.cluster.local_ref`)."""
     run = open_run(local_ref(ref))
     payload = run.get(payload_key)
     outcome = train_client(
@@ -50,9 +63,8 @@ def client_train(ref: RunRef, round_num: int, client_id: int, payload_key: str) 
     )
     upload = {**outcome.update, **{GRAD_SQ + k: v for k, v in (outcome.grad_sq or {}).items()}}
     key = run.put(round_num, f"update-{client_id:06d}", upload)
-    placement = {"worker": worker_name(), "bytes_read": run.scratch.moved_bytes(payload_key),
-                 "bytes_written": run.scratch.moved_bytes(key)}
-    if placement["worker"] != "flow":
+    placement = Placement(worker_name(), run.scratch.moved_bytes(payload_key), run.scratch.moved_bytes(key))
+    if placement.worker != "flow":
         _placement_logger().info("round %d client %d ran on worker %s (read %d bytes, wrote %d)", round_num,
-                                 client_id, placement["worker"], placement["bytes_read"], placement["bytes_written"])
-    return {"update_key": key, "placement": placement, **dataclasses.asdict(outcome.stats)}
+                                 client_id, placement.worker, placement.bytes_read, placement.bytes_written)
+    return Trained(key, outcome.stats, placement)

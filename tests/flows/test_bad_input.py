@@ -92,6 +92,7 @@ CASES = [
     case(*RUN, "--set", "name=\"a b\"", shown="name='a b'"),
     case(*RUN, "--set", "schedule.ramp=exp", shown="ramp='exp'"),
     case("run", "--preset", "tiny", "--set", "corpus=nope", shown="corpus='nope'"),
+    case("run", "--preset", "tiny", "--set", "model=nope", shown="model='nope' is not served by a registered workload"),
     # settings
     case(*RUN, env={"FEDPRUNE_STORAGE_URL": "ftp://host/x"}, shown="'ftp://host/x' has unsupported scheme 'ftp'"),
     case(*RUN, env={"FEDPRUNE_STORAGE_URL": "s3://bucket", "FEDPRUNE_S3_ENDPOINT_URL": "http://127.0.0.1:9"},

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from fedprune_core.engine import ClientStats
 from infra.cluster import (
+    Placement,
     check_address,
     check_served,
     clients_of,
     format_clients,
     parse_clients,
     placement_csv,
+    placement_row,
     resources_arg,
     security_for,
 )
@@ -93,6 +96,15 @@ def test_a_process_that_does_not_hold_a_client_says_so_without_reading() -> None
                        r"client 1 \(b\): this process holds no data of it \(it holds clients 0,2\)"):
         clients[1]
     assert read == ["c"]
+
+
+def test_a_placement_row_takes_the_client_and_its_bytes_from_the_task_result() -> None:
+    stats = ClientStats(client_id=3, num_examples=10, mean_loss=0.5, wall_time_s=1.0, peak_memory_bytes=99,
+                        bytes_down=5, bytes_up=4)
+    row = placement_row(2, stats, Placement("w0", bytes_read=9, bytes_written=8))
+    assert row == {"round": 2, "client": 3, "worker": "w0", "bytes_read": 9, "bytes_written": 8, "bytes_down": 5,
+                   "bytes_up": 4}
+    assert placement_csv([row]).splitlines()[1] == "2,3,w0,9,8,5,4"
 
 
 def test_placement_csv_is_in_round_and_client_order() -> None:
