@@ -100,7 +100,8 @@ def trim_segments(run_id: str, ended: int, keep_rounds: int) -> int:
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(names))),
                 sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1,
             )
-            recorded = parse_segment(run_id, names[newest[0].flow_run_id]) if newest else None
+            newest_name = names.get(newest[0].flow_run_id) if newest and newest[0].flow_run_id else None
+            recorded = parse_segment(run_id, newest_name) if newest_name else None
             expired = expired_segments(names, run_id, ended, keep_rounds, recorded[0] if recorded else None)
             for flow_run_id in expired:
                 client.delete_flow_run(flow_run_id)
