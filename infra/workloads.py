@@ -16,6 +16,7 @@ depends on the model (`num_clients`, `load`, `corpus_config`, `fedprune worker`)
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,24 @@ from infra.speech_data import MANIFEST, generate_corpus, load_split, read_index,
 
 TOY_CLIENTS = 8
 TOY_EXAMPLES_PER_CLIENT = 40
+MAX_TOY_CLIENTS = 10_000
+
+
+def toy_clients(corpus: str) -> int:
+    """The clients of a toy corpus: "toy" has `TOY_CLIENTS`, "toy-N" has N (e.g. "toy-128" for
+    orchestration benchmarks); client c's data is the same whatever N is.
+
+    Raises:
+        ValueError: naming the corpus, the rule and the fix.
+    """
+    match = re.fullmatch(r"toy(?:-(\d+))?", corpus)
+    count = (int(match.group(1)) if match.group(1) else TOY_CLIENTS) if match else 0
+    if not 1 <= count <= MAX_TOY_CLIENTS:
+        raise ValueError(
+            f"corpus={corpus!r} is not a toy corpus: the toy workloads read corpus=toy ({TOY_CLIENTS} clients) or "
+            f"toy-N for N clients, 1 <= N <= {MAX_TOY_CLIENTS} (e.g. --set corpus=toy-128)"
+        )
+    return count
 
 
 class LazyClients(Sequence[Sequence[Any]]):
@@ -163,7 +182,7 @@ def load_synthetic(
 ) -> WorkloadData:
     """A toy workload's data, made whole from the seed (so `held` and `data_dir` are not read)."""
     toy = workload()
-    made = toy.make_clients(TOY_CLIENTS, TOY_EXAMPLES_PER_CLIENT, seed)
+    made = toy.make_clients(toy_clients(corpus), TOY_EXAMPLES_PER_CLIENT, seed)
     held_out = toy.make_clients(2, 50, seed + 1)
     return WorkloadData(toy, made, [e for c in held_out for e in c])
 
@@ -195,8 +214,8 @@ def _prepare_speech(corpus: str, data_dir: Path, held: tuple[int, ...]) -> Path:
 WORKLOADS: dict[str, WorkloadSpec] = {
     spec.name: spec
     for spec in (
-        WorkloadSpec("toy", ("toy",), lambda corpus: TOY_CLIENTS, functools.partial(load_synthetic, ToyWorkload)),
-        WorkloadSpec("noop", ("noop",), lambda corpus: TOY_CLIENTS, functools.partial(load_synthetic, NoopWorkload)),
+        WorkloadSpec("toy", ("toy",), toy_clients, functools.partial(load_synthetic, ToyWorkload)),
+        WorkloadSpec("noop", ("noop",), toy_clients, functools.partial(load_synthetic, NoopWorkload)),
         WorkloadSpec("speech", tuple(MODEL_PRESETS), lambda corpus: corpus_config(corpus).num_clients, load_speech,
                      CORPUS_PRESETS, _prepare_speech),
     )
@@ -267,7 +286,7 @@ def _worker_workload(corpus: str | None) -> WorkloadSpec:
 def worker_clients(corpus: str | None, clients: str) -> tuple[int, ...]:
     """The clients `fedprune worker --corpus CORPUS --clients CLIENTS` stands for, checked against its
     workload's clients (without `--corpus`: the first entry whose data comes from the seed)."""
-    return parse_clients(clients, _worker_workload(corpus).num_clients(corpus or ""))
+    return parse_clients(clients, _worker_workload(corpus).num_clients(corpus or "toy"))
 
 
 def prepare_worker(corpus: str | None, data_dir: Path, served: tuple[int, ...]) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedprune_core.presets import preset
 from fedprune_core.speech.corpus import CORPUS_PRESETS
@@ -114,3 +115,13 @@ def test_a_worker_without_a_corpus_stands_for_seed_made_clients(tmp_path: Path) 
         worker_clients(None, str(TOY_CLIENTS))
     with pytest.raises(ValueError, match=r"corpus='nope' is not a corpus preset: use one of test, bench"):
         worker_clients("nope", "0")
+
+
+def test_a_toy_corpus_names_its_client_count_and_client_data_does_not_depend_on_it() -> None:
+    assert num_clients(preset("toy", {"corpus": "toy-128"})) == 128
+    few, many = load("toy", "toy", 3, "unused"), load("toy", "toy-32", 3, "unused")
+    assert len(many.clients) == 32
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(few.clients[7], many.clients[7], strict=True))
+    for corpus in ("toy-0", "toy-x", "test"):
+        with pytest.raises(ValueError, match=rf"corpus='{corpus}' is not a toy corpus: .* toy-N for N clients"):
+            num_clients(preset("toy", {"corpus": corpus}))
