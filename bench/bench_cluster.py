@@ -138,7 +138,7 @@ def task_latency(address: str, tasks: int = 12) -> tuple[float, float]:
         client = FlowRunContext.get().task_runner.client  # type: ignore[union-attr]
         for i in range(tasks):
             start = time.perf_counter()
-            with placed_on(i % 8):
+            with placed_on([i % 8]):
                 noop.submit(i).result()
             prefect_s.append(time.perf_counter() - start)
             start = time.perf_counter()

@@ -55,7 +55,7 @@ from infra.settings import Settings, load_settings
 from infra.tracking import RUN_ID_TAG, Tracker, fail_unfinished_starts
 from tasks.aggregate import aggregate
 from tasks.checkpoint import checkpoint
-from tasks.client_train import Trained, client_train
+from tasks.client_train import Cohort, Trained, client_train
 from tasks.dispatch import Dispatched, dispatch
 from tasks.evaluate import evaluate
 from tasks.finalize import finalize
@@ -138,17 +138,19 @@ def train_round(
     sampled: list[int],
     dispatched: Dispatched,
     fed: FederatedConfig,
+    slots: int,
     served: Served | None = None,
 ) -> tuple[list[Trained], RoundParticipation]:
     """Train a round's clients under the client-failure policy (`fedprune_core.participation`).
 
-    A client whose task fails after its retries, or that has not finished `client_timeout_s` after it
-    was sent, is left out; if fewer than `min_clients` finished, the failed ones are sent again, up
-    to `round_tries` times. A straggler's task is not stopped: what it uploads late is never read.
+    The clients go out in cohorts, one client-train task each (`cohorts`). A client that failed, or
+    whose task failed after its retries or has not finished `client_timeout_s` after it was sent, is
+    left out; if fewer than `min_clients` finished, the failed ones are sent again, up to
+    `round_tries` times. A straggler's task is not stopped: what it uploads late is never read.
 
-    On a cluster (`served` given) each client's task is placed on a worker that serves it, and a
-    client that no worker serves (before it is sent, or because its worker left while it waited)
-    fails like any other.
+    On a cluster (`served` given) each cohort's task is placed on a worker that serves all its
+    clients, and a client that no worker serves (before it is sent, or because its worker left
+    while it waited) fails like any other.
 
     Returns:
         The finished clients' results (in client order) and who took part.
@@ -160,20 +162,24 @@ def train_round(
     failed: dict[int, str] = {}
     pending = sorted(dispatched.payloads)
     for _ in range(fed.round_tries):
-        failed = _unserved(pending, served)
-        futures = {c: _submit(ref, round_num, c, dispatched.payloads[c], served is not None)
-                   for c in pending if c not in failed}
+        now = served() if served is not None else None
+        failed = _unserved(pending, now)
+        futures = {group: _submit(ref, round_num, {c: dispatched.payloads[c] for c in group}, served is not None)
+                   for group in cohorts([c for c in pending if c not in failed], slots, now)}
         deadline = None if fed.client_timeout_s is None else time.monotonic() + fed.client_timeout_s
-        for c, future in futures.items():
-            given_up = _wait(future, deadline, fed, _still_served(served, c))
+        for group, future in futures.items():
+            given_up = _wait(future, deadline, fed, _still_served(served, group))
             state = future.state
             if given_up is None and state.is_completed():
-                finished[c] = future.result()
+                cohort = future.result()
+                finished |= {t.stats.client_id: t for t in cohort.trained}
+                failed |= dict(cohort.failed)
             elif given_up is None and state.is_final():
                 error = future.result(raise_on_failure=False)
-                failed[c] = one_line(error) if isinstance(error, BaseException) else str(state.name)
+                failed |= dict.fromkeys(group, one_line(error) if isinstance(error, BaseException) else str(state.name))
             else:
-                failed[c] = given_up or f"missed the deadline (federated.client_timeout_s={fed.client_timeout_s})"
+                late = f"missed the deadline (federated.client_timeout_s={fed.client_timeout_s})"
+                failed |= dict.fromkeys(group, given_up or late)
         decided = decide(round_num, sampled, list(finished), failed, fed, dispatched.recorded)
         if decided is not None:
             return [finished[c] for c in decided.done], decided
@@ -182,22 +188,41 @@ def train_round(
     raise RoundFailedError(round_failed_message(round_num, failed, len(finished), needed, fed.round_tries))
 
 
-def _unserved(clients: list[int], served: Served | None) -> dict[int, str]:
+def cohorts(
+    clients: Sequence[int], slots: int, served: Mapping[int, Sequence[str]] | None = None
+) -> list[tuple[int, ...]]:
+    """The round's client-train tasks: which clients each trains.
+
+    On a cluster (`served`: client id -> the workers serving it) one task per set of workers, placed
+    on them; otherwise at most `slots` tasks of consecutive clients, as even as can be (the task
+    runner runs `slots` at once). Training does not depend on the grouping.
+    """
+    if served is not None:
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for c in clients:
+            groups.setdefault(tuple(sorted(served[c])), []).append(c)
+        return [tuple(group) for group in groups.values()]
+    ordered = sorted(clients)
+    count = min(max(slots, 1), len(ordered))
+    return [tuple(ordered[i * len(ordered) // count:(i + 1) * len(ordered) // count]) for i in range(count)]
+
+
+def _unserved(clients: list[int], served: Mapping[int, Sequence[str]] | None) -> dict[int, str]:
     if served is None:
         return {}
-    now = served()
-    return {c: f"no worker serves client {c}: start `fedprune worker --clients {c}`" for c in clients if not now.get(c)}
+    return {c: f"no worker serves client {c}: start `fedprune worker --clients {c}`"
+            for c in clients if not served.get(c)}
 
 
-def _still_served(served: Served | None, client_id: int) -> Callable[[], bool] | None:
-    return None if served is None else lambda: bool(served().get(client_id))
+def _still_served(served: Served | None, group: tuple[int, ...]) -> Callable[[], bool] | None:
+    return None if served is None else lambda: all(served().get(c) for c in group)
 
 
-def _submit(ref: RunRef, round_num: int, client_id: int, payload_key: str, placed: bool) -> PrefectFuture[Trained]:
+def _submit(ref: RunRef, round_num: int, payloads: dict[int, str], placed: bool) -> PrefectFuture[Cohort]:
     if not placed:
-        return client_train.submit(ref, round_num, client_id, payload_key)
-    with placed_on(client_id):
-        return client_train.submit(ref, round_num, client_id, payload_key)
+        return client_train.submit(ref, round_num, payloads)
+    with placed_on(sorted(payloads)):
+        return client_train.submit(ref, round_num, payloads)
 
 
 def _wait(
@@ -234,7 +259,7 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
             masks_key = mask(ref, r, state_key, scores_key)
         sampled = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
         trained, participation = train_round(ref, r, sampled, dispatch(ref, r, state_key, masks_key, sampled),
-                                             cfg.federated, served)
+                                             cfg.federated, options.max_workers, served)
         placements += [placement_row(r, t.stats, t.placement) for t in trained] if served else []
         aggregated = aggregate(ref, r, state_key, scores_key, masks_key, trained, participation)
         state_key, metrics = aggregated.state_key, dict(aggregated.metrics)

@@ -255,11 +255,12 @@ def check_served(served: Mapping[int, Sequence[str]], num_clients: int, address:
 
 
 @contextlib.contextmanager
-def placed_on(client_id: int) -> Iterator[None]:
-    """Tasks submitted inside run only on a worker that serves `client_id` (Dask worker resources)."""
+def placed_on(clients: Sequence[int]) -> Iterator[None]:
+    """Tasks submitted inside run only on a worker that serves every client of `clients` (Dask worker
+    resources)."""
     import dask
 
-    with dask.annotate(resources={client_resource(client_id): 1}):
+    with dask.annotate(resources={client_resource(c): 1 for c in clients}):
         yield
 
 
