@@ -58,7 +58,8 @@ class Settings(BaseSettings):
         tracking_uri: MLflow tracking URI (default ``sqlite:///<home>/mlflow.db``), with a scheme of
             `TRACKING_SCHEMES` (a bare word or path is refused).
         prefect_api_url: Prefect API (http or https); None: the CLI's local server (`infra.prefect_api`).
-        prefect_port / mlflow_port / s3_port: local stack ports on 127.0.0.1.
+        prefect_port / mlflow_port / s3_port / postgres_port: local stack ports on 127.0.0.1 (PostgreSQL
+            holds the stack's Prefect database).
         worker_port: health endpoint of the local stack's Prefect process worker.
         seaweed_master_port / seaweed_volume_port / seaweed_filer_port / seaweed_admin_port: the
             SeaweedFS internals of the local stack; each also uses port + 10000 for gRPC.
@@ -82,6 +83,7 @@ class Settings(BaseSettings):
     prefect_api_url: str | None = None
     prefect_port: int = Field(default=4200, ge=1, le=65535)
     mlflow_port: int = Field(default=5000, ge=1, le=65535)
+    postgres_port: int = Field(default=5432, ge=1, le=65535)
     worker_port: int = Field(default=4210, ge=1, le=65535)
     s3_port: int = Field(default=8333, ge=1, le=55535)
     seaweed_master_port: int = Field(default=9333, ge=1, le=55535)

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from infra.errors import StackError
 from infra.settings import LOOPBACK, child_env
@@ -43,10 +44,13 @@ class ServiceSpec:
         argv: the command line.
         env: variables set on top of this process's environment (may hold secrets: not in repr).
         url: what a user opens (UI or endpoint).
-        health_url: answers HTTP 200 once the service is ready.
+        health_url: answers HTTP 200 once the service is ready (unless `health_argv` is given).
         workdir: the working directory (created on start).
         ports: every TCP port the service binds on 127.0.0.1 (checked free before starting).
         redact: strings to mask in log lines shown in errors (secrets).
+        health_argv: a command that exits 0 once the service is ready, for a service that speaks no
+            HTTP (PostgreSQL's ``pg_isready``); replaces `health_url`.
+        user: the system user to run as (None: this process's).
     """
 
     name: str
@@ -57,6 +61,8 @@ class ServiceSpec:
     workdir: Path
     ports: tuple[int, ...]
     redact: tuple[str, ...] = field(default=(), repr=False)
+    health_argv: tuple[str, ...] = ()
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,7 @@ def start_service(spec: ServiceSpec, run_dir: Path, die_with_parent: bool = Fals
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with_parent if die_with_parent else None,
+            **as_user(spec.user),
         )
     _CHILDREN[process.pid] = process
     record = {
@@ -147,32 +154,57 @@ def start_service(spec: ServiceSpec, run_dir: Path, die_with_parent: bool = Fals
     return process.pid
 
 
+def as_user(user: str | None) -> dict[str, Any]:
+    """`subprocess.Popen` arguments that run a child as `user`, with that user's group and no other
+    (None: as this process)."""
+    if user is None:
+        return {}
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_healthy(spec: ServiceSpec, pid: int, run_dir: Path, timeout_s: float = 90.0) -> float:
-    """Poll the spec's health URL until it answers 200; return the seconds it took.
+    """Poll the spec's health check (`answers`) until it passes; return the seconds it took.
 
     Raises:
         StackError: the process exited, or `timeout_s` passed; names the log file to read.
     """
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
-        if _http_ok(spec.health_url):
+        if answers(spec):
             return time.monotonic() - start
         if not _alive(pid):
             raise StackError(
-                f"{spec.name} exited while starting (health URL {spec.health_url} never answered): "
+                f"{spec.name} exited while starting ({_check(spec)} never answered): "
                 f"read {log_path(run_dir, spec.name)}; last lines: {_log_tail(spec, run_dir)}"
             )
         time.sleep(0.25)
     raise StackError(
-        f"{spec.name} did not answer {spec.health_url} within {timeout_s:.0f} s: read "
+        f"{spec.name} did not answer {_check(spec)} within {timeout_s:.0f} s: read "
         f"{log_path(run_dir, spec.name)}; last lines: {_log_tail(spec, run_dir)}; then retry or raise "
         "the timeout"
     )
+
+
+def _check(spec: ServiceSpec) -> str:
+    return f"health command {Path(spec.health_argv[0]).name}" if spec.health_argv else f"health URL {spec.health_url}"
+
+
+def answers(spec: ServiceSpec) -> bool:
+    """Whether the service is ready: its `health_argv` exits 0, or its health URL answers 200."""
+    if spec.health_argv:
+        try:
+            return subprocess.run(spec.health_argv, capture_output=True, timeout=5).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return _http_ok(spec.health_url)
 
 
 def _http_ok(url: str, timeout_s: float = 1.0, body: bytes | None = None) -> bool:
@@ -292,7 +324,7 @@ def _start_ticks(pid: int) -> int | None:
 def service_status(spec: ServiceSpec, run_dir: Path) -> ServiceStatus:
     """Whether the service of `spec` runs (pid file + live process) and answers its health URL."""
     pid = read_pid(run_dir, spec.name)
-    healthy = pid is not None and _http_ok(spec.health_url)
+    healthy = pid is not None and answers(spec)
     return ServiceStatus(spec.name, pid is not None, healthy, pid, spec.url, log_path(run_dir, spec.name))
 
 

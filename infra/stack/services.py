@@ -1,5 +1,5 @@
-"""The services of the local stack: Prefect server + UI, MLflow server + UI, SeaweedFS S3, a
-Prefect worker, all on 127.0.0.1; and the stack's commands (`stack_up`, `stack_status`,
+"""The services of the local stack: Prefect server + UI on PostgreSQL, MLflow server + UI,
+SeaweedFS S3, a Prefect worker, all on 127.0.0.1; and the stack's commands (`stack_up`, `stack_status`,
 `stack_down`) and environment (`stack_env`, `write_stack_env`).
 
 The builders (`prefect_spec`, `mlflow_spec`, `seaweed_spec`) also make the throwaway servers of
@@ -29,10 +29,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from infra.errors import StackError
 from infra.prefect_server import SERVER_ENV
 from infra.settings import LOOPBACK, Settings
+from infra.stack.postgres import connection_url, ensure_database, init_data, postgres_spec
 from infra.stack.process import (
     ServiceSpec,
     ServiceStatus,
@@ -101,16 +103,18 @@ def _venv_tool(name: str) -> str:
     return found
 
 
-def prefect_spec(prefect_home: Path, port: int, host: str = LOOPBACK) -> ServiceSpec:
-    """Prefect server + UI with its SQLite database under `prefect_home`.
+def prefect_spec(prefect_home: Path, port: int, host: str = LOOPBACK, database_url: str | None = None) -> ServiceSpec:
+    """Prefect server + UI; its database is SQLite under `prefect_home`, or `database_url`.
 
     Started through `infra.prefect_server`: `prefect server start` with batched task-run
-    recording and SQLite write transactions that wait for the lock instead of failing (see there).
+    recording, no stored events, and SQLite write transactions that wait for the lock instead of
+    failing (see there).
 
     Args:
-        prefect_home: PREFECT_HOME of the server (database, settings).
+        prefect_home: PREFECT_HOME of the server (settings; the SQLite database when no `database_url`).
         port: API and UI port; the API is at ``http://host:port/api``.
         host: interface to bind (loopback by default).
+        database_url: e.g. the stack's PostgreSQL (`infra.stack.postgres.connection_url`; holds a password).
     """
     env = {
         "PREFECT_HOME": str(prefect_home),
@@ -118,9 +122,13 @@ def prefect_spec(prefect_home: Path, port: int, host: str = LOOPBACK) -> Service
         "PREFECT_SERVER_UI_ENABLED": "true",
         **SERVER_ENV,
     }
+    redact: tuple[str, ...] = ()
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+        redact = (database_url, urlsplit(database_url).password or "")
     argv = (sys.executable, "-m", "infra.prefect_server", "server", "start", "--host", host, "--port", str(port))
     url = f"http://{host}:{port}"
-    return ServiceSpec("prefect", argv, env, url, f"{url}/api/health", prefect_home, (port,))
+    return ServiceSpec("prefect", argv, env, url, f"{url}/api/health", prefect_home, (port,), redact)
 
 
 def mlflow_spec(
@@ -214,12 +222,13 @@ def seaweed_ports(settings: Settings) -> SeaweedPorts:
 
 
 def stack_specs(settings: Settings) -> dict[str, ServiceSpec]:
-    """The services of the local stack, in start order: seaweed, mlflow, prefect, worker."""
+    """The services of the local stack, in start order: seaweed, postgres, mlflow, prefect, worker."""
     stack = settings.stack_dir
     s3_url = f"http://{LOOPBACK}:{settings.s3_port}"
     buckets = (settings.stack_bucket, settings.mlflow_artifacts_bucket)
     return {
         "seaweed": seaweed_spec(stack / "seaweed", seaweed_ports(settings), _credentials(settings), buckets),
+        "postgres": postgres_spec(stack, settings.postgres_port),
         "mlflow": mlflow_spec(
             stack,
             settings.mlflow_port,
@@ -229,7 +238,8 @@ def stack_specs(settings: Settings) -> dict[str, ServiceSpec]:
             aws_credentials=_credentials(settings),
             workers=2,
         ),
-        "prefect": prefect_spec(settings.home / "prefect", local_prefect_port(settings)),
+        "prefect": prefect_spec(settings.home / "prefect", local_prefect_port(settings),
+                                database_url=connection_url(stack, settings.postgres_port)),
         "worker": worker_spec(settings),
     }
 
@@ -273,7 +283,11 @@ def stack_up(settings: Settings, timeout_s: float = 120.0) -> dict[str, ServiceS
     """
     run_dir = settings.stack_dir
     specs = stack_specs(settings)
-    pids = {name: running_or_started(spec, run_dir) for name, spec in specs.items()}
+    init_data(run_dir / "postgres", run_dir)
+    pids = {"postgres": running_or_started(specs["postgres"], run_dir)}
+    wait_healthy(specs["postgres"], pids["postgres"], run_dir, timeout_s)  # Prefect needs its database first
+    ensure_database(run_dir, settings.postgres_port)
+    pids |= {name: running_or_started(spec, run_dir) for name, spec in specs.items() if name != "postgres"}
     for name, spec in specs.items():
         wait_healthy(spec, pids[name], run_dir, timeout_s)
     _ensure_buckets(settings)

@@ -3,7 +3,9 @@ the remembered Prefect port, status, and a real up/status/use/down."""
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +28,7 @@ from infra.stack import (
     stack_up,
     write_stack_env,
 )
+from infra.stack.postgres import bin_path
 from infra.storage import S3Storage, make_s3_client
 from infra.tracking import Tracker
 from tests.servers import free_port
@@ -42,7 +45,8 @@ def _settings(home: Path, **ports: int) -> Settings:
 
 
 def _free_stack_ports() -> dict[str, int]:
-    ports = {"prefect_port": free_port(), "mlflow_port": free_port(), "worker_port": free_port()}
+    ports = {"prefect_port": free_port(), "mlflow_port": free_port(), "worker_port": free_port(),
+             "postgres_port": free_port()}
     for name in (
         "s3_port",
         "seaweed_master_port",
@@ -56,7 +60,13 @@ def _free_stack_ports() -> dict[str, int]:
 
 def test_stack_services_bind_loopback_and_keep_secrets_out_of_argv_and_repr(tmp_path: Path) -> None:
     specs = stack_specs(_settings(tmp_path))
-    assert list(specs) == ["seaweed", "mlflow", "prefect", "worker"]
+    assert list(specs) == ["seaweed", "postgres", "mlflow", "prefect", "worker"]
+    postgres = specs["postgres"]
+    assert postgres.argv[1:] == ("-D", str(tmp_path / "stack" / "postgres"), "-h", "127.0.0.1", "-p", "5432", "-k",
+                                 str(tmp_path / "stack" / "postgres"))  # loopback and a socket in its own folder
+    database_password = (tmp_path / "stack" / "postgres.password").read_text()
+    assert len(database_password) >= 24 and stat.S_IMODE((tmp_path / "stack" / "postgres.password").stat().st_mode) \
+        == 0o600
     worker = specs["worker"]
     assert worker.argv[1:5] == ("worker", "start", "--pool", "fedprune-process")
     assert worker.env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
@@ -81,8 +91,13 @@ def test_stack_services_bind_loopback_and_keep_secrets_out_of_argv_and_repr(tmp_
     assert prefect.env["PREFECT_HOME"] == str(tmp_path / "prefect") and prefect.health_url.endswith(
         "/api/health"
     )
+    assert prefect.env["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"] == "false"  # events are not stored
+    assert prefect.env["PREFECT_API_DATABASE_CONNECTION_URL"] == (
+        f"postgresql+asyncpg://prefect:{database_password}@127.0.0.1:5432/prefect")
+    assert database_password in prefect.redact
     for spec in specs.values():
-        assert "stack-test-secret" not in " ".join(spec.argv) and "stack-test-secret" not in repr(spec)
+        for secret in ("stack-test-secret", database_password):
+            assert secret not in " ".join(spec.argv) and secret not in repr(spec)
     assert len(specs["seaweed"].ports) == 10  # 5 HTTP + 5 gRPC
 
 
@@ -121,6 +136,7 @@ def test_status_of_a_stack_that_never_ran(tmp_path: Path) -> None:
     statuses = stack_status(_settings(tmp_path))
     assert {name: (s.running, s.pid) for name, s in statuses.items()} == {
         "seaweed": (False, None),
+        "postgres": (False, None),
         "mlflow": (False, None),
         "prefect": (False, None),
         "worker": (False, None),
@@ -141,7 +157,7 @@ def test_stack_up_status_use_and_down(tmp_path: Path) -> None:
         _use_the_stack(settings)
     finally:
         stopped = stack_down(settings)
-    assert sorted(stopped) == ["mlflow", "prefect", "seaweed", "worker"]
+    assert sorted(stopped) == ["mlflow", "postgres", "prefect", "seaweed", "worker"]
     assert not any(s.running for s in stack_status(settings).values())
     for spec in stack_specs(settings).values():
         check_ports_free(spec)
@@ -152,6 +168,15 @@ def _use_the_stack(settings: Settings) -> None:
     env = stack_env(settings)
     with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=5) as response:
         assert response.read() == b"true"
+    # Prefect keeps its tables in the stack's PostgreSQL, which asks for the password.
+    psql = (bin_path("psql"), "-h", "127.0.0.1", "-p", str(settings.postgres_port), "-U", "prefect", "-d", "prefect",
+            "-tAc", "SELECT count(*) FROM information_schema.tables WHERE table_name = 'flow_run'")
+    without = subprocess.run(psql, capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    assert without.returncode != 0 and "password" in without.stderr
+    password = (settings.stack_dir / "postgres.password").read_text()
+    found = subprocess.run(psql, capture_output=True, text=True,
+                           env={"PATH": os.environ["PATH"], "PGPASSWORD": password})
+    assert found.stdout.strip() == "1", found.stderr
     client = make_s3_client(
         env["FEDPRUNE_S3_ENDPOINT_URL"],
         access_key_id=env["AWS_ACCESS_KEY_ID"],
