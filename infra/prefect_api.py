@@ -5,7 +5,9 @@ Prefect 3.8.8's ephemeral API (a temporary server inside the flow's process) log
 events still queued then are lost. So when no API is configured, the CLI starts the local
 stack's Prefect server on demand (loopback, `<home>/stack/`) and leaves it running: runs are
 recorded completely, browsable at its UI, and later runs start at once; runs launched together
-start it once. `fedprune stack down` stops it.
+start it once. `fedprune stack down` stops it. It keeps its database in SQLite under
+``<home>/prefect``; `fedprune stack up` replaces it with the stack's server on PostgreSQL
+(`infra.stack.postgres`), which later runs of this home then use.
 
 Another checkout (another FEDPRUNE_HOME) on the same machine may already hold the port
 (FEDPRUNE_PREFECT_PORT, 4200 by default):
@@ -31,9 +33,11 @@ from collections.abc import Callable
 from infra.outage import is_outage, ride_through
 from infra.settings import Settings, check_http_url
 from infra.stack import (
+    ServiceSpec,
     _http_ok,
     answers_as_prefect,
     free_loopback_port,
+    local_prefect_port,
     port_free,
     prefect_spec,
     read_pid,
@@ -81,7 +85,7 @@ def ensure_prefect_api(settings: Settings, say: Callable[[str], None] = _to_stde
 def _local_server(settings: Settings, say: Callable[[str], None]) -> str:
     """The URL of this home's Prefect server (started now if not running), or of the Prefect server on its port."""
     run_dir = settings.stack_dir
-    spec = stack_specs(settings)["prefect"]
+    spec = _own_spec(settings)
     with service_lock(run_dir, spec.name):
         pid = read_pid(run_dir, spec.name)
         port = spec.ports[0]
@@ -98,6 +102,14 @@ def _local_server(settings: Settings, say: Callable[[str], None]) -> str:
             pid = start_service(spec, run_dir)
     wait_healthy(spec, pid, run_dir)
     return spec.url
+
+
+def _own_spec(settings: Settings) -> ServiceSpec:
+    """This home's Prefect server: the stack's (on PostgreSQL) while the stack's database runs, else
+    the on-demand one (SQLite under ``<home>/prefect``)."""
+    if read_pid(settings.stack_dir, "postgres") is not None:
+        return stack_specs(settings)["prefect"]
+    return prefect_spec(settings.home / "prefect", local_prefect_port(settings))
 
 
 def _answers(url: str) -> bool:
@@ -122,7 +134,7 @@ def wait_for_prefect_api(settings: Settings, url: str, ours: bool, budget_s: flo
     Raises:
         OutageError: it did not answer within `budget_s`.
     """
-    spec = stack_specs(settings)["prefect"] if ours else None
+    spec = _own_spec(settings) if ours else None
 
     def answers() -> None:
         if spec is not None:

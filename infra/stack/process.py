@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -149,6 +150,7 @@ def start_service(spec: ServiceSpec, run_dir: Path, die_with_parent: bool = Fals
         "start_ticks": _start_ticks(process.pid),
         "name": spec.name,
         "url": spec.url,
+        "fingerprint": fingerprint(spec),
     }
     pid_path(run_dir, spec.name).write_text(json.dumps(record) + "\n")
     return process.pid
@@ -163,6 +165,24 @@ def as_user(user: str | None) -> dict[str, Any]:
 
     entry = pwd.getpwnam(user)
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def fingerprint(spec: ServiceSpec) -> str:
+    """A digest of how `spec` runs (command line, environment, user): equal for the same service
+    started the same way; holds no secret."""
+    described = json.dumps([spec.argv, sorted(spec.env.items()), spec.user])
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+def started_as(run_dir: Path, name: str) -> str | None:
+    """The `fingerprint` the running service `name` was started with (None: unknown or not running)."""
+    if read_pid(run_dir, name) is None:
+        return None
+    try:
+        value = json.loads(pid_path(run_dir, name).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _die_with_parent() -> None:

@@ -39,8 +39,10 @@ from infra.stack.process import (
     ServiceSpec,
     ServiceStatus,
     _http_ok,
+    fingerprint,
     running_or_started,
     service_status,
+    started_as,
     stop_service,
     wait_healthy,
 )
@@ -275,8 +277,10 @@ def stack_status(settings: Settings) -> dict[str, ServiceStatus]:
 def stack_up(settings: Settings, timeout_s: float = 120.0) -> dict[str, ServiceStatus]:
     """Start the services that are not running, wait until all answer, create the S3 buckets.
 
-    Idempotent: services already running are left alone. On failure the services that did start
-    keep running (see `stack_status`; `stack_down` stops them).
+    Idempotent: services already running are left alone, except the CLI's on-demand Prefect server
+    (on SQLite, `infra.prefect_api`), which is stopped and replaced by the stack's, on PostgreSQL.
+    On failure the services that did start keep running (see `stack_status`; `stack_down` stops
+    them).
 
     Raises:
         StackError: a port is taken, or a service exits or does not answer (names its log file).
@@ -284,6 +288,8 @@ def stack_up(settings: Settings, timeout_s: float = 120.0) -> dict[str, ServiceS
     run_dir = settings.stack_dir
     specs = stack_specs(settings)
     init_data(run_dir / "postgres", run_dir)
+    if started_as(run_dir, "prefect") not in (None, fingerprint(specs["prefect"])):
+        stop_service(run_dir, "prefect")  # the CLI's on-demand server (SQLite): the stack's runs on PostgreSQL
     pids = {"postgres": running_or_started(specs["postgres"], run_dir)}
     wait_healthy(specs["postgres"], pids["postgres"], run_dir, timeout_s)  # Prefect needs its database first
     ensure_database(run_dir, settings.postgres_port)
