@@ -13,13 +13,13 @@ import io
 import json
 
 from prefect import task
+from torch import nn
 
 from fedprune_core.engine import layer_sparsity
 from fedprune_core.prunable import PrunableSpec
 from fedprune_core.speech.workload import SpeechWorkload
 from fedprune_core.submodel import extract
-from fedprune_core.training import is_running_stat
-from fedprune_core.types import MaskDict, StateDict
+from fedprune_core.types import MaskDict
 from infra.mlflow_model import MODEL_PATH, WEIGHTS, log_model, speech_settings
 from infra.plots import log_plots
 from infra.runs import Run, RunRef, open_run
@@ -28,19 +28,16 @@ from infra.tracking import Tracker
 from tasks.options import IO_RETRIES
 
 
-def sparsity_table(weights: StateDict, masks: MaskDict, specs: dict[str, PrunableSpec]) -> str:
-    """CSV, one line per parameter of the model: parameter, shape, entries, kept, sparsity, and whether
-    the strategy prunes or slices it (``prunable``); a dense run's lines keep every entry."""
+def sparsity_table(model: nn.Module, masks: MaskDict, specs: dict[str, PrunableSpec]) -> str:
+    """CSV, one line per parameter of `model` (in its order): parameter, shape, entries, kept, sparsity,
+    and whether the strategy prunes or slices it (``prunable``); a dense run's lines keep every entry."""
     kept = {name: k for name, _, _, k in layer_sparsity(masks, specs)}
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["parameter", "shape", "entries", "kept", "sparsity", "prunable"])
-    for name, w in weights.items():
-        if is_running_stat(name):
-            continue
-        entries = w.numel()
-        held = kept.get(name, entries)
-        writer.writerow([name, "x".join(map(str, w.shape)), entries, held, f"{1 - held / entries:.4f}",
+    for name, p in model.named_parameters():
+        held = kept.get(name, p.numel())
+        writer.writerow([name, "x".join(map(str, p.shape)), p.numel(), held, f"{1 - held / p.numel():.4f}",
                          name in specs])
     return out.getvalue()
 
@@ -64,7 +61,7 @@ def finalize(ref: RunRef, state_key: str, tracking_uri: str, mlflow_run_id: str)
     compact = tensors_to_bytes(extract(state.weights, state.masks, run.strategy.specs))
     run.checkpoints.put_artifact(WEIGHTS, compact)
     tracker.log_artifact_bytes("config.json", json.dumps(run.checkpoints.read_config(), indent=2).encode())
-    specs = run.strategy.specs
-    tracker.log_artifact_bytes("sparsity_per_layer.csv", sparsity_table(state.weights, state.masks, specs).encode())
+    table = sparsity_table(run.data.workload.build_model(), state.masks, run.strategy.specs)
+    tracker.log_artifact_bytes("sparsity_per_layer.csv", table.encode())
     log_plots(tracker, run, state)
     log_compact_model(tracker, run, compact)
