@@ -29,7 +29,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlflow.pyfunc
 import numpy as np
@@ -37,7 +37,7 @@ import torch
 import torchaudio.functional as AF
 from mlflow.pyfunc import PythonModel
 from safetensors.torch import load_file
-from torch import nn
+from torchaudio.models import RNNT
 
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.speech.decode import greedy_decode
@@ -91,12 +91,13 @@ def workload_from(settings: dict[str, Any]) -> SpeechWorkload:
     )
 
 
-def compact_module(settings: dict[str, Any], payload: dict[str, torch.Tensor]) -> nn.Module:
-    """The compact network of `payload` (weights as `extract` wrote them), in eval mode."""
+def compact_module(settings: dict[str, Any], payload: dict[str, torch.Tensor]) -> RNNT:
+    """The compact network of `payload` (weights as `extract` wrote them), in eval mode: the workload's
+    transducer with its pruned layers replaced in place by sliced ones."""
     config = ExperimentConfig.from_dict(settings["experiment"])
     model = workload_from(settings).build_model()
     module = build_client_model(model, payload, make_strategy(config, model).specs).module
-    return module.eval()
+    return cast(RNNT, module.eval())
 
 
 def read_audio(path: str | os.PathLike[str]) -> torch.Tensor:
@@ -132,17 +133,17 @@ def _waveform(item: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def transcribe(module: nn.Module, workload: SpeechWorkload, audio: list[torch.Tensor]) -> list[str]:
+def transcribe(module: RNNT, workload: SpeechWorkload, audio: list[torch.Tensor]) -> list[str]:
     """Greedy transcripts of `audio` (each ``(N,)`` at 16 kHz), one utterance at a time."""
     texts = []
     for samples in audio:
         features, frames = log_mel(samples[None], torch.tensor([samples.numel()]), workload.features)
-        tokens = greedy_decode(module, features, frames, workload.vocabulary.blank, workload.max_symbols_per_frame)  # type: ignore[arg-type]
+        tokens = greedy_decode(module, features, frames, workload.vocabulary.blank, workload.max_symbols_per_frame)
         texts.append(workload.vocabulary.decode(tokens[0]))
     return texts
 
 
-class CompactSpeechModel(PythonModel):  # type: ignore[misc]
+class CompactSpeechModel(PythonModel):
     """A run's compact Conformer-Transducer: audio in, transcripts out.
 
     `predict` takes a batch (`waveforms`): a list of WAV paths or of 16 kHz sample arrays, or a

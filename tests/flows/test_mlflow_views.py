@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from torchaudio.models import RNNT
 
 from fedprune_core.engine import masked_weights
 from fedprune_core.presets import preset
@@ -97,12 +98,12 @@ def tracking_uri_of(cli: Cli) -> Iterator[str]:
 
 
 @torch.no_grad()
-def first_logits(model: torch.nn.Module, features: torch.Tensor, frames: torch.Tensor, blank: int) -> torch.Tensor:
+def first_logits(model: RNNT, features: torch.Tensor, frames: torch.Tensor, blank: int) -> torch.Tensor:
     """``(1, T', 1, V)``: the joint's scores at every encoder frame after the blank start symbol."""
-    encodings, lengths = model.transcribe(features, frames)  # type: ignore[operator]
+    encodings, lengths = model.transcribe(features, frames)
     one = torch.ones(1, dtype=torch.int32)
-    prediction, _, _ = model.predict(torch.full((1, 1), blank), one, None)  # type: ignore[operator]
-    return model.join(encodings, lengths, prediction, one)[0]  # type: ignore[operator,no-any-return]
+    prediction, _, _ = model.predict(torch.full((1, 1), blank), one, None)
+    return model.join(encodings, lengths, prediction, one)[0]
 
 
 SHORT_SPEECH = ("--preset", "tiny", "--set", "schedule.num_rounds=3", "--set", "schedule.sparsify_rounds=1",
