@@ -92,3 +92,18 @@ def masks_change_at(round_num: int, schedule: ScheduleConfig, target: float) -> 
     if phase == "refine":
         return (round_num - schedule.sparsify_rounds) % schedule.refine_every == 0
     return False
+
+
+def phase_spans(schedule: ScheduleConfig) -> list[tuple[str, int, int]]:
+    """Each phase that has rounds, with its first and last round, in order.
+
+    Example: ``num_rounds=8, sparsify_rounds=3, refine_rounds=3`` gives
+    ``[("sparsify", 1, 3), ("refine", 4, 6), ("finetune", 7, 8)]``.
+    """
+    ends = (schedule.sparsify_rounds, schedule.sparsify_rounds + schedule.refine_rounds, schedule.num_rounds)
+    spans, first = [], 1
+    for phase, last in zip(PHASES, ends, strict=True):
+        if last >= first:
+            spans.append((phase, first, last))
+        first = max(first, last + 1)
+    return spans

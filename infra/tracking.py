@@ -37,7 +37,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fedprune_core.config import ExperimentConfig
 from fedprune_core.participation import one_line
+from fedprune_core.schedule import PHASES, phase_spans
+from fedprune_core.strategies import applicable_config, strategy_class
 from infra.errors import TrackingUnreachableError, redact_url
 from infra.outage import configured_budget_s, ride_through
 from infra.storage import validate_key
@@ -117,6 +120,49 @@ def pack_metric_batches(buffer: list[Metric]) -> list[list[Metric]]:
 
 
 RUN_ID_TAG = "fedprune.run_id"  # every FedPrune MLflow run carries its FedPrune run id here
+PHASE_TAG = "fedprune.phase"
+"""Tag of a run with phases: the phase of its last checkpointed round (sparsify, refine, finetune)."""
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's kind of an experiment: "custom_model_development" is its model-training view (runs,
+metrics, artifacts), not the GenAI one (traces, evaluations). The Tracker sets it on the experiments
+it creates and on the first use of one without it; MLflow 3.17's UI shows the view a browser last
+chose (GenAI at first, whatever the tag says) unless the address says which, as `experiment_url`'s
+and `run_url`'s do."""
+ML_VIEW_QUERY = "workflowType=machine_learning"
+"""What a UI address says to open MLflow 3.17's model-training view."""
+
+
+def experiment_url(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs, in the model-training view (`ML_VIEW_QUERY`).
+
+    Args:
+        ui_url: where the MLflow UI is served, e.g. ``http://127.0.0.1:5000``.
+    """
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{ML_VIEW_QUERY}"
+
+
+def run_url(ui_url: str, experiment_id: str, mlflow_run_id: str) -> str:
+    """The MLflow UI page of a run, in the model-training view (`ML_VIEW_QUERY`)."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{mlflow_run_id}?{ML_VIEW_QUERY}"
+
+
+def strategy_phases(config: ExperimentConfig) -> list[tuple[str, int, int]]:
+    """The run's phases (name, first round, last round); none for a strategy that does not read
+    the schedule (FedAvg, Federated Dropout, PruneFL), whose rounds are all alike."""
+    if "schedule" not in strategy_class(config.strategy).config_keys:
+        return []
+    return phase_spans(config.schedule)
+
+
+def run_params(preset: str, run_id: str, config: ExperimentConfig, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's MLflow params: its preset and id, the configuration its strategy reads
+    (`applicable_config`: no `prunefl.*` in a Federated Pruning run), its orchestration options
+    and, for a run with phases, ``phases``: what each value of the `phase` metric stands for,
+    e.g. ``"0=sparsify (rounds 1-3), 1=refine (rounds 4-6), 2=finetune (rounds 7-8)"``."""
+    params = {"preset": preset, "run_id": run_id, **applicable_config(config), "options": dict(options)}
+    if phases := strategy_phases(config):
+        params["phases"] = ", ".join(f"{PHASES.index(n)}={n} (rounds {a}-{b})" for n, a, b in phases)
+    return params
 
 
 def find_run(client: MlflowClient, experiment: str, run_id: str) -> str | None:
@@ -244,8 +290,9 @@ class Tracker:
         experiment = self._ride(lambda: self.client.get_experiment_by_name(name))
         if experiment is None:
             location = artifact_location or _default_artifact_location(self.tracking_uri)
+            kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
             try:
-                return self._ride(lambda: self.client.create_experiment(name, artifact_location=location))
+                return self._ride(lambda: self.client.create_experiment(name, location, tags=kind))
             except MlflowException as error:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -258,6 +305,8 @@ class Tracker:
                 "active experiment; restore it (mlflow experiments restore) or use another experiment name"
             )
         experiment_id: str = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # created before FedPrune set it, or by someone else
+            self._ride(lambda: self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND))
         return experiment_id
 
     def _open_run(self, run_id: str | None, run_name: str | None, tags: dict[str, str]) -> str:
@@ -395,6 +444,11 @@ class Tracker:
             local.write_bytes(data)
             parent = None if str(relative.parent) == "." else str(relative.parent)
             self._ride(lambda: self.client.log_artifact(self.run_id, str(local), artifact_path=parent))
+
+    def log_artifact_dir(self, path: str, local_dir: Path) -> None:
+        """Store the files under `local_dir` as run artifacts under `path` (e.g. ``"model"``)."""
+        prefix = validate_key(path)
+        self._ride(lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path=prefix))
 
     def log_figure(self, path: str, fig: Figure) -> None:
         """Save a matplotlib figure as artifact `path`; the format follows the suffix (default png)."""

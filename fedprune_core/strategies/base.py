@@ -8,7 +8,7 @@ A strategy is a frozen dataclass that subclasses `BaseStrategy`, declares its ow
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from fedprune_core.engine import ServerState, Workload
 from fedprune_core.prunable import PrunableSpec
@@ -19,11 +19,15 @@ class BaseStrategy:
     """Dense FedAvg: no setup, no scores, no masks, every client trains the global model whole.
 
     Attributes:
+        config_keys: the strategy's own configuration: the sections (``"pruning"``) or keys
+            (``"pruning.prunable"``) of `fedprune_core.config.ExperimentConfig` it reads besides
+            the ones every strategy reads (`fedprune_core.strategies.applicable_config`). None here.
         specs: the parameters the strategy prunes or slices (each strategy's own dataclass field).
         track_grad_sq: whether clients accumulate squared gradients (no).
         rescale_kept: whether clients train their sub-model as inverted dropout (no).
     """
 
+    config_keys: ClassVar[tuple[str, ...]] = ()
     specs: dict[str, PrunableSpec]
     track_grad_sq: bool = False
     rescale_kept: bool = False

@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -113,6 +114,7 @@ class FedDropout(BaseStrategy):
         groups: with hidden units (`fed_dropout.units`), the unit groups whose units are dropped.
     """
 
+    config_keys: ClassVar[tuple[str, ...]] = ("pruning.prunable", "fed_dropout")
     specs: dict[str, PrunableSpec]
     rates: dict[str, float]
     seed: int

@@ -9,6 +9,7 @@ sampled clients train the same pruned model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ SCORE_MOMENTUM = 0.9
 class FedPrune(BaseStrategy):
     """The Federated Pruning strategy."""
 
+    config_keys: ClassVar[tuple[str, ...]] = ("pruning", "schedule")
     specs: dict[str, PrunableSpec]
     pruning: PruningConfig
     schedule: ScheduleConfig

@@ -23,7 +23,7 @@ import fnmatch
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -232,6 +232,7 @@ class PruneFL(BaseStrategy):
         track_grad_sq: clients accumulate squared gradients, the importance of each weight.
     """
 
+    config_keys: ClassVar[tuple[str, ...]] = ("pruning.prunable", "prunefl")
     specs: dict[str, PrunableSpec]
     config: PruneFLConfig
     costs: dict[str, float]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedprune_core.schedule import RAMPS, ScheduleConfig, masks_change_at, phase_at, sparsity_at
+from fedprune_core.schedule import RAMPS, ScheduleConfig, masks_change_at, phase_at, phase_spans, sparsity_at
 
 SCHEDULE = ScheduleConfig(num_rounds=12, sparsify_rounds=4, ramp="linear", refine_rounds=4, refine_every=2)
 
@@ -99,3 +99,12 @@ def test_phases_that_exactly_fill_the_rounds_are_fine() -> None:
 def test_bad_target_sparsity_is_rejected() -> None:
     with pytest.raises(ValueError, match="sparsity=1.5"):
         sparsity_at(1, SCHEDULE, 1.5)
+
+
+def test_phase_spans_name_each_phase_with_rounds_and_skip_empty_ones() -> None:
+    assert phase_spans(ScheduleConfig(8, 3, "linear", 4, 3, 1)) == [("sparsify", 1, 3), ("refine", 4, 6),
+                                                                   ("finetune", 7, 8)]
+    assert phase_spans(ScheduleConfig(5, 2, "linear", 4, 0, 1)) == [("sparsify", 1, 2), ("finetune", 3, 5)]
+    assert phase_spans(ScheduleConfig(6, 3, "linear", 4, 3, 1)) == [("sparsify", 1, 3), ("refine", 4, 6)]
+    config = ScheduleConfig(30, 7, "cubic", 4, 11, 2)
+    assert all(phase_at(r, config) == name for name, a, b in phase_spans(config) for r in range(a, b + 1))

@@ -10,7 +10,15 @@ import torch
 from fedprune_core import config as config_module
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import ServerState, Strategy
-from fedprune_core.strategies import STRATEGIES, STRATEGY_BUILDERS, make_strategy, strategy_builder
+from fedprune_core.strategies import (
+    SHARED_CONFIG_KEYS,
+    STRATEGIES,
+    STRATEGY_BUILDERS,
+    applicable_config,
+    make_strategy,
+    strategy_builder,
+    strategy_class,
+)
 from fedprune_core.strategies.base import BaseStrategy
 from fedprune_core.strategies.fedavg import FedAvg
 from fedprune_core.toy import ToyWorkload
@@ -46,3 +54,34 @@ def test_the_base_is_dense_fedavg() -> None:
     assert fedavg.score(state, 4) == {} and fedavg.mask(state, {}, 4) == {}
     assert fedavg.client_masks(state, masks, 4, client_id=1) is masks
     assert fedavg.observe(state, masks, {"w": torch.ones(2, 2)}, masks, None) == {}
+
+
+def _leaves(section: dict, parent: str = "") -> set[str]:
+    return {k for name, value in section.items()
+            for k in (_leaves(value, f"{parent}{name}.") if isinstance(value, dict) else {f"{parent}{name}"})}
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_each_strategy_names_configuration_that_exists(name: str) -> None:
+    keys = _leaves(ExperimentConfig().to_dict())
+    for claimed in strategy_class(name).config_keys + SHARED_CONFIG_KEYS:
+        assert any(k == claimed or k.startswith(f"{claimed}.") for k in keys), claimed
+
+
+@pytest.mark.parametrize(("name", "own", "absent"), [
+    ("fedprune", {"pruning.sparsity", "schedule.refine_every"}, {"fed_dropout.rate", "prunefl.reconfig_every"}),
+    ("fedavg", set(), {"pruning.prunable", "schedule.sparsify_rounds", "fed_dropout.rate", "prunefl.max_density"}),
+    ("fed_dropout", {"pruning.prunable", "fed_dropout.rate"},
+     {"pruning.sparsity", "schedule.ramp", "prunefl.reconfig_every"}),
+    ("prunefl", {"pruning.prunable", "prunefl.max_density"},
+     {"pruning.pattern", "schedule.refine_rounds", "fed_dropout.units"}),
+])
+def test_a_run_keeps_the_settings_its_strategy_reads_and_those_of_every_run(
+    name: str, own: set[str], absent: set[str]
+) -> None:
+    config = ExperimentConfig(strategy=name)
+    kept = _leaves(applicable_config(config))
+    every_run = {"seed", "model", "corpus", "strategy", "init_from", "schedule.num_rounds", "federated.local.lr"}
+    assert own | every_run <= kept
+    assert not absent & kept
+    assert kept <= _leaves(config.to_dict())

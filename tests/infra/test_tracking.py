@@ -10,15 +10,22 @@ from typing import Any
 import pytest
 from mlflow.entities import Metric
 
+from fedprune_core.presets import preset
+from fedprune_core.strategies import STRATEGIES
 from infra.errors import TrackingUnreachableError
 from infra.outage import OutageError
 from infra.tracking import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     MARKER_METRIC,
     MAX_METRICS_PER_BATCH,
     Tracker,
     check_tracking_uri,
+    experiment_url,
     flatten_params,
     pack_metric_batches,
+    run_params,
+    run_url,
 )
 from tests.servers import MlflowServer, free_port
 
@@ -170,6 +177,56 @@ def test_reserved_and_invalid_inputs_are_refused(sqlite_uri: str) -> None:
         tracker.finish("DONE")
     with pytest.raises(ValueError, match="does not exist"):
         Tracker(sqlite_uri, _experiment(), run_id="0" * 32)
+
+
+def test_experiments_are_of_the_model_training_kind_new_or_first_used(sqlite_uri: str) -> None:
+    created = _experiment()
+    tracker = Tracker(sqlite_uri, created)
+    assert tracker.client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    older = _experiment()
+    older_id = tracker.client.create_experiment(older)  # as FedPrune created them before, untagged
+    assert EXPERIMENT_KIND_TAG not in tracker.client.get_experiment(older_id).tags
+    Tracker(sqlite_uri, older)
+    assert tracker.client.get_experiment(older_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    chosen = _experiment()
+    chosen_id = tracker.client.create_experiment(chosen, tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    Tracker(sqlite_uri, chosen)  # a kind someone chose is left alone
+    assert tracker.client.get_experiment(chosen_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_ui_links_open_the_model_training_view() -> None:
+    assert run_url("http://127.0.0.1:5000/", "3", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert experiment_url("http://h:5000", "3") == "http://h:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_run_params_hold_what_the_strategy_reads_and_name_the_phases(strategy: str) -> None:
+    config = preset("tiny", {"strategy": strategy})
+    params = flatten_params(run_params("tiny", "r1", config, {"checkpoint_every": 10}))
+    assert params["preset"] == "tiny" and params["run_id"] == "r1" and params["options.checkpoint_every"] == "10"
+    assert params["schedule.num_rounds"] == "8" and params["federated.clients_per_round"] == "2"
+    sections = {key.split(".")[0] for key in params}
+    assert sections & {"fed_dropout", "prunefl", "pruning"} == {
+        "fedprune": {"pruning"}, "fedavg": set(), "fed_dropout": {"fed_dropout", "pruning"},
+        "prunefl": {"prunefl", "pruning"}}[strategy]
+    if strategy == "fedprune":  # the phases of preset tiny: 3 sparsify, 3 refine, 2 fine-tune rounds
+        assert params["phases"] == "0=sparsify (rounds 1-3), 1=refine (rounds 4-6), 2=finetune (rounds 7-8)"
+        assert params["schedule.refine_every"] == "1"
+    else:
+        assert "phases" not in params and "schedule.refine_every" not in params
+
+
+def test_a_directory_is_stored_as_artifacts_under_its_path(sqlite_uri: str, tmp_path: Path) -> None:
+    (tmp_path / "model" / "artifacts").mkdir(parents=True)
+    (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")
+    (tmp_path / "model" / "artifacts" / "w.bin").write_bytes(b"\x00\x01")
+    tracker = Tracker(sqlite_uri, _experiment())
+    tracker.log_artifact_dir("model", tmp_path / "model")
+    listed = {a.path for a in tracker.client.list_artifacts(tracker.run_id, "model")}
+    assert listed == {"model/MLmodel", "model/artifacts"}
+    inner = tracker.client.list_artifacts(tracker.run_id, "model/artifacts")
+    assert [a.path for a in inner] == ["model/artifacts/w.bin"]
 
 
 # --------------------------------------------------------------------------- reachability
