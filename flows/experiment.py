@@ -52,7 +52,7 @@ from infra.cluster import (
 from infra.prefect_retention import segment_name, trim_segments
 from infra.runs import RunOptions, RunRef, open_run
 from infra.settings import Settings, load_settings
-from infra.tracking import RUN_ID_TAG, Tracker, fail_unfinished_starts
+from infra.tracking import RUN_ID_TAG, Tracker, fail_unfinished_starts, run_params
 from tasks.aggregate import aggregate
 from tasks.checkpoint import checkpoint
 from tasks.client_train import Cohort, Trained, client_train
@@ -339,8 +339,7 @@ def experiment(
     with Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id,
                  tags=tags) as tracker:
         if mlflow_run_id is None:
-            params = {"preset": preset, "run_id": ref.run_id, **run.config.to_dict(), "options": options.__dict__}
-            tracker.log_params(params)
+            tracker.log_params(run_params(preset, ref.run_id, run.config, options.__dict__))
             state_key = initialize(ref, tracker.run_id)
         latest = run.checkpoints.latest_round() or 0
         state_key = run.checkpoint_key(latest)

@@ -122,6 +122,7 @@ def prefect_spec(prefect_home: Path, port: int, host: str = LOOPBACK, database_u
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "true",
+        "PREFECT_UI_API_URL": f"http://{host}:{port}/api",  # else the UI asks the API on the default port
         **SERVER_ENV,
     }
     redact: tuple[str, ...] = ()
