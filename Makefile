@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` (the `demo` preset: a pruned speech model that learns
-# in about two minutes) and `make test`. Both set up .venv on first use.
+# in a few minutes) and `make test`. Both set up .venv on first use.
 PY := .venv/bin/python
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1

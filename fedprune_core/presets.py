@@ -36,13 +36,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "federated": {"clients_per_round": 8, "eval_every": 25,
                       "local": {"steps": 10, "batch_size": 16, "lr": 0.001, "optimizer": "adam"}},
     },
-}  # fmt: skip
-PRESETS["demo"] = {
-    "name": "demo", "model": "demo", "corpus": "digits",
-    "pruning": {"sparsity": 0.5, "pattern": "column", "allocation": "adaptive"},
-    "schedule": {"num_rounds": 24, "sparsify_rounds": 8, "ramp": "cubic", "refine_rounds": 8, "refine_every": 2},
-    "federated": {"clients_per_round": 4, "eval_every": 4,
-                  "local": {"steps": 10, "batch_size": 8, "lr": 0.003, "optimizer": "adam"}},
+    "demo": {
+        "name": "demo", "model": "demo", "corpus": "digits",
+        "pruning": {"sparsity": 0.5, "pattern": "column", "allocation": "adaptive"},
+        "schedule": {"num_rounds": 24, "sparsify_rounds": 8, "ramp": "cubic", "refine_rounds": 8, "refine_every": 2},
+        "federated": {"clients_per_round": 4, "eval_every": 4,
+                      "local": {"steps": 10, "batch_size": 8, "lr": 0.003, "optimizer": "adam"}},
+    },
 }  # fmt: skip
 PRESETS["demo-dense"] = {**PRESETS["demo"], "name": "demo-dense", "strategy": "fedavg"}
 
