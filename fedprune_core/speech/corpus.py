@@ -16,14 +16,15 @@ sentences absent from training. Every random choice comes from one generator see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 
 from fedprune_core.rng import generator_for
 from fedprune_core.speech.synth import NOISE_KINDS, Noise, Voice, mix_noise, synthesize
 from fedprune_core.speech.utterance import Utterance
-from fedprune_core.speech.words import TOPICS, WORDS
+from fedprune_core.speech.words import WORD_SETS
 
 ACCENTS: tuple[str, ...] = tuple(
     "en-us en en-gb-scotland en-gb-x-rp en-gb-x-gbclan en-gb-x-gbcwmd en-us-nyc en-029".split()
@@ -44,7 +45,10 @@ SPLITS: tuple[str, ...] = ("train", "test_speakers", "test_sentences")
 class CorpusConfig:
     """Size and variety of a synthetic corpus; see the module docstring for the meaning.
 
-    Ranges are closed ``(low, high)`` pairs sampled uniformly per speaker.
+    Ranges are closed ``(low, high)`` pairs sampled uniformly per speaker. ``words`` names the
+    vocabulary, a key of :data:`~fedprune_core.speech.words.WORD_SETS`; it is left out of the repr
+    because the corpus cache is named by the plan's repr (``infra.speech_data.corpus_dir``), where
+    every sentence already shows the vocabulary, so corpora made before the field keep their names.
     """
 
     seed: int = 0
@@ -63,6 +67,7 @@ class CorpusConfig:
     rate_range: tuple[int, int] = (150, 185)
     snr_db_range: tuple[float, float] = (20.0, 40.0)
     level_dbfs_range: tuple[float, float] = (-30.0, -18.0)
+    words: str = field(default="all", repr=False)
 
     def __post_init__(self) -> None:
         validate_corpus_config(self)
@@ -86,9 +91,11 @@ def validate_corpus_config(c: CorpusConfig) -> None:
         f"{c.num_clients * c.min_client_utterances}: raise it or lower min_client_utterances",
     )
     _check(c.size_skew >= 0, f"size_skew={c.size_skew} must be >= 0 (0 gives equal client sizes)")
+    _check(c.words in WORD_SETS, f"words={c.words!r} is not a word set: use one of {', '.join(WORD_SETS)}")
+    topics = len(WORD_SETS[c.words])
     _check(
-        1 <= c.topics_per_client <= len(TOPICS),
-        f"topics_per_client={c.topics_per_client} must be in [1, {len(TOPICS)}]",
+        1 <= c.topics_per_client <= topics,
+        f"topics_per_client={c.topics_per_client} must be in [1, {topics}] (the topics of words={c.words!r})",
     )
     _check(0 <= c.topic_focus <= 1, f"topic_focus={c.topic_focus} must be in [0, 1] (0 = IID vocabulary)")
     _check(
@@ -99,6 +106,7 @@ def validate_corpus_config(c: CorpusConfig) -> None:
         1 <= c.min_words <= c.max_words,
         f"min_words={c.min_words}, max_words={c.max_words} must satisfy 1 <= min_words <= max_words",
     )
+    _check_sentences(c)
     voices = len(ACCENTS) * len(VARIANTS)
     _check(
         c.num_clients + c.num_test_speakers <= voices,
@@ -113,6 +121,25 @@ def validate_corpus_config(c: CorpusConfig) -> None:
     _check(c.level_dbfs_range[1] < 0, f"level_dbfs_range={c.level_dbfs_range} must stay below 0 dBFS")
 
 
+@functools.cache
+def vocabulary_words(words: str) -> tuple[str, ...]:
+    """Every word of the word set ``words``, topic by topic (for ``"all"``: ``WORDS``, in its order)."""
+    return tuple(word for topic in WORD_SETS[words].values() for word in topic)
+
+
+def _check_sentences(c: CorpusConfig) -> None:
+    """Held-out sentences are drawn until unseen ones are found: the vocabulary must hold enough."""
+    words = len(vocabulary_words(c.words))
+    distinct = sum(words**n for n in range(c.min_words, c.max_words + 1))
+    needed = c.train_utterances + c.num_test_speakers * c.test_speaker_utterances + c.test_sentences
+    _check(
+        distinct >= 2 * needed,
+        f"words={c.words!r} ({words} words) with {c.min_words}-{c.max_words} words a sentence gives {distinct} "
+        f"distinct sentences, fewer than twice the {needed} utterances planned (held-out sentences must be unseen "
+        "in training): raise max_words or plan fewer utterances",
+    )
+
+
 CORPUS_PRESETS: dict[str, CorpusConfig] = {
     # Seconds to render: unit and integration tests.
     "test": CorpusConfig(
@@ -122,6 +149,19 @@ CORPUS_PRESETS: dict[str, CorpusConfig] = {
         num_test_speakers=2,
         test_speaker_utterances=3,
         test_sentences=4,
+    ),
+    # Seconds to render: the spoken digits, 1-5 a sentence (as in TIDIGITS), for the `demo` experiment
+    # preset, which learns them in minutes. Held-out speakers say 4 x 25 unseen digit strings.
+    "digits": CorpusConfig(
+        num_clients=16,
+        train_utterances=480,
+        min_client_utterances=10,
+        topics_per_client=1,
+        num_test_speakers=4,
+        test_speaker_utterances=25,
+        test_sentences=16,
+        max_words=5,
+        words="digits",
     ),
     # A few minutes to render: the CPU learning benchmark and federated simulations.
     "bench": CorpusConfig(
@@ -228,7 +268,7 @@ def sample_sentence(topic_words: list[tuple[str, ...]], c: CorpusConfig, g: torc
     words = []
     for _ in range(length):
         focused = bool(topic_words) and float(torch.rand((), generator=g)) < c.topic_focus
-        pool = topic_words[_choice(len(topic_words), g)] if focused else WORDS
+        pool = topic_words[_choice(len(topic_words), g)] if focused else vocabulary_words(c.words)
         words.append(pool[_choice(len(pool), g)])
     return " ".join(words)
 
@@ -260,7 +300,7 @@ def plan_corpus(c: CorpusConfig) -> CorpusPlan:
     speakers = _speakers(c, g)
     train_speakers, test_speakers = speakers[: c.num_clients], speakers[c.num_clients :]
     sizes = client_sizes(c.train_utterances, c.num_clients, c.min_client_utterances, c.size_skew)
-    topics = list(TOPICS.values())
+    topics = list(WORD_SETS[c.words].values())
     train = []
     for speaker, size in zip(train_speakers, sizes, strict=True):
         favoured = [topics[i] for i in torch.randperm(len(topics), generator=g)[: c.topics_per_client]]

@@ -1,8 +1,12 @@
-"""English word list of the synthetic speech corpus, grouped into topics.
+"""English word lists of the synthetic speech corpus, grouped into topics.
 
-Every word is plain lowercase a-z, appears once, and no two words share an eSpeak NG
+Every word is plain lowercase a-z, appears once, and no two words of a word set share an eSpeak NG
 pronunciation (checked by ``tests/speech/test_words.py``), so a word error is a real error and
 not a homophone the acoustics cannot separate. Topics give clients a non-IID vocabulary mix.
+
+Word sets (:data:`WORD_SETS`) name the vocabularies a corpus can draw from: ``all`` (the 500-odd
+words of :data:`TOPICS`) and ``digits`` (the ten spoken digits, as in TIDIGITS: Leonard, ICASSP
+1984), a vocabulary small enough for a Conformer-Transducer to learn in minutes on a CPU.
 """
 
 TOPICS: dict[str, tuple[str, ...]] = {
@@ -96,3 +100,9 @@ TOPICS: dict[str, tuple[str, ...]] = {
 }
 
 WORDS: tuple[str, ...] = tuple(word for words in TOPICS.values() for word in words)
+
+DIGITS: tuple[str, ...] = tuple("zero one two three four five six seven eight nine".split())
+"""The ten spoken digits."""
+
+WORD_SETS: dict[str, dict[str, tuple[str, ...]]] = {"all": TOPICS, "digits": {"digits": DIGITS}}
+"""Vocabularies a corpus draws from (``CorpusConfig.words``): topic name -> words."""

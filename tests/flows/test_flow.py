@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -87,17 +86,9 @@ def test_flow_on_seaweedfs_s3_and_an_mlflow_server(cli: Cli, seaweed_s3, mlflow_
     assert sorted(steps) == list(range(1, preset("toy").schedule.num_rounds + 1))
 
 
-def make_run_args() -> list[str]:
-    """The `fedprune` arguments of the Makefile's `run` recipe (the README's main command)."""
-    lines = (Path(__file__).parents[2] / "Makefile").read_text().splitlines()
-    recipe = lines[lines.index("run: setup") + 1].split()
-    return recipe[recipe.index(".venv/bin/fedprune") + 1:]
-
-
-def test_make_run_runs_the_tiny_speech_preset_end_to_end(cli: Cli) -> None:
-    """`make run`'s own arguments: speech corpus synthesized, Conformer-Transducer pruned, WER logged."""
-    assert make_run_args()[:3] == ["run", "--preset", "tiny"]
-    done = cli(*make_run_args(), "--run-id", "speech")
+def test_the_tiny_speech_preset_runs_end_to_end(cli: Cli) -> None:
+    """Speech corpus synthesized, Conformer-Transducer pruned, WER logged (`make run`'s own preset: test_demo.py)."""
+    done = cli("run", "--preset", "tiny", "--run-id", "speech")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stdout + done.stderr
     state = final_state(cli.home, "speech")

@@ -10,8 +10,9 @@ from fedprune_core.speech.corpus import (
     client_sizes,
     plan_corpus,
     render_utterance,
+    vocabulary_words,
 )
-from fedprune_core.speech.words import TOPICS, WORDS
+from fedprune_core.speech.words import DIGITS, TOPICS, WORDS
 
 CONFIG = CorpusConfig(
     num_clients=12,
@@ -113,6 +114,10 @@ def test_vocabulary_is_non_iid_across_clients():
         ({"topic_focus": 1.5}, r"\[0, 1\]"),
         ({"pitch_range": (60, 40)}, "low <= high"),
         ({"num_clients": 190, "min_client_utterances": 1}, "distinct"),
+        ({"words": "colours"}, "words='colours' is not a word set"),
+        ({"words": "digits"}, r"topics_per_client=2 must be in \[1, 1\]"),
+        # 10 + 100 distinct digit strings of 1-2 words; 660 planned utterances need more to leave some unseen
+        ({"words": "digits", "topics_per_client": 1, "max_words": 2}, "110 distinct sentences"),
     ],
 )
 def test_invalid_configs_are_rejected(change, message):
@@ -122,5 +127,23 @@ def test_invalid_configs_are_rejected(change, message):
 
 def test_presets_are_valid_and_meet_the_issue_minimums():
     for config in CORPUS_PRESETS.values():
-        assert config.min_words == 1 and config.max_words == 12
+        if config.words == "all":  # the sentence corpora; `digits` says digit strings
+            assert config.min_words == 1 and config.max_words == 12
     assert len(WORDS) >= 500
+
+
+def test_the_all_word_set_is_the_word_list_and_leaves_older_cache_names_alone():
+    assert vocabulary_words("all") == WORDS
+    assert vocabulary_words("digits") == DIGITS
+    assert ", words=" not in repr(CONFIG)  # the cache is named by the plan's repr (infra.speech_data.corpus_dir)
+
+
+def test_the_digits_corpus_says_every_digit_and_its_held_out_speakers_say_unseen_strings():
+    config = CORPUS_PRESETS["digits"]
+    plan = plan_corpus(config)
+    said = [u.text.split() for plans in plan.splits.values() for p in plans for u in p.utterances]
+    assert {w for words in said for w in words} == set(DIGITS)
+    assert {len(words) for words in said} == set(range(1, config.max_words + 1))
+    held_out = [u.text for p in plan.splits["test_speakers"] for u in p.utterances]
+    assert len(held_out) == config.num_test_speakers * config.test_speaker_utterances
+    assert not set(held_out) & {u.text for p in plan.train for u in p.utterances}
