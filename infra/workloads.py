@@ -10,7 +10,7 @@ depends on the model (`num_clients`, `load`, `corpus_config`, `fedprune worker`)
 |---|---|---|
 | toy | toy | a synthetic MLP task generated from the seed (`fedprune_core.toy`) |
 | noop | noop | the same, with clients that train nothing (orchestration benchmarks) |
-| speech | tiny, small, paper | the speech corpus cache, generated on first use (`infra.speech_data`) |
+| speech | tiny, demo, small, paper | the speech corpus cache, generated on first use (`infra.speech_data`) |
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ def test_a_registered_workload_is_counted_loaded_and_prepared_by_its_model(tally
 
 
 def test_an_unknown_model_names_itself_and_the_registered_ones() -> None:
-    shown = r"model='nope' is not served by a registered workload: use one of toy, noop, tiny, small, paper, or add"
+    shown = (r"model='nope' is not served by a registered workload: use one of toy, noop, tiny, demo, small, paper, "
+             "or add")
     with pytest.raises(ValueError, match=shown):
         num_clients(preset("tiny", {"model": "nope"}))
     with pytest.raises(ValueError, match=shown):
