@@ -62,9 +62,9 @@ def tally(monkeypatch: pytest.MonkeyPatch) -> Tally:
 
 
 def test_the_registry_serves_each_model_from_one_entry() -> None:
-    assert models() == ("toy", "noop", "tiny", "small", "paper")
+    assert models() == ("toy", "noop", "tiny", "demo", "small", "paper")
     assert {m: workload_spec(m).name for m in models()} == {
-        "toy": "toy", "noop": "noop", "tiny": "speech", "small": "speech", "paper": "speech"}
+        "toy": "toy", "noop": "noop", "tiny": "speech", "demo": "speech", "small": "speech", "paper": "speech"}
     assert num_clients(preset("toy")) == TOY_CLIENTS
     assert num_clients(preset("tiny")) == CORPUS_PRESETS["test"].num_clients
     assert num_clients(preset("small")) == CORPUS_PRESETS["bench"].num_clients
@@ -114,7 +114,7 @@ def test_a_worker_without_a_corpus_stands_for_seed_made_clients(tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match=rf"names {TOY_CLIENTS}, but the data has clients 0-{TOY_CLIENTS - 1}"):
         worker_clients(None, str(TOY_CLIENTS))
-    with pytest.raises(ValueError, match=r"corpus='nope' is not a corpus preset: use one of test, bench"):
+    with pytest.raises(ValueError, match=r"corpus=.nope. is not a corpus preset: use one of test, bench, digits"):
         worker_clients("nope", "0")
 
 
