@@ -114,7 +114,7 @@ def test_a_worker_without_a_corpus_stands_for_seed_made_clients(tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match=rf"names {TOY_CLIENTS}, but the data has clients 0-{TOY_CLIENTS - 1}"):
         worker_clients(None, str(TOY_CLIENTS))
-    with pytest.raises(ValueError, match=r"corpus=.nope. is not a corpus preset: use one of test, bench, digits"):
+    with pytest.raises(ValueError, match=r"corpus=.nope. is not a corpus preset: use one of test, digits, bench"):
         worker_clients("nope", "0")
 
 
