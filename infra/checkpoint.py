@@ -31,9 +31,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from infra.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageKeyError, UnrecoverableRunError
 from infra.storage import (
@@ -57,7 +55,10 @@ _MANIFEST = "manifest.json"
 TMP_MAX_AGE_S = 600.0
 """`apply_retention` removes temporary files of writes started longer ago than this (10 minutes)."""
 
-TensorGroups = dict[str, dict[str, torch.Tensor]]
+if TYPE_CHECKING:  # torch is loaded with the first checkpoint object, not to list runs
+    import torch
+
+TensorGroups = dict[str, dict[str, "torch.Tensor"]]
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from prefect import task
 from fedprune_core.participation import RoundParticipation
 from fedprune_core.schedule import phase_at
 from infra.runs import RunRef, open_run
-from tasks.options import IO_RETRIES
+from tasks.options import IO_RETRIES, round_task
 
 
-@task(name="checkpoint", **IO_RETRIES)
+@task(name="checkpoint", task_run_name=round_task("checkpoint"), **IO_RETRIES)
 def checkpoint(
     ref: RunRef, round_num: int, state_key: str, mlflow_run_id: str, left_out: list[RoundParticipation] | None = None
 ) -> str:

@@ -14,12 +14,12 @@ from fedprune_core.engine import train_client
 from infra.cluster import local_ref, worker_name
 from infra.errors import ClientDataError
 from infra.runs import RunRef, open_run
-from tasks.options import IO_RETRIES, retry_unless_outage
+from tasks.options import IO_RETRIES, retry_unless_outage, round_task
 
 GRAD_SQ = "grad_sq:"
 PLACEMENT_LOGGER = "prefect.task_runs.placement"
-"""The task run's log at INFO for where it ran, while Prefect's own task-run lines keep the quieter
-level `infra.settings.QUIET_DEFAULTS` sets."""
+"""The task run's log at INFO for where it ran, on the console too: `infra.settings.task_runs_off_console`
+keeps only Prefect's own task-run logger off it."""
 
 
 def _placement_logger() -> logging.LoggerAdapter[logging.Logger]:
@@ -35,7 +35,7 @@ def _worth_retrying(task: Any, task_run: Any, state: State[Any]) -> bool:
     return not isinstance(state.data, ClientDataError) and retry_unless_outage(task, task_run, state)
 
 
-@task(name="client-train", task_run_name="client-train-r{round_num}-c{client_id}",
+@task(name="client-train", task_run_name=round_task("client-train", client=True),
       **{**IO_RETRIES, "retry_condition_fn": _worth_retrying})
 def client_train(ref: RunRef, round_num: int, client_id: int, payload_key: str) -> dict[str, Any]:
     """Returns the update's key, the client's stats (loss, examples, time, memory, bytes) and where

@@ -53,7 +53,7 @@ def _plot(tracker: Tracker, keys: list[str]) -> bytes | None:
     return buf.getvalue()
 
 
-@task(name="finalize", **IO_RETRIES)
+@task(name="finalize", task_run_name="finalize", **IO_RETRIES)
 def finalize(ref: RunRef, state_key: str, tracking_uri: str, mlflow_run_id: str) -> None:
     """Writes the run's artifacts to MLflow and the compact model to storage."""
     run = open_run(ref)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import task
 
 from infra.runs import RunRef, open_run
-from tasks.options import IO_RETRIES
+from tasks.options import IO_RETRIES, round_task
 
 
-@task(name="mask", **IO_RETRIES)
+@task(name="mask", task_run_name=round_task("mask"), **IO_RETRIES)
 def mask(ref: RunRef, round_num: int, state_key: str, scores_key: str) -> str:
     """Returns the key of the round's masks."""
     run = open_run(ref)
