@@ -126,8 +126,8 @@ def _status_of(storage: Storage, experiment: str, run_id: str) -> RunStatus:
 class StatusWriter:
     """Keeps a run's status record while the run runs (a context manager around the run).
 
-    On enter it starts a thread that writes "running" at once (keeping `started` and the last
-    evaluation of an earlier start), then every `heartbeat_s`; `progress` and `committed` update what
+    On enter it writes "running" (keeping `started` and the last evaluation of an earlier start) and
+    starts a thread that writes the record every `heartbeat_s`; `progress` and `committed` update what
     the next write holds (`committed` wakes the thread). On exit the thread writes "finished",
     "interrupted" (KeyboardInterrupt, or a cancellation that is not an `Exception`) or "failed" with
     the error's first line, and stops. Writes never raise into the run and the exit waits at most
@@ -160,6 +160,7 @@ class StatusWriter:
             return self._status
 
     def __enter__(self) -> StatusWriter:
+        self._write()  # before the thread starts: the only writer now
         _ACTIVE[(self._status.experiment, self._status.run_id)] = self
         self._thread.start()
         return self
@@ -198,18 +199,22 @@ class StatusWriter:
 
     def _beat(self) -> None:
         while True:
-            with self._lock:
-                stopping = self._stopping  # read before the write: a stop asked during it gets one more
-                self._status = replace(self._status, updated=time.time())
-                record = self._status.to_json()
-            try:
-                put_json(self.storage, self._key, record)
-            except Exception:  # noqa: BLE001 - e.g. a storage outage: the next heartbeat tries again
-                pass
-            if stopping:
-                return
             self._wake.wait(self.heartbeat_s)
             self._wake.clear()
+            with self._lock:
+                stopping = self._stopping  # read before the write: a stop asked during it gets one more
+            self._write()
+            if stopping:
+                return
+
+    def _write(self) -> None:
+        with self._lock:
+            self._status = replace(self._status, updated=time.time())
+            record = self._status.to_json()
+        try:
+            put_json(self.storage, self._key, record)
+        except Exception:  # noqa: BLE001 - e.g. a storage outage: the next heartbeat tries again
+            pass
 
 
 _ACTIVE: dict[tuple[str, str], StatusWriter] = {}
