@@ -170,7 +170,9 @@ def _run_flow(as_json: bool, **params: Any) -> dict[str, Any]:
     settings = _settings()
     from infra.outage import OutageError, configured_budget_s, find_outage, hide_outage_errors
     from infra.prefect_api import api_is_ours, prefect_api_lost, wait_for_prefect_api
+    from infra.stores import describe
 
+    typer.echo(describe(settings)[0], err=True)  # which store this run goes to (`fedprune runs list` says more)
     ours = api_is_ours(settings)
     api = _prefect_api(settings)
     from fedprune_core.participation import RoundFailedError
@@ -266,7 +268,7 @@ def resume(
     """Resume a run from its newest checkpoint that verifies (newer, damaged ones are set aside) into the same
     MLflow run."""
     from flows.validation import check_run, check_services
-    from infra.checkpoint import CheckpointStore, list_runs, validate_run_id
+    from infra.checkpoint import CheckpointStore, find_runs, validate_run_id
     from infra.errors import InfraError
     from infra.runs import RunOptions
 
@@ -275,18 +277,18 @@ def resume(
         settings = _settings()
         validate_run_id(run_id)
         storage = check_services(settings)
-        found = [r for r in list_runs(storage, experiment_name) if r.run_id == run_id]
+        found = [experiment for experiment, r in find_runs(storage, experiment_name) if r == run_id]
         if not found:
             raise ValueError(f"run_id={run_id!r} does not exist in {settings.storage_url}: see `fedprune runs list`")
         if len(found) > 1:
             raise ValueError(f"run_id={run_id!r} exists in several experiments: pass --experiment")
-        stored = CheckpointStore(storage, found[0].experiment, run_id).read_config()
+        stored = CheckpointStore(storage, found[0], run_id).read_config()
         options = RunOptions(**stored["options"])
-        check_run(stored["preset"], stored["overrides"], run_id, found[0].experiment, options, settings)
+        check_run(stored["preset"], stored["overrides"], run_id, found[0], options, settings)
     except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
     _run_flow(as_json, preset=stored["preset"], overrides=stored["overrides"], run_id=run_id,
-              experiment_name=found[0].experiment, **stored["options"])
+              experiment_name=found[0], **stored["options"])
 
 
 @app.command()

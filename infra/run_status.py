@@ -23,7 +23,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any
 
-from infra.checkpoint import CheckpointStore, list_runs
+from infra.checkpoint import CheckpointStore, find_runs
 from infra.errors import StorageKeyError
 from infra.storage import Storage, get_json, put_json
 
@@ -104,9 +104,9 @@ def list_statuses(storage: Storage, experiment: str | None = None, now: float | 
     storage (`LEGACY_FINISHED`, ``LATEST``). Runs are read concurrently (a few ms each on S3).
     """
     now = time.time() if now is None else now
-    runs = list_runs(storage, experiment)
+    runs = find_runs(storage, experiment)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        found = list(pool.map(lambda r: _status_of(storage, r.experiment, r.run_id), runs))
+        found = list(pool.map(lambda run: _status_of(storage, *run), runs))
     return [replace(s, state=s.state_at(now)) for s in found]
 
 
