@@ -172,9 +172,9 @@ def _run_flow(as_json: bool, **params: Any) -> dict[str, Any]:
     from infra.prefect_api import api_is_ours, prefect_api_lost, wait_for_prefect_api
     from infra.stores import describe
 
-    typer.echo(describe(settings)[0], err=True)  # which store this run goes to (`fedprune runs list` says more)
     ours = api_is_ours(settings)
     api = _prefect_api(settings)
+    typer.echo(describe(settings)[0], err=True)  # which store this run goes to (`fedprune runs list` says more)
     from fedprune_core.participation import RoundFailedError
     from fedprune_core.presets import preset as make_preset
     from flows.experiment import experiment
