@@ -48,8 +48,9 @@ def task_runs_off_console() -> None:
     """Keep task runs' records below WARNING off the console handlers of the root logger (Prefect's);
     Prefect's API log handler, on the task-run logger itself, still ships them. Idempotent; call it in
     every process that runs tasks (`tasks/__init__.py` does, on import)."""
-    import prefect  # noqa: F401 - Prefect configures logging (its console handler) on import
+    from prefect.logging.configuration import ensure_logging_setup
 
+    ensure_logging_setup()  # its console handler, if Prefect has not yet (a task process unpickling its task)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _TaskRunsOffConsole) for f in handler.filters):
             handler.addFilter(_TaskRunsOffConsole())

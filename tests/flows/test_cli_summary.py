@@ -131,3 +131,19 @@ def test_with_an_mlflow_server_json_stays_alone_and_links_to_the_server(cli: Cli
     assert summary["mlflow_run_url"].startswith(f"{mlflow_server.tracking_uri}/#/experiments/")
     assert summary["mlflow_run_url"].endswith(f"/runs/{summary['mlflow_run_id']}")
 
+
+
+@pytest.mark.parametrize("runner", ["processes", "dask"])
+def test_task_processes_keep_task_lines_off_the_console_and_ship_them(cli: Cli, prefect_api: str, runner: str) -> None:
+    """A task process imports `tasks` while unpickling its task, before Prefect has set up its logging."""
+    done = cli("run", "--preset", "toy", "--run-id", runner, "--task-runner", runner, "--max-workers", "2", "--set",
+               "schedule.num_rounds=2", "--set", "schedule.sparsify_rounds=1", "--set", "schedule.refine_rounds=0",
+               "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Task run '" not in done.stderr
+    (segment,) = api_post(prefect_api, "flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"run:{runner}"]},
+                                                                          "name": {"any_": [f"{runner}-rounds-1-2"]}}})
+    tasks = api_post(prefect_api, "task_runs/filter", {"flow_runs": {"id": {"any_": [segment["id"]]}}, "limit": 200})
+    trained = [t["id"] for t in tasks if "-client-train-" in t["name"]]
+    logs = api_post(prefect_api, "logs/filter", {"logs": {"task_run_id": {"any_": trained}}, "limit": 200})
+    assert trained and {log["task_run_id"] for log in logs} == set(trained)
