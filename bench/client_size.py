@@ -33,8 +33,8 @@ from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import build_model
 from fedprune_core.strategies.fedprune import FedPrune
-from fedprune_core.submodel import extract
-from fedprune_core.types import MaskDict, Payload, StateDict
+from fedprune_core.submodel import extract, float_entries
+from fedprune_core.types import MaskDict, StateDict
 from infra.runs import STATE_OBJECT, warm_start_source
 from infra.settings import Settings
 from infra.storage import open_storage
@@ -45,11 +45,6 @@ def load_weights(run: str) -> StateDict:
     settings = Settings()
     checkpoint = warm_start_source(open_storage(settings.storage_url, settings.s3_endpoint_url), "", run).load()
     return ServerState.from_flat(checkpoint.round_num, checkpoint.tensors[STATE_OBJECT]).weights
-
-
-def float_entries(payload: Payload) -> int:
-    """Entries of the float tensors of a payload: values a client holds (indices left out)."""
-    return sum(t.numel() for t in payload.values() if t.is_floating_point())
 
 
 def one_shot_fp_masks(

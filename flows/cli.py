@@ -1,13 +1,16 @@
 """`fedprune`: run, resume and inspect federated pruning experiments, and manage the local stack.
 
 Every command validates its input first; bad input prints one clear line and exits with code 2.
+`run` and `resume` end with a summary on stdout (one JSON object with ``--json``); logs go to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -20,7 +23,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 apply_quiet_defaults(os.environ)  # before Prefect configures logging
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+HELP = {"help_option_names": ["-h", "--help"]}  # every command's context inherits it
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings=HELP)
 stack_app = typer.Typer(help="The local stack on 127.0.0.1: Prefect server + UI, MLflow server + UI, SeaweedFS S3.",
                         no_args_is_help=True)
 data_app = typer.Typer(help="Speech corpora.", no_args_is_help=True)
@@ -31,6 +36,22 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"fedprune {version('fedprune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass
 
 
 def _fail(message: str) -> NoReturn:
@@ -125,13 +146,35 @@ def _prefect_api(settings: Settings) -> str:
         _fail(str(e))
 
 
-def _run_flow(**params: Any) -> dict[str, Any]:
+AsJson = Annotated[bool, typer.Option(
+    "--json", help="Print the summary as one JSON object (flows.summary.FIELDS): nothing else on stdout.")]
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """While the flow runs, what is written to stdout (MLflow's "View run" lines, task processes) goes to
+    stderr, so stdout holds only the command's result."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _run_flow(as_json: bool, **params: Any) -> dict[str, Any]:
+    """Run the experiment flow; print its summary (text, or one JSON object) on stdout, logs on stderr."""
     settings = _settings()
     from infra.outage import OutageError, configured_budget_s, find_outage, hide_outage_errors
     from infra.prefect_api import api_is_ours, prefect_api_lost, wait_for_prefect_api
+    from infra.stores import describe
 
     ours = api_is_ours(settings)
     api = _prefect_api(settings)
+    typer.echo(describe(settings)[0], err=True)  # which store this run goes to (`fedprune runs list` says more)
     from fedprune_core.participation import RoundFailedError
     from fedprune_core.presets import preset as make_preset
     from flows.experiment import experiment
@@ -143,7 +186,8 @@ def _run_flow(**params: Any) -> dict[str, Any]:
     hide_outage_errors()
     while True:
         try:
-            result: dict[str, Any] = experiment(**params)
+            with _stdout_to_stderr():
+                result: dict[str, Any] = experiment(**params)
             break
         except KeyboardInterrupt:
             typer.secho(f"interrupted: run {run_id} stopped at its last checkpoint; to go on: `{command}`",
@@ -167,11 +211,9 @@ def _run_flow(**params: Any) -> dict[str, Any]:
             typer.secho(f"error: {outage}; run {run_id} stopped at its last checkpoint: once it is back, "
                         f"`{command}`", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
-    ui = api.removesuffix("/api")
-    typer.echo(json.dumps(result, indent=2))
-    typer.echo(f"Prefect UI: {ui}  (flow runs)")
-    typer.echo(f"MLflow: {settings.tracking_uri}  (browse: `mlflow ui --backend-store-uri {settings.tracking_uri}`"
-               " or the stack's MLflow UI)")
+    from flows.summary import as_text
+
+    typer.echo(json.dumps(result) if as_json else as_text(result))
     return result
 
 
@@ -194,6 +236,7 @@ def run(
              "with --task-runner dask.")] = None,
     insecure: Annotated[bool, typer.Option(help="Allow plain tcp:// to a non-loopback scheduler.")] = False,
     outage_budget: OutageBudget = None,
+    as_json: AsJson = False,
 ) -> None:
     """Run a federated pruning experiment (or resume it, if RUN_ID exists with the same configuration)."""
     from flows.validation import check_run
@@ -210,7 +253,7 @@ def run(
     except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
     # the run id is fixed here (made now for a new run), so a run the CLI starts again after an outage resumes it
-    _run_flow(preset=preset, overrides=overrides, run_id=checked.run_id, experiment_name=experiment_name,
+    _run_flow(as_json, preset=preset, overrides=overrides, run_id=checked.run_id, experiment_name=experiment_name,
               **options.__dict__)
 
 
@@ -220,11 +263,12 @@ def resume(
     experiment_name: Annotated[str | None, typer.Option("--experiment", help="Its experiment, if ambiguous.")]
     = None,
     outage_budget: OutageBudget = None,
+    as_json: AsJson = False,
 ) -> None:
     """Resume a run from its newest checkpoint that verifies (newer, damaged ones are set aside) into the same
     MLflow run."""
     from flows.validation import check_run, check_services
-    from infra.checkpoint import CheckpointStore, list_runs, validate_run_id
+    from infra.checkpoint import CheckpointStore, find_runs, validate_run_id
     from infra.errors import InfraError
     from infra.runs import RunOptions
 
@@ -233,18 +277,18 @@ def resume(
         settings = _settings()
         validate_run_id(run_id)
         storage = check_services(settings)
-        found = [r for r in list_runs(storage, experiment_name) if r.run_id == run_id]
+        found = [experiment for experiment, r in find_runs(storage, experiment_name) if r == run_id]
         if not found:
             raise ValueError(f"run_id={run_id!r} does not exist in {settings.storage_url}: see `fedprune runs list`")
         if len(found) > 1:
             raise ValueError(f"run_id={run_id!r} exists in several experiments: pass --experiment")
-        stored = CheckpointStore(storage, found[0].experiment, run_id).read_config()
+        stored = CheckpointStore(storage, found[0], run_id).read_config()
         options = RunOptions(**stored["options"])
-        check_run(stored["preset"], stored["overrides"], run_id, found[0].experiment, options, settings)
+        check_run(stored["preset"], stored["overrides"], run_id, found[0], options, settings)
     except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
-    _run_flow(preset=stored["preset"], overrides=stored["overrides"], run_id=run_id,
-              experiment_name=found[0].experiment, **stored["options"])
+    _run_flow(as_json, preset=stored["preset"], overrides=stored["overrides"], run_id=run_id,
+              experiment_name=found[0], **stored["options"])
 
 
 @app.command()
@@ -321,22 +365,30 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 @runs_app.command("list")
-def runs_list(experiment_name: Annotated[str | None, typer.Option("--experiment")] = None) -> None:
-    """List runs in storage with their last committed round."""
-    from infra.checkpoint import list_runs
+def runs_list(
+    experiment_name: Annotated[str | None, typer.Option("--experiment", help="Only this experiment's runs.")] = None,
+) -> None:
+    """List the runs in storage: status (running, finished, failed, interrupted), round x of N, last
+    evaluation, start time. Which store is listed, and how to list the other, goes to stderr."""
     from infra.errors import InfraError
+    from infra.run_status import list_statuses, table
     from infra.storage import S3Storage, check_reachable, open_storage
+    from infra.stores import describe
 
     try:
         settings = _settings()
         storage = open_storage(settings.storage_url, settings.s3_endpoint_url)
         if isinstance(storage, S3Storage):  # fail fast; a local directory need not exist to be listed
             check_reachable(storage)
-        runs = list_runs(storage, experiment_name)
+        statuses = list_statuses(storage, experiment_name)
     except (ValueError, OSError, InfraError) as e:
         _fail(str(e))
-    for r in runs:
-        typer.echo(f"{r.experiment}\t{r.run_id}\tlatest round {r.latest_round}")
+    for line in describe(settings):
+        typer.echo(line, err=True)
+    if statuses:
+        typer.echo(table(statuses))
+    else:
+        typer.echo(f"no runs in {settings.storage_url}", err=True)
 
 
 @stack_app.command("up")

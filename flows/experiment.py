@@ -7,9 +7,14 @@ experiment (parent flow)
                -> aggregate -> [evaluate] -> [log metrics, flush, checkpoint]
     score and mask run in the rounds that can change masks (`Strategy.keeps_masks`); the others
     (fine-tuning, FedAvg, between PruneFL's reconfigurations) keep the state's scores and masks.
-  finalize: artifacts
+  finalize: artifacts; summarize: the summary the flow returns and its run carries as an artifact
 A run is identified by `run_id`; running the flow again with an existing run id resumes it from
 its newest checkpoint that verifies (`CheckpointStore.recover`) into the same MLflow run.
+
+The parent flow run is named by the run id and tagged ``run:<id>``, ``strategy:<name>``,
+``preset:<name>`` and ``experiment:<name>``; its segments and task runs inherit the tags. The MLflow
+run carries the flow run's id and URL (`PREFECT_TAGS`, this start's), and the run's status record
+(`infra.run_status`) says whether it runs, finished, failed or was interrupted.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger, tags
+from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.urls import url_for
 
 from fedprune_core.config import FederatedConfig
 from fedprune_core.participation import (
@@ -36,6 +43,7 @@ from fedprune_core.participation import (
 )
 from fedprune_core.rng import sample_clients
 from fedprune_core.simulate import should_evaluate
+from flows.summary import artifact_key, as_markdown, duration
 from flows.validation import check_run
 from infra.checkpoint import CheckpointStore
 from infra.cluster import (
@@ -50,8 +58,10 @@ from infra.cluster import (
     served_clients,
 )
 from infra.prefect_retention import segment_name, trim_segments
+from infra.run_status import RunStatus, StatusWriter, active_writer
 from infra.runs import RunOptions, RunRef, open_run
 from infra.settings import Settings, load_settings
+from infra.stores import mlflow_pages
 from infra.tracking import RUN_ID_TAG, Tracker, fail_unfinished_starts, run_params
 from tasks.aggregate import aggregate
 from tasks.checkpoint import checkpoint
@@ -62,6 +72,7 @@ from tasks.finalize import finalize
 from tasks.initialize import initialize
 from tasks.mask import mask
 from tasks.score import score
+from tasks.summarize import summarize
 
 
 def make_task_runner(options: RunOptions) -> TaskRunner[Any]:
@@ -118,11 +129,16 @@ PROGRESS_EVERY_S = 5.0
 """A progress line at most this often (plus every evaluation and the segment's last round)."""
 
 
-def progress_line(round_num: int, total: int, metrics: dict[str, float]) -> str:
-    """A round's progress line: where the run is and how it is doing."""
+def progress_line(round_num: int, total: int, metrics: dict[str, float], rounds_done: int, elapsed_s: float) -> str:
+    """A round's progress line: where the run is, how fast it goes (over the `rounds_done` rounds of the
+    last `elapsed_s` seconds), when it ends at that pace, and how it is doing."""
     shown = ("train_loss", "sparsity", "eval_wer", "eval_accuracy", "bytes_down", "client_time_s_max")
     parts = [f"{k}={metrics[k]:.4g}" for k in shown if k in metrics]
-    return f"round {round_num}/{total} ({100 * round_num / total:.1f}%) " + " ".join(parts)
+    per_round = elapsed_s / max(rounds_done, 1)
+    pace = f"{1 / per_round:.3g} rounds/s" if 0 < per_round < 1 else f"{per_round:.3g} s/round"
+    eta = f"ETA {duration(per_round * (total - round_num))}"
+    return f"round {round_num}/{total} ({100 * round_num / total:.1f}%) {pace}, {eta} " + " ".join(parts)
+
 
 
 WATCH_S = 2.0
@@ -248,10 +264,11 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
     cfg, options = run.config, run.options
     tracker = Tracker(tracking_uri, ref.experiment, run_id=mlflow_run_id)
     logger = get_run_logger()
-    shown = time.monotonic()
+    began = shown = time.monotonic()
     left_out: list[RoundParticipation] = []
     served = _cluster_view(options)
     placements: list[dict[str, Any]] = []
+    status = active_writer(ref.experiment, ref.run_id)  # the parent flow's, in this process
     for r in range(first, last + 1):
         scores_key = masks_key = None  # the state's own
         if not run.strategy.keeps_masks(r):
@@ -270,12 +287,16 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
         if evaluated:
             metrics |= evaluate(ref, r, state_key)
         tracker.log_metrics(r, metrics)
+        if status is not None:
+            status.progress(r, metrics)
         if evaluated or r == last or time.monotonic() - shown >= PROGRESS_EVERY_S:
-            logger.info(progress_line(r, cfg.schedule.num_rounds, metrics))
+            logger.info(progress_line(r, cfg.schedule.num_rounds, metrics, r - first + 1, time.monotonic() - began))
             shown = time.monotonic()
         if r % options.checkpoint_every == 0 or r == last:
             tracker.flush()
             state_key = checkpoint(ref, r, state_key, mlflow_run_id, left_out)
+            if status is not None:
+                status.committed(r)
             if left_out:
                 tracker.log_artifact_bytes("participation.csv", participation_csv(run.participation_records()).encode())
                 left_out = []
@@ -298,7 +319,38 @@ def _cluster_view(options: RunOptions) -> Served | None:
     return lambda: served_clients(runner.client)
 
 
-@flow(name="fedprune-experiment", persist_result=False)
+PREFECT_ID_TAG = "fedprune.prefect_flow_run_id"
+PREFECT_URL_TAG = "fedprune.prefect_flow_run_url"
+"""MLflow tags of a run: its Prefect flow run (this start's), and that run's page in the Prefect UI."""
+
+
+def _flow_run_name() -> str:
+    """A parent flow run's first name: its run id when given (the CLI always gives one), else Prefect's."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.parameters.get("run_id") or flow_run.name)
+
+
+def run_labels(ref: RunRef, preset: str, strategy: str) -> tuple[str, ...]:
+    """The Prefect tags of a run's flow runs and task runs."""
+    return (f"run:{ref.run_id}", f"strategy:{strategy}", f"preset:{preset}", f"experiment:{ref.experiment}")
+
+
+def _label_flow_run(run_id: str, labels: tuple[str, ...]) -> dict[str, str]:
+    """Name this flow run `run_id` and add `labels` to its tags (a deployment's own tags stay).
+
+    Returns:
+        The MLflow tags naming it: `PREFECT_ID_TAG`, `PREFECT_URL_TAG`.
+    """
+    context = FlowRunContext.get()
+    assert context is not None and context.flow_run is not None, "called inside the experiment flow"
+    flow_run = context.flow_run
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, name=run_id, tags=sorted(set(flow_run.tags) | set(labels)))
+    return {PREFECT_ID_TAG: str(flow_run.id), PREFECT_URL_TAG: url_for("flow-run", obj_id=flow_run.id) or ""}
+
+
+@flow(name="fedprune-experiment", flow_run_name=_flow_run_name, persist_result=False)
 def experiment(
     preset: str = "tiny",
     overrides: dict[str, Any] | None = None,
@@ -324,23 +376,31 @@ def experiment(
             insecure: see `infra.runs.RunOptions`.
 
     Returns:
-        {"run_id", "mlflow_run_id", "storage_url", "rounds"}.
+        The run's summary (`flows.summary.FIELDS`), which its flow run also carries as an artifact.
     """
+    began = time.monotonic()
     options = RunOptions(rounds_per_segment, checkpoint_every, keep_last, keep_every, task_runner, max_workers,
                          dask_address, insecure)
     settings = load_settings()
     ref, mlflow_run_id, existed = prepare(preset, overrides, run_id, experiment_name, options, settings)
     run = open_run(ref)
-    tags = {RUN_ID_TAG: ref.run_id, "fedprune.strategy": run.config.strategy}
+    labels = run_labels(ref, preset, run.config.strategy)
+    prefect_tags = _label_flow_run(ref.run_id, labels)
+    mlflow_tags = {RUN_ID_TAG: ref.run_id, "fedprune.strategy": run.config.strategy, **prefect_tags}
     if mlflow_run_id is None:  # nothing committed: an earlier start of this run id died before round 0
         fail_unfinished_starts(settings.tracking_uri, experiment_name, ref.run_id)
-    # A run that stops on an error ends its MLflow run as FAILED, the reason in a tag (`Tracker.__exit__`);
-    # resuming it sets it RUNNING again.
-    with Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id,
-                 tags=tags) as tracker:
+    start = _status_record(ref, preset, run.config.strategy, run.config.schedule.num_rounds,
+                           run.checkpoints.latest_round())
+    # A run that stops on an error ends its MLflow run as FAILED, the reason in a tag (`Tracker.__exit__`),
+    # and its status record as failed or interrupted; resuming it sets both running again.
+    with (tags(*labels), StatusWriter(run.storage, start) as status,
+          Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id,
+                  tags=mlflow_tags) as tracker):
+        tracker.set_tags(prefect_tags)  # a resumed run: this start's flow run
         if mlflow_run_id is None:
             tracker.log_params(run_params(preset, ref.run_id, run.config, options.__dict__))
             state_key = initialize(ref, tracker.run_id)
+            status.committed(0)
         latest = run.checkpoints.latest_round() or 0
         state_key = run.checkpoint_key(latest)
         total = run.config.schedule.num_rounds
@@ -355,5 +415,23 @@ def experiment(
                 state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
             trim_segments(ref.run_id, last, settings.prefect_keep_rounds)  # the Prefect database stays small
         finalize(ref, state_key, settings.tracking_uri, tracker.run_id)
-    return {"run_id": ref.run_id, "mlflow_run_id": tracker.run_id, "storage_url": settings.storage_url,
-            "rounds": total, "resumed": existed}
+        facts = summarize(ref, state_key, settings.tracking_uri, tracker.run_id)
+    summary = {
+        "run_id": ref.run_id, "experiment": experiment_name, "preset": preset, "strategy": run.config.strategy,
+        "status": "finished", "resumed": existed, "rounds": total, "rounds_run": total - latest,
+        "time_s": time.monotonic() - began, **facts,
+        "prefect_flow_run_id": prefect_tags[PREFECT_ID_TAG], "prefect_flow_run_url": prefect_tags[PREFECT_URL_TAG],
+        **mlflow_pages(settings.tracking_uri, tracker.experiment_id, tracker.run_id),
+        "storage_url": settings.storage_url,
+    }
+    create_markdown_artifact(as_markdown(summary), key=artifact_key(experiment_name, ref.run_id),
+                             description=f"FedPrune run {ref.run_id}: its result, a client's size and traffic")
+    return summary
+
+
+def _status_record(ref: RunRef, preset: str, strategy: str, rounds: int, committed: int | None) -> RunStatus:
+    """A run's status record as it (re)starts from `committed`."""
+    now = time.time()
+    return RunStatus(ref.experiment, ref.run_id, "running", committed or 0, committed, rounds, now, now,
+                     strategy=strategy, preset=preset)
+

@@ -31,9 +31,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from infra.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageKeyError, UnrecoverableRunError
 from infra.storage import (
@@ -57,7 +55,10 @@ _MANIFEST = "manifest.json"
 TMP_MAX_AGE_S = 600.0
 """`apply_retention` removes temporary files of writes started longer ago than this (10 minutes)."""
 
-TensorGroups = dict[str, dict[str, torch.Tensor]]
+if TYPE_CHECKING:  # torch is loaded with the first checkpoint object, not to list runs
+    import torch
+
+TensorGroups = dict[str, dict[str, "torch.Tensor"]]
 
 
 @dataclass(frozen=True)
@@ -593,18 +594,29 @@ def _is_run_dir(experiment: str, run_id: str) -> bool:
     return bool(_EXPERIMENT_RE.match(experiment) and _RUN_ID_RE.match(run_id))
 
 
-def list_runs(storage: Storage, experiment: str | None = None) -> list[RunSummary]:
-    """Return the runs stored in `storage` (those with a config.json), sorted by experiment, run_id.
+def find_runs(storage: Storage, experiment: str | None = None) -> list[tuple[str, str]]:
+    """(experiment, run_id) of the runs stored in `storage` (those with a config.json), sorted; reads no object.
 
     Args:
         storage: where runs live.
         experiment: only this experiment's runs; None for all.
     """
     prefix = f"{validate_experiment(experiment)}/" if experiment is not None else ""
-    summaries = []
+    found = []
     for key in storage.list_keys(prefix):
         parts = key.split("/")
         if len(parts) == 3 and parts[2] == "config.json" and _is_run_dir(parts[0], parts[1]):
-            store = CheckpointStore(storage, parts[0], parts[1])
-            summaries.append(RunSummary(parts[0], parts[1], store._read_latest_or_none()))
-    return summaries
+            found.append((parts[0], parts[1]))
+    return found
+
+
+def list_runs(storage: Storage, experiment: str | None = None) -> list[RunSummary]:
+    """Return the runs stored in `storage` (those with a config.json) with their latest committed round,
+    sorted by experiment, run_id.
+
+    Args:
+        storage: where runs live.
+        experiment: only this experiment's runs; None for all.
+    """
+    return [RunSummary(e, r, CheckpointStore(storage, e, r)._read_latest_or_none()) for e, r in
+            find_runs(storage, experiment)]

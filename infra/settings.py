@@ -11,6 +11,7 @@ defaults ("fedprune" / "fedprune-secret") are for the loopback-only local stack;
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,31 @@ CHILD_ENV_DEFAULTS: dict[str, str] = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
 }
-# Defaults a user may override: Prefect's per-task "Finished in state Completed()" INFO lines (7+ per
-# round, each also a row the Prefect server writes) are left out of the console and the API logs;
-# task failures and retries still log (WARNING and above), task states stay in the UI, and the
-# flow logs one progress line per round. Set the variable to INFO to get them back.
-QUIET_DEFAULTS: dict[str, str] = {
-    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "WARNING",
-}
+# Defaults a user may override (none at present). Prefect's per-task lines ("Finished in state
+# Completed()", 7+ per round) go to the Prefect API, so each task run's page shows its log, and stay off
+# the console (`task_runs_off_console`), where the flow logs one progress line per round; task failures
+# and retries (WARNING and above) show in both. Set PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL=WARNING
+# to keep the INFO lines out of the API too (one row each in the Prefect server's database).
+QUIET_DEFAULTS: dict[str, str] = {}
+TASK_RUN_LOGGER = "prefect.task_runs"
+"""Prefect's logger of task-run lines (its `get_run_logger()` inside a task)."""
+
+
+class _TaskRunsOffConsole(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name != TASK_RUN_LOGGER
+
+
+def task_runs_off_console() -> None:
+    """Keep task runs' records below WARNING off the console handlers of the root logger (Prefect's);
+    Prefect's API log handler, on the task-run logger itself, still ships them. Idempotent; call it in
+    every process that runs tasks (`tasks/__init__.py` does, on import)."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # its console handler, if Prefect has not yet (a task process unpickling its task)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _TaskRunsOffConsole) for f in handler.filters):
+            handler.addFilter(_TaskRunsOffConsole())
 
 
 def apply_quiet_defaults(env: dict[str, str] | os._Environ[str]) -> None:

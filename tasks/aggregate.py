@@ -13,7 +13,7 @@ from fedprune_core.participation import RoundParticipation
 from fedprune_core.simulate import round_metrics
 from infra.runs import RunRef, open_run
 from tasks.client_train import GRAD_SQ, Trained
-from tasks.options import IO_RETRIES
+from tasks.options import IO_RETRIES, round_task
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def _outcome(upload: dict[str, Any], stats: ClientStats) -> ClientOutcome:
                          stats.peak_memory_bytes, stats.bytes_down, stats.bytes_up, grad_sq or None)
 
 
-@task(name="aggregate", **IO_RETRIES)
+@task(name="aggregate", task_run_name=round_task("aggregate"), **IO_RETRIES)
 def aggregate(
     ref: RunRef,
     round_num: int,

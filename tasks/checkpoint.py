@@ -21,7 +21,7 @@ from infra.runs import Run, RunRef, open_run
 from infra.settings import load_settings
 from infra.tracking import PHASE_TAG, Tracker, strategy_phases
 from tasks.mask import MASKS
-from tasks.options import IO_RETRIES
+from tasks.options import IO_RETRIES, round_task
 
 PLOTS = Throttle()
 """When each run's plots are due again in this process."""
@@ -29,7 +29,7 @@ _TAGGED: dict[str, str] = {}
 """The phase this process last tagged each MLflow run with."""
 
 
-@task(name="checkpoint", **IO_RETRIES)
+@task(name="checkpoint", task_run_name=round_task("checkpoint"), **IO_RETRIES)
 def checkpoint(
     ref: RunRef,
     round_num: int,

@@ -28,8 +28,8 @@ from tasks.options import IO_RETRIES, retry_unless_outage
 
 GRAD_SQ = "grad_sq:"
 PLACEMENT_LOGGER = "prefect.task_runs.placement"
-"""The task run's log at INFO for where it ran, while Prefect's own task-run lines keep the quieter
-level `infra.settings.QUIET_DEFAULTS` sets."""
+"""The task run's log at INFO for where it ran, on the console too: `infra.settings.task_runs_off_console`
+keeps only Prefect's own task-run logger off it."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,9 @@ def _worth_retrying(task: Any, task_run: Any, state: State[Any]) -> bool:
 
 
 def cohort_name(parameters: dict[str, Any]) -> str:
-    """The task run's name: the round and its clients, e.g. ``client-train-r40-c0-3,7``."""
-    return f"client-train-r{parameters['round_num']}-c{format_clients(sorted(parameters['payloads']))}"
+    """The task run's name (`tasks.options.round_task`'s scheme): the round, the step and its clients,
+    e.g. ``r000040-client-train-c0-3,7``."""
+    return f"r{parameters['round_num']:06d}-client-train-c{format_clients(sorted(parameters['payloads']))}"
 
 
 # Prefect calls a `task_run_name` callable with the parameters when it has an argument named `parameters`;

@@ -9,7 +9,7 @@ from prefect import task
 from fedprune_core.engine import dispatch as make_payload
 from fedprune_core.participation import RoundParticipation
 from infra.runs import RunRef, open_run
-from tasks.options import IO_RETRIES
+from tasks.options import IO_RETRIES, round_task
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Dispatched:
     recorded: RoundParticipation | None
 
 
-@task(name="dispatch", **IO_RETRIES)
+@task(name="dispatch", task_run_name=round_task("dispatch"), **IO_RETRIES)
 def dispatch(
     ref: RunRef, round_num: int, state_key: str, masks_key: str | None, clients: list[int]
 ) -> Dispatched:

@@ -6,10 +6,10 @@ from prefect import task
 
 from fedprune_core.engine import evaluate as evaluate_state
 from infra.runs import RunRef, open_run
-from tasks.options import IO_RETRIES
+from tasks.options import IO_RETRIES, round_task
 
 
-@task(name="evaluate", **IO_RETRIES)
+@task(name="evaluate", task_run_name=round_task("evaluate"), **IO_RETRIES)
 def evaluate(ref: RunRef, round_num: int, state_key: str) -> dict[str, float]:
     """Returns metrics prefixed `eval_` (e.g. eval_wer, eval_cer, eval_loss)."""
     run = open_run(ref)

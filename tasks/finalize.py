@@ -52,7 +52,7 @@ def log_compact_model(tracker: Tracker, run: Run, compact: bytes) -> None:
         tracker.log_artifact_bytes(f"{MODEL_PATH}/{WEIGHTS}", compact)
 
 
-@task(name="finalize", **IO_RETRIES)
+@task(name="finalize", task_run_name="finalize", **IO_RETRIES)
 def finalize(ref: RunRef, state_key: str, tracking_uri: str, mlflow_run_id: str) -> None:
     """Writes the run's artifacts to MLflow and the compact model to storage."""
     run = open_run(ref)

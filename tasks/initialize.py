@@ -6,10 +6,10 @@ from __future__ import annotations
 from prefect import task
 
 from infra.runs import RunRef, open_run
-from tasks.options import IO_RETRIES
+from tasks.options import IO_RETRIES, round_task
 
 
-@task(name="initialize", **IO_RETRIES)
+@task(name="initialize", task_run_name=round_task("initialize", round_num=0), **IO_RETRIES)
 def initialize(ref: RunRef, mlflow_run_id: str) -> str:
     """Commits round 0 and returns its state key."""
     run = open_run(ref)

@@ -47,7 +47,7 @@ def last_progress(log_dir: str, run_id: str) -> str:
     return lines[-1].split(" - ", 1)[-1] if lines else "starting"
 
 
-@task(name="run-variant", **NO_PERSIST)
+@task(name="run-variant", task_run_name="variant-{run_id}", **NO_PERSIST)
 def run_variant(
     run_id: str, preset: str, overrides: dict[str, Any], experiment: str, options: dict[str, Any], threads: int,
     log_dir: str,
@@ -56,7 +56,7 @@ def run_variant(
 
     Returns:
         "skipped" (it had finished earlier) or "ran". The caller logs progress (task-run INFO lines
-        are off by default, see `infra.settings.QUIET_DEFAULTS`).
+        stay off the console, see `infra.settings.task_runs_off_console`).
 
     Raises:
         RuntimeError: the child failed; names its log file and quotes its last lines.
@@ -82,7 +82,7 @@ def run_variant(
     return "ran"
 
 
-@task(name="sweep-report", **NO_PERSIST)
+@task(name="sweep-report", task_run_name="sweep-report", **NO_PERSIST)
 def report(
     experiment: str, runs: list[tuple[str, str, tuple[str, ...], int]], dense_label: str, out_dir: str,
 ) -> dict[str, str]:

@@ -39,6 +39,11 @@ def payload_nbytes(payload: Payload) -> int:
     return sum(t.numel() * t.element_size() for t in payload.values())
 
 
+def float_entries(payload: Payload) -> int:
+    """Entries of a payload's float tensors: the values a client holds (indices left out)."""
+    return sum(t.numel() for t in payload.values() if t.is_floating_point())
+
+
 # --- masks <-> group ids and bits -------------------------------------------------------------
 
 

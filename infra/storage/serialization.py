@@ -1,6 +1,8 @@
 """What FedPrune stores: tensors as safetensors, records as stable JSON, and their sha256 digests.
 
 Stored objects are safetensors (`tensors_to_bytes`) and JSON (`put_json`), never pickle.
+torch is imported when a tensor is first (de)serialized, so code that reads only JSON records
+(`fedprune runs list`) starts without it.
 """
 
 from __future__ import annotations
@@ -8,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
+from typing import TYPE_CHECKING, Any
 
 from infra.storage.protocol import Storage
+
+if TYPE_CHECKING:
+    import torch
 
 
 def tensors_to_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -34,7 +35,9 @@ def tensors_to_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
         bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
         if bad:
             raise ValueError(f"safetensors metadata values must be str, got {bad}: convert them with str()")
-    return _st_save(_unshare(tensors), metadata=dict(metadata) if metadata is not None else None)
+    from safetensors.torch import save
+
+    return save(_unshare(tensors), metadata=dict(metadata) if metadata is not None else None)
 
 
 def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,7 +53,9 @@ def _unshare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     """Deserialize safetensors bytes to CPU tensors (name -> tensor)."""
-    return _st_load(data)
+    from safetensors.torch import load
+
+    return load(data)
 
 
 def json_bytes(obj: Any) -> bytes:

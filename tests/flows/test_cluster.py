@@ -71,7 +71,7 @@ def test_clients_train_on_their_own_workers_and_the_flow_equals_simulate(
     # and flow runs), no log line (the flow's, the workers', Prefect's) and no MLflow record.
     secret = seaweed_s3.secret_access_key
     task_runs = prefect_records(prefect_api, "task_runs")
-    assert "client-train-r1-c" in task_runs  # the records are there, named by client
+    assert "r000001-client-train-c" in task_runs  # the records are there, named by round and client
     for text in (done.stdout + done.stderr, *(cluster.log(n).read_text() for n in WORKERS), task_runs,
                  prefect_records(prefect_api, "flow_runs"), prefect_records(prefect_api, "logs")):
         assert secret not in text

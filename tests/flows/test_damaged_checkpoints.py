@@ -80,9 +80,10 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_newest_round_that_verifies
     found = _files(run / NEWEST) if reason else {}  # what must turn up under damaged/, as found
     found |= {"LATEST": (run / "LATEST").read_bytes()} if damage == "garbage-latest" else {}
 
-    resumed = cli("resume", "hurt") if command == "resume" else cli("run", *ARGS, "--run-id", "hurt")
+    resumed = cli("resume", "hurt", "--json") if command == "resume" else cli("run", *ARGS, "--run-id", "hurt",
+                                                                               "--json")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert '"resumed": true' in resumed.stdout
+    assert json.loads(resumed.stdout)["resumed"] is True
 
     ended = final_state(cli.home, "hurt")
     assert ended.round_num == ROUNDS and weights_hash(ended.weights) == uninterrupted

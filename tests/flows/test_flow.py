@@ -47,9 +47,9 @@ def test_flow_final_weights_equal_simulate(cli: Cli, strategy: str) -> None:
 
 
 def test_flow_logs_every_round_once_with_artifacts(cli: Cli) -> None:
-    done = cli("run", "--preset", "toy", "--run-id", "tracked")
+    done = cli("run", "--preset", "toy", "--run-id", "tracked", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout[done.stdout.index("{"): done.stdout.index("}") + 1])
+    result = json.loads(done.stdout)
     client = MlflowClient(f"sqlite:///{cli.home / 'mlflow.db'}")
     rounds = preset("toy").schedule.num_rounds
     for key in ("train_loss", "sparsity", "bytes_down", "bytes_up", "client_time_s_max", "phase"):

@@ -59,9 +59,9 @@ def test_sigkill_then_resume_matches_uninterrupted(cli: Cli) -> None:
 
 def test_rerunning_with_the_same_run_id_resumes(cli: Cli) -> None:
     kill_after_round(cli, "again", 3)
-    rerun = cli("run", *ARGS, "--run-id", "again")
+    rerun = cli("run", *ARGS, "--run-id", "again", "--json")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert '"resumed": true' in rerun.stdout
+    assert json.loads(rerun.stdout)["resumed"] is True
     assert final_state(cli.home, "again").round_num == ROUNDS
 
 
