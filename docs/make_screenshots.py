@@ -1,11 +1,11 @@
 """Make the screenshots of docs/ui.md again: a real run, seen in the Prefect and MLflow UIs.
 
-    .venv/bin/python docs/make_screenshots.py                # the tiny speech preset, PNGs into docs/img/
+    .venv/bin/python docs/make_screenshots.py                # the demo preset (make run), PNGs into docs/img/
     .venv/bin/python docs/make_screenshots.py --keep         # ... and leave both servers up to browse
     .venv/bin/python docs/make_screenshots.py --browse       # the run and the servers, no screenshots
 
 Starts a Prefect server (UI included) and an MLflow server on free loopback ports, in a temporary
-FEDPRUNE_HOME; runs `fedprune run --preset tiny --run-id ui-demo` against them; registers the run's
+FEDPRUNE_HOME; runs `fedprune run --preset demo --run-id ui-demo` against them; registers the run's
 MLflow model; then opens each page in headless Chromium (Debian's `chromium` package:
 ``sudo apt-get install -y chromium``) and writes one small PNG per page. The servers are stopped
 at the end (with ``--keep``, on Enter).
@@ -235,7 +235,7 @@ def pages(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", help="the run's preset (default tiny)")
+    parser.add_argument("--preset", default="demo", help="the run's preset (default demo, what make run runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img", help="where the PNGs go")
     parser.add_argument("--home", type=Path, help="FEDPRUNE_HOME, for its corpus cache (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="leave the servers up until Enter")

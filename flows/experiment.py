@@ -294,6 +294,8 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
             shown = time.monotonic()
         if r % options.checkpoint_every == 0 or r == last:
             tracker.flush()
+            if placements:  # before the commit: a crash before it reruns these rounds, which write them again
+                run.record_placement(r, placements)
             state_key = checkpoint(ref, r, state_key, mlflow_run_id, left_out)
             if status is not None:
                 status.committed(r)
@@ -301,7 +303,6 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
                 tracker.log_artifact_bytes("participation.csv", participation_csv(run.participation_records()).encode())
                 left_out = []
             if placements:
-                run.record_placement(r, placements)
                 tracker.log_artifact_bytes("placement.csv", placement_csv(run.placement_rows(r)).encode())
                 placements = []
     tracker.flush()
@@ -393,7 +394,7 @@ def experiment(
                            run.checkpoints.latest_round())
     # A run that stops on an error ends its MLflow run as FAILED, the reason in a tag (`Tracker.__exit__`),
     # and its status record as failed or interrupted; resuming it sets both running again.
-    with (tags(*labels), StatusWriter(run.storage, start) as status,
+    with (tags(*labels), StatusWriter(run.storage, start, latest_committed=run.checkpoints.latest_round) as status,
           Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id,
                   tags=mlflow_tags) as tracker):
         tracker.set_tags(prefect_tags)  # a resumed run: this start's flow run

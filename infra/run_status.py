@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -138,9 +138,14 @@ class StatusWriter:
         storage: the run's storage.
         start: the record to begin with (its state, updated and error are set here).
         heartbeat_s: seconds between writes while running.
+        latest_committed: reads the run's newest committed round from its checkpoints; on an exit
+            that is not "finished" the record takes it (a stop may fall between a commit and `committed`).
     """
 
-    def __init__(self, storage: Storage, start: RunStatus, heartbeat_s: float = HEARTBEAT_S) -> None:
+    def __init__(
+        self, storage: Storage, start: RunStatus, heartbeat_s: float = HEARTBEAT_S,
+        latest_committed: Callable[[], int | None] | None = None,
+    ) -> None:
         earlier = read_status(storage, start.experiment, start.run_id)
         if earlier is not None and earlier.started:
             start = replace(start, started=earlier.started, evaluation=start.evaluation or earlier.evaluation)
@@ -151,6 +156,7 @@ class StatusWriter:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._latest_committed = latest_committed
         self._thread = threading.Thread(target=self._beat, name=f"status-{start.run_id}", daemon=True)
 
     @property
@@ -177,8 +183,15 @@ class StatusWriter:
             state, error = "failed", one_line(exc)
         else:
             state, error = "interrupted", None
+        committed = self._status.committed
+        if state != "finished" and self._latest_committed is not None:
+            try:
+                committed = self._latest_committed() or committed
+            except Exception:  # noqa: BLE001 - the record must still be written; storage may be what failed
+                pass
         with self._lock:
-            self._status = replace(self._status, state=state, error=error)
+            self._status = replace(self._status, state=state, error=error, committed=committed,
+                                   round_num=max(committed or 0, self._status.round_num))
             self._stopping = True
         self._wake.set()
         self._thread.join(FINAL_WRITE_S)

@@ -302,8 +302,8 @@ class Run:
 
     def record_placement(self, last_round: int, rows: list[dict[str, Any]]) -> None:
         """Keep where the client-train tasks of the rounds up to `last_round` since the previous record
-        ran (`infra.cluster.placement_row`). Written once the checkpoint of `last_round` is committed,
-        so no resumed run trains those rounds again (a crash between the two loses these rows)."""
+        ran (`infra.cluster.placement_row`). Written just before the checkpoint of `last_round` commits:
+        a crash before the commit reruns those rounds, whose record then replaces this one."""
         put_json(self.storage, f"{self._placement_prefix()}{last_round:06d}.json", {"rows": rows})
 
     def placement_rows(self, last_round: int) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from infra.stack import PREFECT_PORT_FILE, read_pid, stop_service
 from tests.flows.conftest import Cli
 from tests.servers import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
 def on_demand(home: Path, prefect_port: int) -> Cli:
