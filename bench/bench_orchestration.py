@@ -81,21 +81,12 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args()
 
-    from infra.prefect_api import ensure_prefect_api
+    from infra.prefect_api import prefect_api_for_script
     from infra.settings import Settings
-    from infra.stack import read_pid, stop_service
 
-    settings = Settings()
-    started = read_pid(settings.stack_dir, "prefect") is None and not os.environ.get("PREFECT_API_URL")
-    print(f"Prefect API: {ensure_prefect_api(settings)}", flush=True)
-    try:
+    with prefect_api_for_script(Settings()) as url:
+        print(f"Prefect API: {url}", flush=True)
         run_benchmarks(args)
-    finally:
-        from prefect.logging.handlers import APILogHandler
-
-        APILogHandler().flush()
-        if started:
-            stop_service(settings.stack_dir, "prefect")
 
 
 def run_benchmarks(args: argparse.Namespace) -> None:

@@ -26,9 +26,10 @@ start it, so the wait starts it again (same port, same database). A configured A
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from infra.outage import is_outage, ride_through
 from infra.settings import Settings, check_http_url
@@ -46,6 +47,7 @@ from infra.stack import (
     service_lock,
     stack_specs,
     start_service,
+    stop_service,
     wait_healthy,
 )
 
@@ -102,6 +104,22 @@ def _local_server(settings: Settings, say: Callable[[str], None]) -> str:
             pid = start_service(spec, run_dir)
     wait_healthy(spec, pid, run_dir)
     return spec.url
+
+
+@contextlib.contextmanager
+def prefect_api_for_script(settings: Settings) -> Iterator[str]:
+    """`ensure_prefect_api` for a script (a benchmark): yields the API URL; on exit flushes the
+    script's Prefect logs and stops the local server if this call started it."""
+    started = read_pid(settings.stack_dir, "prefect") is None and not os.environ.get("PREFECT_API_URL")
+    url = ensure_prefect_api(settings)
+    try:
+        yield url
+    finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()
+        if started:
+            stop_service(settings.stack_dir, "prefect")
 
 
 def _own_spec(settings: Settings) -> ServiceSpec:
