@@ -7,7 +7,7 @@ import time
 import urllib.request
 from typing import Any
 
-import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from infra.prefect_retention import expired_segments, segment_name, trim_segments
 from tests.flows.conftest import Cli, cli_for
@@ -48,7 +48,7 @@ def _aggregations(api: str, flow_run_id: str, rounds: int) -> int:
 
 
 def test_a_run_deletes_only_old_recorded_segments_and_loses_no_task_run(
-    cli: Cli, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+    cli: Cli, prefect_api: str
 ) -> None:
     done = cli_for(cli.home, prefect_api, FEDPRUNE_PREFECT_KEEP_ROUNDS="4")(
         "run", "--preset", "toy", "--run-id", "trim1", "--rounds-per-segment", "3"
@@ -60,6 +60,7 @@ def test_a_run_deletes_only_old_recorded_segments_and_loses_no_task_run(
         first, last = (int(x) for x in name.rsplit("-", 2)[1:])
         assert _aggregations(prefect_api, flow_run_id, last - first + 1) == last - first + 1, name
     # Once recorded, what ended more than 4 rounds before round 12 goes (the run's next segment end would).
-    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    trim_segments("trim1", 12, 4)
+    # Prefect reads its settings once per process: an environment variable set now would be ignored.
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        trim_segments("trim1", 12, 4)
     assert sorted(_segments(prefect_api, "trim1")) == ["trim1-rounds-10-12", "trim1-rounds-7-9"]
