@@ -101,8 +101,10 @@ class ClientOutcome:
         client_id: the client.
         update: the uploaded payload (trained values, see `fedprune_core.submodel`).
         num_examples, mean_loss, wall_time_s, peak_memory_bytes: from local training.
-        bytes_down, bytes_up: exact payload sizes.
-        grad_sq: accumulated squared gradients, encoded like `update` (PruneFL only).
+        bytes_down, bytes_up: exact payload sizes; `bytes_up` is everything the client sends:
+            `update` plus `grad_sq`.
+        grad_sq: accumulated squared gradients, encoded like `update` (dense for masked parameters
+            when the strategy's `dense_grad_sq`), when the strategy tracks them.
     """
 
     client_id: int
@@ -150,6 +152,12 @@ class Strategy(Protocol):
     @property
     def track_grad_sq(self) -> bool:
         """Whether clients must accumulate squared gradients."""
+        ...
+
+    @property
+    def dense_grad_sq(self) -> bool:
+        """Whether clients upload the squared gradients of pruned entries too and the server sums
+        them over clients (PruneFL); else those of held entries, averaged like the weights."""
         ...
 
     @property
@@ -228,13 +236,16 @@ def train_client(
             client.module, examples, local, generator_for(seed, round_num, client_id, "batches"), client.project
         )
     update = client_update(client, strategy.specs)
-    # Squared gradients of masked (not sliced) parameters travel dense: pruned entries have
-    # gradients too, and PruneFL needs them to let pruned weights regrow.
-    dense_masks = dataclasses.replace(client, masks={})
-    grad_sq = None if result.grad_sq is None else client_update(dense_masks, strategy.specs, result.grad_sq)
+    grad_sq = None
+    if strategy.track_grad_sq and result.grad_sq is not None:
+        # With `dense_grad_sq`, squared gradients of masked (not sliced) parameters travel dense:
+        # pruned entries have gradients too, and PruneFL needs them to let pruned weights regrow.
+        encoder = dataclasses.replace(client, masks={}) if strategy.dense_grad_sq else client
+        grad_sq = client_update(encoder, strategy.specs, result.grad_sq)
+    bytes_up = payload_nbytes(update) + (0 if grad_sq is None else payload_nbytes(grad_sq))
     return ClientOutcome(
         client_id, update, result.num_examples, result.mean_loss, result.wall_time_s,
-        result.peak_memory_bytes, payload_nbytes(payload), payload_nbytes(update), grad_sq,
+        result.peak_memory_bytes, payload_nbytes(payload), bytes_up, grad_sq,
     )
 
 
@@ -257,17 +268,30 @@ def aggregate(
         values, held = expand(o.update, cmasks, strategy.specs, shapes)
         contributions.append(ClientContribution(values, held, o.num_examples))
         if o.grad_sq is not None:
-            sliced = {n: m for n, m in cmasks.items() if is_sliced(strategy.specs[n])}
-            grad_sq_parts.append(expand(o.grad_sq, sliced, strategy.specs, param_shapes)[0])
+            dense = strategy.dense_grad_sq
+            encoded = {n: m for n, m in cmasks.items() if is_sliced(strategy.specs[n]) or not dense}
+            squares, held_squares = expand(o.grad_sq, encoded, strategy.specs, param_shapes)
+            grad_sq_parts.append(ClientContribution(squares, held_squares, o.num_examples))
     average, trained = masked_fedavg(state.weights, contributions)
     fed = config.federated
     weights, momentum, grads = server_step(
         state.weights, average, trained, state.momentum, fed.server_lr, fed.server_momentum,
         averaged=shapes.keys() - param_shapes.keys(),
     )
-    grad_sq = {n: sum(p[n] for p in grad_sq_parts) for n in param_shapes} if grad_sq_parts else None
-    extra = strategy.observe(state, masks, grads, trained, grad_sq)  # type: ignore[arg-type]
+    grad_sq = _aggregate_grad_sq(grad_sq_parts, param_shapes, strategy.dense_grad_sq) if grad_sq_parts else None
+    extra = strategy.observe(state, masks, grads, trained, grad_sq)
     return ServerState(round_num, weights, masks, scores, momentum, extra)
+
+
+def _aggregate_grad_sq(
+    parts: Sequence[ClientContribution], shapes: dict[str, torch.Size], summed: bool
+) -> StateDict:
+    """The clients' squared gradients, full shape: summed over clients (PruneFL's dense ones), or
+    averaged per entry over the clients that held it with their example counts (0 where none did)."""
+    zeros = {n: torch.zeros_like(parts[0].values[n]) for n in shapes}
+    if summed:
+        return {n: sum((p.values[n] for p in parts), zero) for n, zero in zeros.items()}
+    return masked_fedavg(zeros, list(parts))[0]
 
 
 def masked_weights(state: ServerState) -> StateDict:

@@ -23,13 +23,17 @@ class BaseStrategy:
             (``"pruning.prunable"``) of `fedprune_core.config.ExperimentConfig` it reads besides
             the ones every strategy reads (`fedprune_core.strategies.applicable_config`). None here.
         specs: the parameters the strategy prunes or slices (each strategy's own dataclass field).
-        track_grad_sq: whether clients accumulate squared gradients (no).
+        track_grad_sq: whether clients accumulate and upload squared gradients (no).
+        dense_grad_sq: whether those squared gradients cover pruned entries too and the server sums
+            them over clients (PruneFL); else they cover the entries a client held and the server
+            averages them like the weights (`fedprune_core.engine.aggregate`).
         rescale_kept: whether clients train their sub-model as inverted dropout (no).
     """
 
     config_keys: ClassVar[tuple[str, ...]] = ()
     specs: dict[str, PrunableSpec]
     track_grad_sq: bool = False
+    dense_grad_sq: ClassVar[bool] = False
     rescale_kept: bool = False
 
     def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:

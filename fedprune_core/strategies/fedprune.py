@@ -3,12 +3,14 @@
 The server scores every prunable entry, allocates per-layer sparsity (uniform or adaptive) at the
 schedule's current target, and builds masks of the configured pattern: nested while
 sparsifying, re-ranked over all coordinates while refining, frozen while fine-tuning. All
-sampled clients train the same pruned model.
+sampled clients train the same pruned model. With a squared-gradient score source
+(`fedprune_core.scores.GRAD_SQ_SOURCES`) the clients also accumulate and upload their squared
+gradients of the entries they held.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -20,22 +22,34 @@ from fedprune_core.engine import ServerState
 from fedprune_core.masks import make_mask
 from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices, matrices
 from fedprune_core.schedule import ScheduleConfig, masks_change_at, phase_at, sparsity_at
-from fedprune_core.scores import update_scores
+from fedprune_core.scores import GRAD_SQ_SOURCES, update_scores
 from fedprune_core.strategies.base import BaseStrategy
 from fedprune_core.types import MaskDict, StateDict
 
 SCORE_MOMENTUM = 0.9
 """β of the momentum of pseudo-gradients kept for the `momentum` score source."""
+GRAD_SQ = "grad_sq/"
+"""Prefix of the `extra` tensors holding last round's squared gradients, averaged over the clients."""
 
 
 @dataclass(frozen=True)
 class FedPrune(BaseStrategy):
-    """The Federated Pruning strategy."""
+    """The Federated Pruning strategy.
+
+    Attributes:
+        specs: the prunable parameters.
+        pruning, schedule: the configuration.
+        track_grad_sq: clients accumulate squared gradients: the score source reads them (derived).
+    """
 
     config_keys: ClassVar[tuple[str, ...]] = ("pruning", "schedule")
     specs: dict[str, PrunableSpec]
     pruning: PruningConfig
     schedule: ScheduleConfig
+    track_grad_sq: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "track_grad_sq", self.pruning.score_source in GRAD_SQ_SOURCES)
 
     @classmethod
     def build(cls, config: ExperimentConfig, model: nn.Module) -> FedPrune:
@@ -72,6 +86,7 @@ class FedPrune(BaseStrategy):
             scores[name] = update_scores(
                 state.scores.get(name), p.score_source, p.score_norm, w, grad, momentum,
                 torch.ones((), dtype=torch.bool).expand(w.shape) if trained is None else trained,
+                state.extra.get(GRAD_SQ + name, zero),
             )
         return scores
 
@@ -111,9 +126,13 @@ class FedPrune(BaseStrategy):
     def observe(
         self, state: ServerState, masks: MaskDict, grads: StateDict, trained: MaskDict, grad_sq: StateDict | None
     ) -> StateDict:
-        """Keep the pseudo-gradient (and its momentum) when the score source needs them."""
+        """Keep what the score source reads: the clients' squared gradients, or the pseudo-gradient
+        and its momentum."""
         if not self._needs_gradient:
             return {}
+        if self.track_grad_sq:
+            assert grad_sq is not None, "clients of a squared-gradient score source upload grad_sq"
+            return {GRAD_SQ + name: grad_sq[name] for name in self.specs}
         extra: StateDict = {}
         for name in self.specs:
             extra[f"grad/{name}"] = grads[name]

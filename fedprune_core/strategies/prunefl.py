@@ -239,6 +239,7 @@ class PruneFL(BaseStrategy):
     local: LocalTrainingConfig
     seed: int
     track_grad_sq: bool = True
+    dense_grad_sq: ClassVar[bool] = True
 
     @property
     def max_kept(self) -> int | None:
