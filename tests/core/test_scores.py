@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedprune_core.masks import PATTERNS, make_mask
 from fedprune_core.config import PruningConfig
+from fedprune_core.masks import PATTERNS, make_mask
 from fedprune_core.scores import SCORE_SOURCES, update_scores, validate_score
 
 WEIGHT = torch.tensor([1.0, -2.0, 0.5])
