@@ -105,6 +105,7 @@ def test_more_clients_per_round_than_clients_is_an_error() -> None:
     [
         ("fedprune", {}),
         ("fedprune", {"pruning": {"score_source": "gradient"}}),
+        ("fedprune", {"pruning": {"score_source": "grad_sq"}}),
         ("fedavg", {}),
         ("fed_dropout", {}),
         ("prunefl", {"prunefl": {"reconfig_every": 2, "initial_max_steps": 4, "initial_reconfig_every": 2}}),
