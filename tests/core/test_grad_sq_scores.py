@@ -176,6 +176,17 @@ def test_bytes_up_counts_the_squared_gradients_of_the_held_entries() -> None:
     assert outcome.bytes_up == payload_nbytes(outcome.update) + held * 4 == 2 * held * 4
 
 
+def test_sliced_patterns_upload_the_squared_gradients_of_their_blocks() -> None:
+    config = _config(pattern="column")
+    state = _states(config, 2)[1]
+    assert any(not m.all() for m in state.masks.values())
+    outcome = _outcome(config, state, 3, 1)
+    assert outcome.grad_sq is not None
+    # the same blocks (and values) as the update, no indices: one float32 per held entry
+    assert {k: v.shape for k, v in outcome.grad_sq.items()} == {k: v.shape for k, v in outcome.update.items()}
+    assert outcome.bytes_up == 2 * payload_nbytes(outcome.update) < 2 * PARAM_ENTRIES * 4
+
+
 def test_a_strategy_that_reads_no_squared_gradients_uploads_none() -> None:
     config = _config(score_source="weight").replace({"federated": {"local": {"track_grad_sq": True}}})
     outcome = _outcome(config, init_state(TOY, config.seed), 1, 0)

@@ -26,20 +26,29 @@ def rewind(cli: Cli, run_id: str) -> int:
     return to_round
 
 
-@pytest.mark.parametrize("strategy", ["fed_dropout", "prunefl"])
-def test_baseline_flow_equals_simulate_and_resumes(cli: Cli, strategy: str) -> None:
-    overrides = {"strategy": strategy, "prunefl": {"reconfig_every": 3, "initial_max_steps": 20,
-                                                    "initial_reconfig_every": 5, "initial_samples": 20}}
-    args = ("run", "--preset", "toy", "--run-id", strategy, "--checkpoint-every", "4", "--rounds-per-segment", "6",
-            "--set", f"strategy={strategy}", "--set", f"prunefl={json.dumps(overrides['prunefl'])}")
+PRUNEFL = {"reconfig_every": 3, "initial_max_steps": 20, "initial_reconfig_every": 5, "initial_samples": 20}
+RUNS = {
+    "fed_dropout": {"strategy": "fed_dropout"},
+    "prunefl": {"strategy": "prunefl", "prunefl": PRUNEFL},
+    # clients upload squared gradients, and the server keeps them in the checkpointed state
+    "fedprune-grad-sq": {"strategy": "fedprune", "pruning": {"score_source": "grad_sq"}},
+}
+
+
+@pytest.mark.parametrize("run_id", list(RUNS))
+def test_flow_equals_simulate_and_resumes(cli: Cli, run_id: str) -> None:
+    overrides = RUNS[run_id]
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    args = ("run", "--preset", "toy", "--run-id", run_id, "--checkpoint-every", "4", "--rounds-per-segment", "6",
+            *sets)
     done = cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = weights_hash(reference(overrides))
-    assert weights_hash(final_state(cli.home, strategy).weights) == expected
+    assert weights_hash(final_state(cli.home, run_id).weights) == expected
 
-    assert rewind(cli, strategy) < preset("toy").schedule.num_rounds
-    resumed = cli("resume", strategy)
+    assert rewind(cli, run_id) < preset("toy").schedule.num_rounds
+    resumed = cli("resume", run_id)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    state = final_state(cli.home, strategy)
+    state = final_state(cli.home, run_id)
     assert state.round_num == preset("toy").schedule.num_rounds
     assert weights_hash(state.weights) == expected
