@@ -10,9 +10,10 @@ depend on the clients' optimizer: a fresh Adam moves every coordinate by about l
 pseudo-gradient says little about which weights matter.
 
 "grad_sq" is the true gradient: each client sums g**2 over its local steps (whatever its
-optimizer), uploads it for the entries it held, and the server averages it per entry over the
-clients that held it with FedAvg's example weights. Its signal is sqrt(grad_sq), the root of the
-accumulated squared gradient, so that both norms read as for the other sources:
+optimizer; g after clipping when `max_grad_norm` clips), uploads it for the entries it held,
+and the server averages it per entry over the clients that held it with FedAvg's example
+weights. Its signal is sqrt(grad_sq), the root of the accumulated squared gradient, so that both
+norms read as for the other sources:
 - "grad_sq": L1 gives sqrt(grad_sq), L2 gives grad_sq.
 - "weight_x_grad_sq": signal |w| * sqrt(grad_sq), as weight_x_gradient is w * g: L1 gives
   |w| * sqrt(grad_sq), L2 gives w**2 * grad_sq (the diagonal-Fisher saliency of a weight).
