@@ -22,6 +22,7 @@ from fedprune_core.rng import derive_seed, generator_for
 from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
 from fedprune_core.training import ClientResult, LocalTrainingConfig, is_running_stat, model_state
 from fedprune_core.types import MaskDict, Payload, StateDict
+from fedprune_core.units import UnitGroup, held_entries
 
 _GLOBAL_RNG_LOCK = threading.Lock()
 """Serializes the code that touches torch's global RNG (model construction, dropout, SpecAugment).
@@ -148,6 +149,12 @@ class Strategy(Protocol):
         ...
 
     @property
+    def groups(self) -> tuple[UnitGroup, ...]:
+        """The unit groups whose units a client may not hold (Federated Dropout of hidden units):
+        their `UnitGroup.entries` are averaged over the clients that held each unit."""
+        ...
+
+    @property
     def track_grad_sq(self) -> bool:
         """Whether clients must accumulate squared gradients."""
         ...
@@ -255,6 +262,8 @@ def aggregate(
     for o in sorted(outcomes, key=lambda o: o.client_id):
         cmasks = strategy.client_masks(state, masks, round_num, o.client_id)
         values, held = expand(o.update, cmasks, strategy.specs, shapes)
+        for name, entries in held_entries(strategy.groups, cmasks, shapes).items():
+            held[name] = held[name] & entries if name in held else entries
         contributions.append(ClientContribution(values, held, o.num_examples))
         if o.grad_sq is not None:
             sliced = {n: m for n, m in cmasks.items() if is_sliced(strategy.specs[n])}

@@ -17,7 +17,9 @@ What a unit is (`fed_dropout.units`):
   module's hidden units, a convolution module's channels, the joint network's dimensions), as
   Caldas et al. drop a neuron: its producer rows and its reader's input column go together, and
   the client trains the narrower module (the per-unit depthwise convolution and batch norm on the
-  kept channels). The residual stream, attention and every layer outside a group stay dense.
+  kept channels). The unit's other entries (biases, per-unit layers, `UnitGroup.entries`) are
+  averaged over the clients that held the unit, as its weights are. The residual stream,
+  attention and every layer outside a group stay dense.
 
 See docs/baselines.md for how each differs from the paper. The global model has no masks.
 """

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from fedprune_core.config import ExperimentConfig, FedDropoutConfig
-from fedprune_core.engine import ServerState
+from fedprune_core.engine import ClientOutcome, ServerState, aggregate, dispatch
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechWorkload
 from fedprune_core.strategies import make_strategy
 from fedprune_core.strategies.fed_dropout import FedDropout
 from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
-from fedprune_core.units import LiveBatchNorm1d, LiveJoiner
+from fedprune_core.training import model_state
+from fedprune_core.units import LiveBatchNorm1d, LiveJoiner, held_entries
 
 WORKLOAD = SpeechWorkload(model="tiny")
 FFN = "transcriber.conformer.conformer_layers.0.ffn1.sequential"
@@ -91,6 +92,36 @@ def test_the_client_trains_the_full_model_with_those_units_dropped(
         for name in (g.reader, *g.producers):
             assert torch.equal(held[name], masks[name])
             assert torch.equal(values[name][held[name]], weights[name][held[name]])
+
+
+def test_each_unit_entry_is_averaged_over_the_clients_that_held_its_unit() -> None:
+    # Client 0 uploads every entry + 1 (1 example), client 1 + 3 (3 examples), also the entries of
+    # units they did not hold (as weight decay would move them). An entry of a unit both held moves
+    # by (1 + 9) / 4 = 2.5, one held by one client by that client's shift, one held by none stays.
+    config = ExperimentConfig.from_dict({"strategy": "fed_dropout", "model": "tiny",
+                                         "fed_dropout": {"units": "hidden", "rate": 0.5}})
+    strategy = make_strategy(config, build_model("tiny"))
+    weights = model_state(build_model("tiny", seed=3))
+    state = ServerState(1, weights)
+    outcomes = []
+    for client_id, delta, examples in ((0, 1.0, 1), (1, 3.0, 3)):
+        update = dispatch(strategy, ServerState(1, {n: w + delta for n, w in weights.items()}), {}, 2, client_id)
+        outcomes.append(ClientOutcome(client_id, update, examples, 0.0, 0.0, 0, 0, 0))
+    new = aggregate(strategy, config, state, {}, {}, outcomes, 2).weights
+    shapes = {n: w.shape for n, w in weights.items()}
+    held = [held_entries(strategy.groups, strategy.client_masks(state, {}, 2, c), shapes) for c in (0, 1)]
+    entries = {n for g in strategy.groups for n in g.entries}
+    assert entries == set(held[0]) == set(held[1])
+    assert {"transcriber.output.bias", "predictor.output_layer_norm.weight", f"{FFN}.1.bias", f"{CONV}.0.bias",
+            f"{CONV}.2.weight", f"{CONV}.2.bias", f"{CONV}.3.weight", f"{CONV}.3.bias", f"{CONV}.3.running_mean",
+            f"{CONV}.3.running_var"} <= entries
+    for name in entries:
+        h0, h1 = held[0][name], held[1][name]
+        shift = torch.where(h0 & h1, 2.5, torch.where(h0, 1.0, torch.where(h1, 3.0, 0.0)))
+        assert bool((h0 & ~h1).any()) and bool((~h0 & ~h1).any()), name  # each case occurs
+        torch.testing.assert_close(new[name], weights[name] + shift, rtol=0, atol=1e-6, msg=name)
+    for name in (f"{FFN}.4.bias", f"{CONV}.5.bias", "joiner.linear.bias", "predictor.linear.bias"):
+        torch.testing.assert_close(new[name], weights[name] + 2.5, rtol=0, atol=1e-6, msg=name)  # read by all
 
 
 def test_units_are_validated_before_any_work() -> None:
