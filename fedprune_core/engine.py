@@ -289,9 +289,20 @@ def evaluate(workload: Workload, state: ServerState, examples: Sequence[Any]) ->
     with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         model = workload.build_model()
     model.load_state_dict(masked_weights(state), strict=False)
+    _batch_statistics_where_absent(model, state.weights)
     model.eval()
     with torch.no_grad():
         return workload.evaluate(model, examples)
+
+
+def _batch_statistics_where_absent(model: nn.Module, weights: StateDict) -> None:
+    """Batch norms whose running statistics `weights` does not hold (Federated Dropout's
+    `batch_statistics`) normalize by each batch's statistics in eval mode too, as in training."""
+    for path, m in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{prefix}running_mean" not in weights:
+            m.track_running_stats = False
+            m.running_mean = m.running_var = None  # eval mode then normalizes by the batch
 
 
 def layer_sparsity(masks: MaskDict, specs: dict[str, PrunableSpec]) -> list[tuple[str, tuple[int, ...], int, int]]:

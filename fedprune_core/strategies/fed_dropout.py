@@ -21,6 +21,12 @@ What a unit is (`fed_dropout.units`):
   averaged over the clients that held the unit, as its weights are. The residual stream,
   attention and every layer outside a group stay dense.
 
+Batch norms (`fed_dropout.batch_norm`): by default they normalize by each batch's statistics,
+in training and at evaluation, and the server holds no running statistics (`initialize` drops
+them, and `fedprune_core.engine.evaluate` then normalizes by the batch): a sub-model's batch-norm
+inputs differ in scale from the full model's, so statistics gathered by clients do not fit the
+model the server evaluates, and the server holds no data to gather its own.
+
 See docs/baselines.md for how each differs from the paper. The global model has no masks.
 """
 
@@ -29,17 +35,18 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from fedprune_core.config import ExperimentConfig
-from fedprune_core.engine import ServerState
+from fedprune_core.engine import ServerState, Workload
 from fedprune_core.masks import expand_groups, num_pruned
 from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices
 from fedprune_core.rng import generator_for
 from fedprune_core.strategies.base import BaseStrategy
+from fedprune_core.training import is_running_stat
 from fedprune_core.types import MaskDict
 from fedprune_core.units import UnitGroup, find_unit_groups
 
@@ -114,6 +121,8 @@ class FedDropout(BaseStrategy):
         rescale_kept: clients train as inverted dropout (kept units' outputs scaled by units / kept
             units, `fed_dropout.rescale`).
         groups: with hidden units (`fed_dropout.units`), the unit groups whose units are dropped.
+        batch_statistics: batch norms normalize by each batch's statistics, also at evaluation; the
+            server holds no running statistics (`fed_dropout.batch_norm` "batch").
     """
 
     config_keys: ClassVar[tuple[str, ...]] = ("pruning.prunable", "fed_dropout")
@@ -122,6 +131,7 @@ class FedDropout(BaseStrategy):
     seed: int
     rescale_kept: bool = True
     groups: tuple[UnitGroup, ...] = ()
+    batch_statistics: bool = True
 
     @classmethod
     def build(cls, config: ExperimentConfig, model: nn.Module) -> FedDropout:
@@ -133,11 +143,12 @@ class FedDropout(BaseStrategy):
         """
         found = find_prunable(model, config.pruning.prunable, PATTERN)
         rate_for, rescale = config.fed_dropout.rate_for, config.fed_dropout.rescale
+        batch = config.fed_dropout.batch_norm == "batch"
         if config.fed_dropout.units == "rows":
             _check_layer_rates(config, list(found), "prunable parameter (pruning.prunable)")
             rates = {n: rate_for(n) for n in found}
             specs = {n: s for n, s in found.items() if rates[n] > 0}
-            return cls(specs, {n: rates[n] for n in specs}, config.seed, rescale)
+            return cls(specs, {n: rates[n] for n in specs}, config.seed, rescale, batch_statistics=batch)
         every = find_unit_groups(model, found)
         if not every:
             raise ValueError(
@@ -151,7 +162,14 @@ class FedDropout(BaseStrategy):
         for g in groups:
             specs[g.reader] = replace(found[g.reader], pattern="column")
             specs.update({n: replace(found[n], feeds=g.reader) for n in g.producers})
-        return cls(specs, {g.reader: rate_for(g.reader) for g in groups}, config.seed, rescale, groups=groups)
+        return cls(specs, {g.reader: rate_for(g.reader) for g in groups}, config.seed, rescale, groups, batch)
+
+    def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:
+        """With batch statistics, the state without running statistics: clients are sent none and
+        upload none, and the server's model normalizes by the batch (`fedprune_core.engine.evaluate`)."""
+        if not self.batch_statistics:
+            return state
+        return replace(state, weights={n: w for n, w in state.weights.items() if not is_running_stat(n)})
 
     def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
         """The random sub-model of `client_id` in `round_num`.

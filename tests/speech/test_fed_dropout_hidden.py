@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from fedprune_core.config import ExperimentConfig, FedDropoutConfig
-from fedprune_core.engine import ClientOutcome, ServerState, aggregate, dispatch
+from fedprune_core.engine import ClientOutcome, ServerState, aggregate, dispatch, evaluate
+from fedprune_core.simulate import simulate
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechWorkload
 from fedprune_core.strategies import make_strategy
 from fedprune_core.strategies.fed_dropout import FedDropout
 from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
-from fedprune_core.training import model_state
+from fedprune_core.training import is_running_stat, model_state
 from fedprune_core.units import LiveBatchNorm1d, LiveJoiner, held_entries
 
 WORKLOAD = SpeechWorkload(model="tiny")
@@ -122,6 +123,40 @@ def test_each_unit_entry_is_averaged_over_the_clients_that_held_its_unit() -> No
         torch.testing.assert_close(new[name], weights[name] + shift, rtol=0, atol=1e-6, msg=name)
     for name in (f"{FFN}.4.bias", f"{CONV}.5.bias", "joiner.linear.bias", "predictor.linear.bias"):
         torch.testing.assert_close(new[name], weights[name] + 2.5, rtol=0, atol=1e-6, msg=name)  # read by all
+
+
+@pytest.mark.parametrize("units", ["rows", "hidden"])
+def test_with_batch_statistics_the_server_holds_none_and_evaluates_by_the_batch(
+    units: str, noise_utterances: list[Utterance]
+) -> None:
+    config = ExperimentConfig.from_dict({
+        "strategy": "fed_dropout", "model": "tiny", "fed_dropout": {"units": units},
+        "schedule": {"num_rounds": 1, "sparsify_rounds": 1, "refine_rounds": 0},
+        "federated": {"clients_per_round": 2, "local": {"steps": 1, "batch_size": 2, "lr": 0.05}},
+    })
+    clients = [noise_utterances[:2], noise_utterances[1:]]
+    state = simulate(WORKLOAD, clients, config).state
+    assert state.round_num == 1 and not any(is_running_stat(n) for n in state.weights)
+
+    # Evaluation computes what training does: the loss of the model in train mode on the one batch.
+    model = WORKLOAD.build_model()
+    model.load_state_dict(state.weights, strict=False)
+    with torch.no_grad():
+        train_mode_loss = float(WORKLOAD.loss_fn(model.train(), WORKLOAD.collate(noise_utterances)))
+    assert evaluate(WORKLOAD, state, noise_utterances)["loss"] == pytest.approx(train_mode_loss, rel=1e-6)
+    running = ServerState(1, {**state.weights, **{n: t for n, t in model_state(model).items() if is_running_stat(n)}})
+    assert evaluate(WORKLOAD, running, noise_utterances)["loss"] != pytest.approx(train_mode_loss, rel=1e-3)
+
+
+def test_with_running_statistics_the_server_keeps_them() -> None:
+    config = ExperimentConfig.from_dict({"strategy": "fed_dropout", "model": "tiny",
+                                         "fed_dropout": {"units": "hidden", "batch_norm": "running"}})
+    strategy = make_strategy(config, build_model("tiny"))
+    state = ServerState(0, model_state(build_model("tiny")))
+    assert strategy.initialize(state, WORKLOAD, []) is state
+    with pytest.raises(ValueError, match="fed_dropout.batch_norm='frozen' is not a kind of statistics: use one of "
+                                         "batch, running"):
+        FedDropoutConfig(batch_norm="frozen")
 
 
 def test_units_are_validated_before_any_work() -> None:
