@@ -32,6 +32,7 @@ See docs/baselines.md for how each differs from the paper. The global model has 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -46,6 +47,7 @@ from fedprune_core.masks import expand_groups, num_pruned
 from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices
 from fedprune_core.rng import generator_for
 from fedprune_core.strategies.base import BaseStrategy
+from fedprune_core.submodel import extract, float_entries
 from fedprune_core.training import is_running_stat
 from fedprune_core.types import MaskDict
 from fedprune_core.units import UnitGroup, find_unit_groups
@@ -188,3 +190,45 @@ class FedDropout(BaseStrategy):
                                                                      f"fed_dropout:{name}"))
             for name, spec in self.specs.items()
         }
+
+
+def client_share(config: ExperimentConfig, model: nn.Module, rate: float) -> float:
+    """The share of the dense model's parameters a Federated Dropout client downloads at `rate`.
+
+    Float entries of a client's payload over the dense payload's, parameters only (running
+    statistics left out of both). `rate` replaces `fed_dropout.rate`; `layer_rates`, `units` and
+    `pruning.prunable` are `config`'s. The share is that of every client in every round: each layer
+    (hidden units: each group) drops exactly `num_pruned(units, rate)` units.
+
+    Args:
+        config: the experiment (strategy settings from `fed_dropout` and `pruning.prunable`).
+        model: the model, e.g. the workload's `build_model()`; its values do not matter.
+        rate: the dropout rate, in [0, 1).
+    """
+    fed_dropout = dataclasses.replace(config.fed_dropout, rate=rate)
+    strategy = FedDropout.build(dataclasses.replace(config, fed_dropout=fed_dropout), model)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    masks = strategy.client_masks(ServerState(0, weights), {}, 1, 0)
+    return float_entries(extract(weights, masks, strategy.specs)) / float_entries(extract(weights, {}, {}))
+
+
+def rate_for_share(config: ExperimentConfig, model: nn.Module, share: float, steps: int = 16) -> float:
+    """The smallest rate (to 2**-steps) at which a client downloads at most `share` of the dense
+    parameters (`client_share`), e.g. to meet a download budget.
+
+    Raises:
+        ValueError: no rate below 1 gets there (with hidden units, layers outside the unit groups
+            stay whole), naming the smallest share there is.
+    """
+    lo, hi = 0.0, 1.0 - 2.0**-steps
+    least = client_share(config, model, hi)
+    if least > share:
+        raise ValueError(
+            f"share={share} is below what a fed_dropout client with units={config.fed_dropout.units!r} can download "
+            f"({least:.4f} of dense at rate {hi}): raise the share, or drop more layers (pruning.prunable, "
+            "units='rows')"
+        )
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if client_share(config, model, mid) > share else (lo, mid)
+    return hi

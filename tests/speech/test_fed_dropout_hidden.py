@@ -15,12 +15,13 @@ from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechWorkload
 from fedprune_core.strategies import make_strategy
-from fedprune_core.strategies.fed_dropout import FedDropout
+from fedprune_core.strategies.fed_dropout import FedDropout, client_share, rate_for_share
 from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
 from fedprune_core.training import is_running_stat, model_state
 from fedprune_core.units import LiveBatchNorm1d, LiveJoiner, held_entries
 
 WORKLOAD = SpeechWorkload(model="tiny")
+HIDDEN_TINY = {"strategy": "fed_dropout", "model": "tiny", "fed_dropout": {"units": "hidden"}}
 FFN = "transcriber.conformer.conformer_layers.0.ffn1.sequential"
 CONV = "transcriber.conformer.conformer_layers.0.conv_module.sequential"
 
@@ -55,11 +56,11 @@ def test_a_dropped_hidden_unit_takes_its_producer_rows_and_its_reader_column() -
     assert not torch.equal(masks[f"{FFN}.4.weight"], other[f"{FFN}.4.weight"])
 
 
-@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize(("rate", "rescale"), [(0.5, False), (0.5, True), (0.25, True), (0.1, True)])
 def test_the_client_trains_the_full_model_with_those_units_dropped(
-    rescale: bool, noise_utterances: list[Utterance]
+    rate: float, rescale: bool, noise_utterances: list[Utterance]
 ) -> None:
-    strategy = _strategy(rate=0.5, rescale=rescale)
+    strategy = _strategy(rate=rate, rescale=rescale)
     model = build_model("tiny", seed=3)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     masks = strategy.client_masks(ServerState(0, weights), {}, 2, 0)
@@ -67,7 +68,8 @@ def test_the_client_trains_the_full_model_with_those_units_dropped(
     dropped = sum(int((~m).sum()) for m in masks.values())
     floats = sum(t.numel() for t in payload.values() if t.is_floating_point())
     assert floats == sum(w.numel() for w in weights.values()) - dropped  # every dropped weight stays home
-    assert payload_nbytes(payload) < payload_nbytes(extract(weights, {}, {})) - 3 * dropped  # indices: < 1 B each
+    dense_nbytes = payload_nbytes(extract(weights, {}, {}))
+    assert payload_nbytes(payload) < dense_nbytes - (3 * dropped if rate >= 0.5 else 0)  # kept ids: < 1 B each
     client = build_client_model(build_model("tiny", seed=9), payload, strategy.specs, strategy.rescale_kept)
     assert {LiveBatchNorm1d, LiveJoiner} <= {type(m) for m in client.module.modules()}
 
@@ -157,6 +159,27 @@ def test_with_running_statistics_the_server_keeps_them() -> None:
     with pytest.raises(ValueError, match="fed_dropout.batch_norm='frozen' is not a kind of statistics: use one of "
                                          "batch, running"):
         FedDropoutConfig(batch_norm="frozen")
+
+
+def test_client_share_counts_the_dropped_units_entries() -> None:
+    # tiny, rate 0.25: each feed-forward module drops 16 of 64 hidden units (32 producer + 32 reader
+    # entries each), the convolution module 8 of 32 channels (2 x 32 + 32), the joint 16 of 64
+    # dimensions (32 + 29 symbols).
+    config = ExperimentConfig.from_dict(HIDDEN_TINY)
+    model = build_model("tiny")
+    dense = sum(p.numel() for p in model.parameters())
+    assert client_share(config, model, 0.25) == (dense - 2 * 16 * 64 - 8 * 96 - 16 * 61) / dense
+    assert client_share(config, model, 0.0) == 1.0
+
+
+def test_rate_for_share_is_the_smallest_rate_within_the_budget() -> None:
+    config = ExperimentConfig.from_dict(HIDDEN_TINY)
+    model = build_model("tiny")
+    rate = rate_for_share(config, model, 0.8)
+    assert client_share(config, model, rate) <= 0.8 < client_share(config, model, rate - 2**-16)
+    with pytest.raises(ValueError, match=r"share=0.2 is below what a fed_dropout client with units='hidden' can "
+                                         r"download \(0.\d+ of dense"):
+        rate_for_share(config, model, 0.2)
 
 
 def test_units_are_validated_before_any_work() -> None:
