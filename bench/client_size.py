@@ -15,6 +15,13 @@ statistics) against the dense payload's. Then bisection for `--target`.
     .venv/bin/python bench/client_size.py --run paper/paper-warmup2 \\
         --config docs/results/learning-rate/long64lr1-fp-s50.json --target 0.5
 
+With `--fed-dropout UNITS` the same for Federated Dropout (`fed_dropout.units` UNITS): a client's
+share of the dense parameters at rates 0.1 to 0.78, then the rate that meets each `--target`
+(`fedprune_core.strategies.fed_dropout.client_share`, `rate_for_share`); no stored run is read, as
+a Federated Dropout client's size does not depend on the weights.
+
+    .venv/bin/python bench/client_size.py --fed-dropout hidden --target 0.75 0.5 0.35
+
 Pure computation on stored weights; a printed figure, not a test.
 """
 
@@ -32,6 +39,7 @@ from fedprune_core.engine import ServerState
 from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import build_model
+from fedprune_core.strategies.fed_dropout import client_share, rate_for_share
 from fedprune_core.strategies.fedprune import FedPrune
 from fedprune_core.submodel import extract, float_entries
 from fedprune_core.types import MaskDict, StateDict
@@ -66,12 +74,35 @@ def client_fraction(
     return float_entries(extract(weights, masks, specs)) / float_entries(extract(weights, {}, {})), pruned
 
 
+def fed_dropout_sizes(units: str, targets: list[float]) -> None:
+    """Print a Federated Dropout client's share of the dense `small` model by rate, and the rate of each target."""
+    config = preset("small", {"strategy": "fed_dropout", "fed_dropout": {"units": units}})
+    model = build_model(config.model)
+    print(f"fed_dropout, units {units}, small\n\n| rate | client parameters / dense |\n|---|---|")
+    for rate in (0.1, 0.25, 0.5, 0.78):
+        print(f"| {rate:.2f} | {client_share(config, model, rate):.4f} |", flush=True)
+    for target in targets:
+        try:
+            rate = rate_for_share(config, model, target)
+        except ValueError as error:
+            print(f"\ntarget {target}: {error}")
+            continue
+        print(f"\nrate {rate:.4f}: a client holds {client_share(config, model, rate):.4f} of the dense parameters "
+              f"(target {target})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="EXPERIMENT/RUN_ID whose last weights to score")
-    parser.add_argument("--config", type=Path, required=True, help="JSON overrides of the small preset")
-    parser.add_argument("--target", type=float, default=0.5, help="client parameters / dense to find")
+    parser.add_argument("--run", help="EXPERIMENT/RUN_ID whose last weights to score (Federated Pruning)")
+    parser.add_argument("--config", type=Path, help="JSON overrides of the small preset (Federated Pruning)")
+    parser.add_argument("--fed-dropout", choices=("rows", "hidden"), help="Federated Dropout's units instead")
+    parser.add_argument("--target", type=float, nargs="+", default=[0.5], help="client parameters / dense to find")
     args = parser.parse_args()
+    if args.fed_dropout:
+        fed_dropout_sizes(args.fed_dropout, args.target)
+        return
+    if args.run is None or args.config is None:
+        parser.error("--run and --config are needed for Federated Pruning (or pass --fed-dropout UNITS)")
     config = preset("small", json.loads(args.config.read_text()))
     weights = load_weights(args.run)
     p = config.pruning
@@ -84,10 +115,10 @@ def main() -> None:
     lo, hi = 0.0, config.pruning.sparsity if config.pruning.sparsity > 0 else 0.9
     for _ in range(12):  # the client's share falls as sparsity grows
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if client_fraction(config, specs, weights, mid)[0] > args.target else (lo, mid)
+        lo, hi = (mid, hi) if client_fraction(config, specs, weights, mid)[0] > args.target[0] else (lo, mid)
     fraction, realized = client_fraction(config, specs, weights, hi)
     print(f"\nsparsity {hi:.4f} (realized {realized:.4f}): a client holds {fraction:.4f} of the dense parameters "
-          f"(target {args.target})")
+          f"(target {args.target[0]})")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ from fedprune_core.training import LocalTrainingConfig
 DROPOUT_UNITS: tuple[str, ...] = ("rows", "hidden")
 """`fed_dropout.units`: what Federated Dropout drops (see `FedDropoutConfig`)."""
 
+DROPOUT_BATCH_NORM: tuple[str, ...] = ("batch", "running")
+"""`fed_dropout.batch_norm`: what a Federated Dropout model's batch norms normalize by at evaluation."""
+
 # Upper bounds of every integer in a configuration. Each integer reaches databases with 64-bit
 # (or narrower) integer columns: flow-run parameters in Prefect, params in MLflow, round numbers
 # in checkpoint names. Beyond 64 bits Prefect's server stores the parameters and then fails to
@@ -149,12 +152,19 @@ class FedDropoutConfig:
             channels, joint dimensions): its producer rows and its reader's input column go together,
             as Caldas et al. drop a neuron; layers outside the groups stay dense, and `layer_rates`
             globs match a group's reader.
+        batch_norm: what batch norms normalize by. "batch": the statistics of the batch, in training
+            and at evaluation; the server holds no running statistics (a sub-model's batch-norm
+            inputs differ in scale from the full model's, so statistics the clients gathered do not
+            fit the model the server evaluates, and the server has no data of its own to gather them
+            from). "running": running statistics, gathered by the clients and averaged over those
+            that held each channel, as other strategies do.
     """
 
     rate: float = 0.5
     layer_rates: tuple[tuple[str, float], ...] = ()
     rescale: bool = True
     units: str = "rows"
+    batch_norm: str = "batch"
 
     def __post_init__(self) -> None:
         validate_sparsity(self.rate, "fed_dropout.rate")
@@ -163,6 +173,12 @@ class FedDropoutConfig:
                 f"fed_dropout.units={self.units!r} is not a kind of unit: use one of {', '.join(DROPOUT_UNITS)} "
                 "(rows: every weight's output rows; hidden: the model's hidden units, producer rows with reader "
                 "columns)"
+            )
+        if self.batch_norm not in DROPOUT_BATCH_NORM:
+            raise ValueError(
+                f"fed_dropout.batch_norm={self.batch_norm!r} is not a kind of statistics: use one of "
+                f"{', '.join(DROPOUT_BATCH_NORM)} (batch: each batch's own, also at evaluation; running: averaged "
+                "running statistics)"
             )
         for glob, rate in self.layer_rates:
             validate_sparsity(rate, f"fed_dropout.layer_rates[{glob!r}]")

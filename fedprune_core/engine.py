@@ -22,6 +22,7 @@ from fedprune_core.rng import derive_seed, generator_for
 from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
 from fedprune_core.training import ClientResult, LocalTrainingConfig, is_running_stat, model_state
 from fedprune_core.types import MaskDict, Payload, StateDict
+from fedprune_core.units import UnitGroup, held_entries
 
 _GLOBAL_RNG_LOCK = threading.Lock()
 """Serializes the code that touches torch's global RNG (model construction, dropout, SpecAugment).
@@ -150,6 +151,12 @@ class Strategy(Protocol):
         ...
 
     @property
+    def groups(self) -> tuple[UnitGroup, ...]:
+        """The unit groups whose units a client may not hold (Federated Dropout of hidden units):
+        their `UnitGroup.entries` are averaged over the clients that held each unit."""
+        ...
+
+    @property
     def track_grad_sq(self) -> bool:
         """Whether clients must accumulate squared gradients."""
         ...
@@ -266,6 +273,8 @@ def aggregate(
     for o in sorted(outcomes, key=lambda o: o.client_id):
         cmasks = strategy.client_masks(state, masks, round_num, o.client_id)
         values, held = expand(o.update, cmasks, strategy.specs, shapes)
+        for name, entries in held_entries(strategy.groups, cmasks, shapes).items():
+            held[name] = held[name] & entries if name in held else entries
         contributions.append(ClientContribution(values, held, o.num_examples))
         if o.grad_sq is not None:
             dense = strategy.dense_grad_sq
@@ -304,9 +313,20 @@ def evaluate(workload: Workload, state: ServerState, examples: Sequence[Any]) ->
     with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         model = workload.build_model()
     model.load_state_dict(masked_weights(state), strict=False)
+    _batch_statistics_where_absent(model, state.weights)
     model.eval()
     with torch.no_grad():
         return workload.evaluate(model, examples)
+
+
+def _batch_statistics_where_absent(model: nn.Module, weights: StateDict) -> None:
+    """Batch norms whose running statistics `weights` does not hold (Federated Dropout's
+    `batch_statistics`) normalize by each batch's statistics in eval mode too, as in training."""
+    for path, m in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{prefix}running_mean" not in weights:
+            m.track_running_stats = False
+            m.running_mean = m.running_var = None  # eval mode then normalizes by the batch
 
 
 def layer_sparsity(masks: MaskDict, specs: dict[str, PrunableSpec]) -> list[tuple[str, tuple[int, ...], int, int]]:

@@ -62,6 +62,11 @@ class UnitGroup:
         width: number of units.
         taps: the reader's input features per unit, adjacent (a channel group's features per
             channel), else 1.
+        entries: the parameters and running statistics besides the producers' and reader's weights
+            whose entry r along dim 0 serves unit r % width alone: the producers' biases, the
+            per-unit layers' parameters and statistics, and the scale and shift of the layer norm the
+            joint network gathers its target dimensions from. A client without unit u leaves their
+            entries of u untouched (`held_entries`).
     """
 
     reader: str
@@ -69,6 +74,7 @@ class UnitGroup:
     per_unit: tuple[str, ...]
     width: int
     taps: int = 1
+    entries: tuple[str, ...] = ()
 
 
 def find_unit_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[UnitGroup, ...]:
@@ -88,10 +94,52 @@ def find_unit_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[
         elif isinstance(m, RNNT) and isinstance(m.joiner, _Joiner):
             output = getattr(m.transcriber, "output", None)
             if type(output) is nn.Linear:
+                target_norm = getattr(m.predictor, "output_layer_norm", None)
+                gathered = (f"{p}predictor.output_layer_norm",) if isinstance(target_norm, nn.LayerNorm) else ()
                 found.append(UnitGroup(
-                    f"{p}joiner.linear.weight", (f"{p}transcriber.output.weight",), (f"{p}joiner",), output.out_features
+                    f"{p}joiner.linear.weight", (f"{p}transcriber.output.weight",), (f"{p}joiner",),
+                    output.out_features, entries=_entries_of(model, gathered),
                 ))
-    return tuple(g for g in found if all(_sliced(specs.get(n)) for n in (g.reader, *g.producers)))
+    groups = (replace(g, entries=_entries_of(model, _bias_owners(g) + g.per_unit) + g.entries) for g in found)
+    return tuple(g for g in groups if all(_sliced(specs.get(n)) for n in (g.reader, *g.producers)))
+
+
+def _bias_owners(group: UnitGroup) -> tuple[str, ...]:
+    return tuple(n.removesuffix(".weight") for n in group.producers)
+
+
+def _entries_of(model: nn.Module, paths: tuple[str, ...]) -> tuple[str, ...]:
+    """Names of the parameters and running statistics the modules at `paths` hold themselves (not
+    their submodules': the joint network's output layer is the reader)."""
+    names = []
+    for path in paths:
+        module = model.get_submodule(path)
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        names += [f"{path}.{n}" for n, t in own if t is not None and t.dim() > 0]
+    return tuple(names)
+
+
+def held_entries(groups: tuple[UnitGroup, ...], masks: MaskDict, shapes: dict[str, torch.Size]) -> MaskDict:
+    """Bool masks of the `UnitGroup.entries` a client held: those of the units its reader mask
+    reads (groups without a reader mask are held whole, and have no entry). Names not in `shapes`
+    (not federated, e.g. `num_batches_tracked`) are left out.
+
+    Args:
+        groups: the unit groups whose units clients may drop.
+        masks: the client's masks (`Strategy.client_masks`).
+        shapes: full shapes of the server's state entries.
+    """
+    held: MaskDict = {}
+    for g in groups:
+        if g.reader not in masks:
+            continue
+        live = live_units(masks[g.reader], g.taps)
+        for name in g.entries:
+            if name in shapes:
+                shape = shapes[name]
+                rows = live.repeat(shape[0] // g.width)
+                held[name] = rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+    return held
 
 
 def _sliced(spec: PrunableSpec | None) -> bool:

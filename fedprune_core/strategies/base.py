@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from fedprune_core.engine import ServerState, Workload
 from fedprune_core.prunable import PrunableSpec
 from fedprune_core.types import MaskDict, StateDict
+from fedprune_core.units import UnitGroup
 
 
 class BaseStrategy:
@@ -23,6 +24,8 @@ class BaseStrategy:
             (``"pruning.prunable"``) of `fedprune_core.config.ExperimentConfig` it reads besides
             the ones every strategy reads (`fedprune_core.strategies.applicable_config`). None here.
         specs: the parameters the strategy prunes or slices (each strategy's own dataclass field).
+        groups: the unit groups whose units a client may not hold (none: what a client trains, it
+            holds whole or by its masks).
         track_grad_sq: whether clients accumulate and upload squared gradients (no).
         dense_grad_sq: whether those squared gradients cover pruned entries too and the server sums
             them over clients (PruneFL); else they cover the entries a client held and the server
@@ -32,6 +35,7 @@ class BaseStrategy:
 
     config_keys: ClassVar[tuple[str, ...]] = ()
     specs: dict[str, PrunableSpec]
+    groups: tuple[UnitGroup, ...] = ()
     track_grad_sq: bool = False
     dense_grad_sq: ClassVar[bool] = False
     rescale_kept: bool = False

@@ -17,27 +17,38 @@ What a unit is (`fed_dropout.units`):
   module's hidden units, a convolution module's channels, the joint network's dimensions), as
   Caldas et al. drop a neuron: its producer rows and its reader's input column go together, and
   the client trains the narrower module (the per-unit depthwise convolution and batch norm on the
-  kept channels). The residual stream, attention and every layer outside a group stay dense.
+  kept channels). The unit's other entries (biases, per-unit layers, `UnitGroup.entries`) are
+  averaged over the clients that held the unit, as its weights are. The residual stream,
+  attention and every layer outside a group stay dense.
+
+Batch norms (`fed_dropout.batch_norm`): by default they normalize by each batch's statistics,
+in training and at evaluation, and the server holds no running statistics (`initialize` drops
+them, and `fedprune_core.engine.evaluate` then normalizes by the batch): a sub-model's batch-norm
+inputs differ in scale from the full model's, so statistics gathered by clients do not fit the
+model the server evaluates, and the server holds no data to gather its own.
 
 See docs/baselines.md for how each differs from the paper. The global model has no masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from fedprune_core.config import ExperimentConfig
-from fedprune_core.engine import ServerState
+from fedprune_core.engine import ServerState, Workload
 from fedprune_core.masks import expand_groups, num_pruned
 from fedprune_core.prunable import PrunableSpec, find_prunable, from_matrices
 from fedprune_core.rng import generator_for
 from fedprune_core.strategies.base import BaseStrategy
+from fedprune_core.submodel import extract, float_entries
+from fedprune_core.training import is_running_stat
 from fedprune_core.types import MaskDict
 from fedprune_core.units import UnitGroup, find_unit_groups
 
@@ -112,6 +123,8 @@ class FedDropout(BaseStrategy):
         rescale_kept: clients train as inverted dropout (kept units' outputs scaled by units / kept
             units, `fed_dropout.rescale`).
         groups: with hidden units (`fed_dropout.units`), the unit groups whose units are dropped.
+        batch_statistics: batch norms normalize by each batch's statistics, also at evaluation; the
+            server holds no running statistics (`fed_dropout.batch_norm` "batch").
     """
 
     config_keys: ClassVar[tuple[str, ...]] = ("pruning.prunable", "fed_dropout")
@@ -120,6 +133,7 @@ class FedDropout(BaseStrategy):
     seed: int
     rescale_kept: bool = True
     groups: tuple[UnitGroup, ...] = ()
+    batch_statistics: bool = True
 
     @classmethod
     def build(cls, config: ExperimentConfig, model: nn.Module) -> FedDropout:
@@ -131,11 +145,12 @@ class FedDropout(BaseStrategy):
         """
         found = find_prunable(model, config.pruning.prunable, PATTERN)
         rate_for, rescale = config.fed_dropout.rate_for, config.fed_dropout.rescale
+        batch = config.fed_dropout.batch_norm == "batch"
         if config.fed_dropout.units == "rows":
             _check_layer_rates(config, list(found), "prunable parameter (pruning.prunable)")
             rates = {n: rate_for(n) for n in found}
             specs = {n: s for n, s in found.items() if rates[n] > 0}
-            return cls(specs, {n: rates[n] for n in specs}, config.seed, rescale)
+            return cls(specs, {n: rates[n] for n in specs}, config.seed, rescale, batch_statistics=batch)
         every = find_unit_groups(model, found)
         if not every:
             raise ValueError(
@@ -149,7 +164,14 @@ class FedDropout(BaseStrategy):
         for g in groups:
             specs[g.reader] = replace(found[g.reader], pattern="column")
             specs.update({n: replace(found[n], feeds=g.reader) for n in g.producers})
-        return cls(specs, {g.reader: rate_for(g.reader) for g in groups}, config.seed, rescale, groups=groups)
+        return cls(specs, {g.reader: rate_for(g.reader) for g in groups}, config.seed, rescale, groups, batch)
+
+    def initialize(self, state: ServerState, workload: Workload, client_data: Sequence[Sequence[Any]]) -> ServerState:
+        """With batch statistics, the state without running statistics: clients are sent none and
+        upload none, and the server's model normalizes by the batch (`fedprune_core.engine.evaluate`)."""
+        if not self.batch_statistics:
+            return state
+        return replace(state, weights={n: w for n, w in state.weights.items() if not is_running_stat(n)})
 
     def client_masks(self, state: ServerState, masks: MaskDict, round_num: int, client_id: int) -> MaskDict:
         """The random sub-model of `client_id` in `round_num`.
@@ -168,3 +190,45 @@ class FedDropout(BaseStrategy):
                                                                      f"fed_dropout:{name}"))
             for name, spec in self.specs.items()
         }
+
+
+def client_share(config: ExperimentConfig, model: nn.Module, rate: float) -> float:
+    """The share of the dense model's parameters a Federated Dropout client downloads at `rate`.
+
+    Float entries of a client's payload over the dense payload's, parameters only (running
+    statistics left out of both). `rate` replaces `fed_dropout.rate`; `layer_rates`, `units` and
+    `pruning.prunable` are `config`'s. The share is that of every client in every round: each layer
+    (hidden units: each group) drops exactly `num_pruned(units, rate)` units.
+
+    Args:
+        config: the experiment (strategy settings from `fed_dropout` and `pruning.prunable`).
+        model: the model, e.g. the workload's `build_model()`; its values do not matter.
+        rate: the dropout rate, in [0, 1).
+    """
+    fed_dropout = dataclasses.replace(config.fed_dropout, rate=rate)
+    strategy = FedDropout.build(dataclasses.replace(config, fed_dropout=fed_dropout), model)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    masks = strategy.client_masks(ServerState(0, weights), {}, 1, 0)
+    return float_entries(extract(weights, masks, strategy.specs)) / float_entries(extract(weights, {}, {}))
+
+
+def rate_for_share(config: ExperimentConfig, model: nn.Module, share: float, steps: int = 16) -> float:
+    """The smallest rate (to 2**-steps) at which a client downloads at most `share` of the dense
+    parameters (`client_share`), e.g. to meet a download budget.
+
+    Raises:
+        ValueError: no rate below 1 gets there (with hidden units, layers outside the unit groups
+            stay whole), naming the smallest share there is.
+    """
+    lo, hi = 0.0, 1.0 - 2.0**-steps
+    least = client_share(config, model, hi)
+    if least > share:
+        raise ValueError(
+            f"share={share} is below what a fed_dropout client with units={config.fed_dropout.units!r} can download "
+            f"({least:.4f} of dense at rate {hi}): raise the share, or drop more layers (pruning.prunable, "
+            "units='rows')"
+        )
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if client_share(config, model, mid) > share else (lo, mid)
+    return hi

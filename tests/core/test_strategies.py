@@ -36,7 +36,7 @@ def test_every_registered_strategy_builds_with_every_protocol_member(name: str) 
     strategy = make_strategy(ExperimentConfig(strategy=name), TOY.build_model())
     assert isinstance(strategy, BaseStrategy)
     members = [n for n, _ in inspect.getmembers(Strategy) if not n.startswith("_")]
-    assert len(members) == 10 and all(hasattr(strategy, n) for n in members)
+    assert len(members) == 11 and all(hasattr(strategy, n) for n in members)
 
 
 def test_an_unknown_strategy_names_the_value_and_the_known_ones() -> None:
@@ -48,7 +48,8 @@ def test_the_base_is_dense_fedavg() -> None:
     fedavg = FedAvg.build(ExperimentConfig(strategy="fedavg"), TOY.build_model())
     state = ServerState(3, {"w": torch.ones(2, 2)}, extra={"e": torch.zeros(1)})
     masks = {"w": torch.tensor([[True, False], [True, True]])}
-    assert fedavg.specs == {} and not fedavg.track_grad_sq and not fedavg.dense_grad_sq and not fedavg.rescale_kept
+    assert fedavg.specs == {} and fedavg.groups == () and not fedavg.track_grad_sq and not fedavg.dense_grad_sq
+    assert not fedavg.rescale_kept
     assert fedavg.initialize(state, TOY, []) is state
     assert all(fedavg.keeps_masks(r) for r in (1, 2, 100))
     assert fedavg.score(state, 4) == {} and fedavg.mask(state, {}, 4) == {}

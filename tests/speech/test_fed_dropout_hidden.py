@@ -9,16 +9,19 @@ import pytest
 import torch
 
 from fedprune_core.config import ExperimentConfig, FedDropoutConfig
-from fedprune_core.engine import ServerState
+from fedprune_core.engine import ClientOutcome, ServerState, aggregate, dispatch, evaluate
+from fedprune_core.simulate import simulate
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
 from fedprune_core.speech.workload import SpeechWorkload
 from fedprune_core.strategies import make_strategy
-from fedprune_core.strategies.fed_dropout import FedDropout
+from fedprune_core.strategies.fed_dropout import FedDropout, client_share, rate_for_share
 from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
-from fedprune_core.units import LiveBatchNorm1d, LiveJoiner
+from fedprune_core.training import is_running_stat, model_state
+from fedprune_core.units import LiveBatchNorm1d, LiveJoiner, held_entries
 
 WORKLOAD = SpeechWorkload(model="tiny")
+HIDDEN_TINY = {"strategy": "fed_dropout", "model": "tiny", "fed_dropout": {"units": "hidden"}}
 FFN = "transcriber.conformer.conformer_layers.0.ffn1.sequential"
 CONV = "transcriber.conformer.conformer_layers.0.conv_module.sequential"
 
@@ -53,11 +56,11 @@ def test_a_dropped_hidden_unit_takes_its_producer_rows_and_its_reader_column() -
     assert not torch.equal(masks[f"{FFN}.4.weight"], other[f"{FFN}.4.weight"])
 
 
-@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize(("rate", "rescale"), [(0.5, False), (0.5, True), (0.25, True), (0.1, True)])
 def test_the_client_trains_the_full_model_with_those_units_dropped(
-    rescale: bool, noise_utterances: list[Utterance]
+    rate: float, rescale: bool, noise_utterances: list[Utterance]
 ) -> None:
-    strategy = _strategy(rate=0.5, rescale=rescale)
+    strategy = _strategy(rate=rate, rescale=rescale)
     model = build_model("tiny", seed=3)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     masks = strategy.client_masks(ServerState(0, weights), {}, 2, 0)
@@ -65,7 +68,8 @@ def test_the_client_trains_the_full_model_with_those_units_dropped(
     dropped = sum(int((~m).sum()) for m in masks.values())
     floats = sum(t.numel() for t in payload.values() if t.is_floating_point())
     assert floats == sum(w.numel() for w in weights.values()) - dropped  # every dropped weight stays home
-    assert payload_nbytes(payload) < payload_nbytes(extract(weights, {}, {})) - 3 * dropped  # indices: < 1 B each
+    dense_nbytes = payload_nbytes(extract(weights, {}, {}))
+    assert payload_nbytes(payload) < dense_nbytes - (3 * dropped if rate >= 0.5 else 0)  # kept ids: < 1 B each
     client = build_client_model(build_model("tiny", seed=9), payload, strategy.specs, strategy.rescale_kept)
     assert {LiveBatchNorm1d, LiveJoiner} <= {type(m) for m in client.module.modules()}
 
@@ -91,6 +95,91 @@ def test_the_client_trains_the_full_model_with_those_units_dropped(
         for name in (g.reader, *g.producers):
             assert torch.equal(held[name], masks[name])
             assert torch.equal(values[name][held[name]], weights[name][held[name]])
+
+
+def test_each_unit_entry_is_averaged_over_the_clients_that_held_its_unit() -> None:
+    # Client 0 uploads every entry + 1 (1 example), client 1 + 3 (3 examples), also the entries of
+    # units they did not hold (as weight decay would move them). An entry of a unit both held moves
+    # by (1 + 9) / 4 = 2.5, one held by one client by that client's shift, one held by none stays.
+    config = ExperimentConfig.from_dict({"strategy": "fed_dropout", "model": "tiny",
+                                         "fed_dropout": {"units": "hidden", "rate": 0.5}})
+    strategy = make_strategy(config, build_model("tiny"))
+    weights = model_state(build_model("tiny", seed=3))
+    state = ServerState(1, weights)
+    outcomes = []
+    for client_id, delta, examples in ((0, 1.0, 1), (1, 3.0, 3)):
+        update = dispatch(strategy, ServerState(1, {n: w + delta for n, w in weights.items()}), {}, 2, client_id)
+        outcomes.append(ClientOutcome(client_id, update, examples, 0.0, 0.0, 0, 0, 0))
+    new = aggregate(strategy, config, state, {}, {}, outcomes, 2).weights
+    shapes = {n: w.shape for n, w in weights.items()}
+    held = [held_entries(strategy.groups, strategy.client_masks(state, {}, 2, c), shapes) for c in (0, 1)]
+    entries = {n for g in strategy.groups for n in g.entries}
+    assert entries == set(held[0]) == set(held[1])
+    assert {"transcriber.output.bias", "predictor.output_layer_norm.weight", f"{FFN}.1.bias", f"{CONV}.0.bias",
+            f"{CONV}.2.weight", f"{CONV}.2.bias", f"{CONV}.3.weight", f"{CONV}.3.bias", f"{CONV}.3.running_mean",
+            f"{CONV}.3.running_var"} <= entries
+    for name in entries:
+        h0, h1 = held[0][name], held[1][name]
+        shift = torch.where(h0 & h1, 2.5, torch.where(h0, 1.0, torch.where(h1, 3.0, 0.0)))
+        assert bool((h0 & ~h1).any()) and bool((~h0 & ~h1).any()), name  # each case occurs
+        torch.testing.assert_close(new[name], weights[name] + shift, rtol=0, atol=1e-6, msg=name)
+    for name in (f"{FFN}.4.bias", f"{CONV}.5.bias", "joiner.linear.bias", "predictor.linear.bias"):
+        torch.testing.assert_close(new[name], weights[name] + 2.5, rtol=0, atol=1e-6, msg=name)  # read by all
+
+
+@pytest.mark.parametrize("units", ["rows", "hidden"])
+def test_with_batch_statistics_the_server_holds_none_and_evaluates_by_the_batch(
+    units: str, noise_utterances: list[Utterance]
+) -> None:
+    config = ExperimentConfig.from_dict({
+        "strategy": "fed_dropout", "model": "tiny", "fed_dropout": {"units": units},
+        "schedule": {"num_rounds": 1, "sparsify_rounds": 1, "refine_rounds": 0},
+        "federated": {"clients_per_round": 2, "local": {"steps": 1, "batch_size": 2, "lr": 0.05}},
+    })
+    clients = [noise_utterances[:2], noise_utterances[1:]]
+    state = simulate(WORKLOAD, clients, config).state
+    assert state.round_num == 1 and not any(is_running_stat(n) for n in state.weights)
+
+    # Evaluation computes what training does: the loss of the model in train mode on the one batch.
+    model = WORKLOAD.build_model()
+    model.load_state_dict(state.weights, strict=False)
+    with torch.no_grad():
+        train_mode_loss = float(WORKLOAD.loss_fn(model.train(), WORKLOAD.collate(noise_utterances)))
+    assert evaluate(WORKLOAD, state, noise_utterances)["loss"] == pytest.approx(train_mode_loss, rel=1e-6)
+    running = ServerState(1, {**state.weights, **{n: t for n, t in model_state(model).items() if is_running_stat(n)}})
+    assert evaluate(WORKLOAD, running, noise_utterances)["loss"] != pytest.approx(train_mode_loss, rel=1e-3)
+
+
+def test_with_running_statistics_the_server_keeps_them() -> None:
+    config = ExperimentConfig.from_dict({"strategy": "fed_dropout", "model": "tiny",
+                                         "fed_dropout": {"units": "hidden", "batch_norm": "running"}})
+    strategy = make_strategy(config, build_model("tiny"))
+    state = ServerState(0, model_state(build_model("tiny")))
+    assert strategy.initialize(state, WORKLOAD, []) is state
+    with pytest.raises(ValueError, match="fed_dropout.batch_norm='frozen' is not a kind of statistics: use one of "
+                                         "batch, running"):
+        FedDropoutConfig(batch_norm="frozen")
+
+
+def test_client_share_counts_the_dropped_units_entries() -> None:
+    # tiny, rate 0.25: each feed-forward module drops 16 of 64 hidden units (32 producer + 32 reader
+    # entries each), the convolution module 8 of 32 channels (2 x 32 + 32), the joint 16 of 64
+    # dimensions (32 + 29 symbols).
+    config = ExperimentConfig.from_dict(HIDDEN_TINY)
+    model = build_model("tiny")
+    dense = sum(p.numel() for p in model.parameters())
+    assert client_share(config, model, 0.25) == (dense - 2 * 16 * 64 - 8 * 96 - 16 * 61) / dense
+    assert client_share(config, model, 0.0) == 1.0
+
+
+def test_rate_for_share_is_the_smallest_rate_within_the_budget() -> None:
+    config = ExperimentConfig.from_dict(HIDDEN_TINY)
+    model = build_model("tiny")
+    rate = rate_for_share(config, model, 0.8)
+    assert client_share(config, model, rate) <= 0.8 < client_share(config, model, rate - 2**-16)
+    with pytest.raises(ValueError, match=r"share=0.2 is below what a fed_dropout client with units='hidden' can "
+                                         r"download \(0.\d+ of dense"):
+        rate_for_share(config, model, 0.2)
 
 
 def test_units_are_validated_before_any_work() -> None:
