@@ -19,6 +19,7 @@ run carries the flow run's id and URL (`PREFECT_TAGS`, this start's), and the ru
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -211,7 +212,7 @@ def cohorts(
 
     On a cluster (`served`: client id -> the workers serving it) one task per set of workers, placed
     on them; otherwise at most `slots` tasks of consecutive clients, as even as can be (the task
-    runner runs `slots` at once). Training does not depend on the grouping.
+    runner runs `slots` at once: `local_slots`). Training does not depend on the grouping.
     """
     if served is not None:
         groups: dict[tuple[str, ...], list[int]] = {}
@@ -221,6 +222,14 @@ def cohorts(
     ordered = sorted(clients)
     count = min(max(slots, 1), len(ordered))
     return [tuple(ordered[i * len(ordered) // count:(i + 1) * len(ordered) // count]) for i in range(count)]
+
+
+def local_slots(max_workers: int) -> int:
+    """How many client-train tasks a round sends to a local task runner: `max_workers`, but no more than
+    this process may use CPU cores. Each task trains its clients one after another; more tasks than cores
+    run no faster and each costs Prefect a task run (about 5 ms, `bench/bench_clients.py`), and thread
+    tasks beyond the cores contend for the interpreter lock."""
+    return max(1, min(max_workers, len(os.sched_getaffinity(0))))
 
 
 def _unserved(clients: list[int], served: Mapping[int, Sequence[str]] | None) -> dict[int, str]:
@@ -276,7 +285,7 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
             masks_key = mask(ref, r, state_key, scores_key)
         sampled = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
         trained, participation = train_round(ref, r, sampled, dispatch(ref, r, state_key, masks_key, sampled),
-                                             cfg.federated, options.max_workers, served)
+                                             cfg.federated, local_slots(options.max_workers), served)
         placements += [placement_row(r, t.stats, t.placement) for t in trained] if served else []
         aggregated = aggregate(ref, r, state_key, scores_key, masks_key, trained, participation)
         state_key, metrics = aggregated.state_key, dict(aggregated.metrics)
