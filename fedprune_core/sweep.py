@@ -17,6 +17,10 @@
   warm-up's weights so its initial pruning lands near half (density 0.56 at T0 = 1000, against
   0.42 at 100 and 0.77 at 10,000).
 
+`compare_sweep(...)` lists the runs of the comparison at matched client budgets (`flows/sweep.py`'s
+`compare` flow): every method trained from scratch on the `demo` preset at the same client download
+budgets, each over the same paired seeds.
+
 A variant's `groups` say which comparisons of the report it belongs to. Run ids are
 `<sweep name>-<variant name>`, so running the sweep again finds, skips or resumes each run.
 """
@@ -24,9 +28,11 @@ A variant's `groups` say which comparisons of the report it belongs to. Run ids 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedprune_core.budgets import Knobs
 from fedprune_core.config import _merge
 from fedprune_core.presets import PRESETS
 from fedprune_core.prunable import every_pattern_weights
@@ -190,3 +196,128 @@ def _variants(base: dict[str, Any], halvable: tuple[str, ...], seeds: tuple[int,
                      fp(f"fp-s50-seed{seed}", "FP S=0.5 (column, adaptive, weight L2, refined)", ("seed",),
                         seed=seed)]
     return variants
+
+
+# --- the comparison at matched client budgets (issue: fair, powered comparisons) -------------------
+
+COMPARE_BUDGETS: tuple[float, ...] = (0.75, 0.5, 0.35)
+"""Client download budgets, shares of the dense model's parameters (`fedprune_core.budgets`)."""
+
+COMPARE_SEEDS: tuple[int, ...] = (0, 1, 2)
+"""Paired seeds: a seed fixes the initialization and every round's client sample, whatever the method."""
+
+FD_KEEPS: tuple[float, ...] = (0.9, 0.75)
+"""Federated Dropout's own regime: the kept shares of hidden units Caldas et al. report."""
+
+FD_SERVER_LRS: tuple[float, ...] = (0.5, 1.0, 2.0)
+"""The server learning rates Federated Dropout is tried with (seed 0, middle budget) before the comparison."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """Where a comparison run stands: its method, its budget (None: outside the budget grid), its seed."""
+
+    method: str
+    budget: float | None
+    seed: int
+
+
+def compare_base(rounds: int) -> dict[str, Any]:
+    """Overrides of the `demo` preset every comparison run shares: `rounds` rounds from scratch, a third
+    ramping sparsity (cubic), a third re-ranking masks every 2 rounds, the rest fine-tuning; an
+    evaluation every 4 rounds (the score is the mean of the last ones, `infra.comparison`)."""
+    third = rounds // 3
+    return {"schedule": {"num_rounds": rounds, "sparsify_rounds": third, "ramp": "cubic", "refine_rounds": third,
+                         "refine_every": 2},
+            "federated": {"eval_every": 4},
+            "pruning": {"sparsity": 0.5, "pattern": "column", "allocation": "adaptive", "score_source": "weight",
+                        "score_norm": "l2"}}
+
+
+def fd_lr_pilot(name: str, rounds: int, fd_rate: float) -> list[Variant]:
+    """Federated Dropout (rows at the middle budget's rate) at each of `FD_SERVER_LRS`, seed 0: the
+    comparison's Federated Dropout runs use the best of them (`best_server_lr`)."""
+    base = compare_base(rounds)
+    return [Variant(f"pilot-fd-lr{lr:g}", f"Federated Dropout rows, server lr {lr:g}", ("pilot",),
+                    _merge(copy.deepcopy(base), {"strategy": "fed_dropout", "seed": 0,
+                                                 "federated": {"server_lr": lr},
+                                                 "fed_dropout": {"units": "rows", "rate": fd_rate}}))
+            for lr in FD_SERVER_LRS]
+
+
+def compare_sweep(
+    name: str = "compare",
+    rounds: int = 32,
+    seeds: tuple[int, ...] = COMPARE_SEEDS,
+    knobs: Sequence[Knobs] = (),
+    fd_server_lr: float = 1.0,
+    sgd_lr: float = 0.05,
+) -> tuple[Sweep, dict[str, Arm]]:
+    """Every method at each budget of `knobs` (`fedprune_core.budgets.knobs_for`), each over `seeds`.
+
+    Per seed:
+    - dense FedAvg (budget 1.0);
+    - at each budget: Federated Pruning (column, adaptive, weight L2, refined) at the sparsity that
+      meets it, PruneFL with that `max_density`, Federated Dropout of rows at that rate (its hidden
+      units cannot get the demo model's clients below 0.93 of dense);
+    - at the middle budget, the paper's other choices against that FP run: row pattern, uniform
+      allocation, no refinement, the pseudo-gradient, the clients' true squared gradients (`grad_sq`)
+      and weight x squared gradient as scores; and weight against `grad_sq` with SGD clients (lr `sgd_lr`);
+    - outside the grid: Federated Dropout of hidden units at Caldas et al.'s keeps `FD_KEEPS`, and
+      PruneFL as published (no density cap: its objective chooses the client size).
+    Federated Dropout runs use `fd_server_lr` (chosen by `fd_lr_pilot`).
+
+    Returns:
+        The sweep, and each run id's `Arm`.
+
+    Raises:
+        ValueError: rounds below 12, no seed, or no budget.
+    """
+    if rounds < 12 or not seeds or not knobs:
+        raise ValueError(f"rounds={rounds}, seeds={seeds}, {len(knobs)} budgets: need rounds >= 12 (e.g. 32), "
+                         "one seed or more and one budget or more")
+    base = compare_base(rounds)
+    middle = knobs[len(knobs) // 2]
+    variants: list[Variant] = []
+    arms: dict[str, Arm] = {}
+
+    def add(vname: str, label: str, method: str, budget: float | None, seed: int, **over: Any) -> None:
+        v = Variant(f"{vname}-s{seed}", label, ("compare",), _merge(copy.deepcopy(base), {**over, "seed": seed}))
+        variants.append(v)
+        arms[f"{name}-{v.name}"] = Arm(method, budget, seed)
+
+    fd = {"strategy": "fed_dropout", "federated": {"server_lr": fd_server_lr}}
+    for seed in seeds:
+        add("dense", "dense FedAvg", "dense", 1.0, seed, strategy="fedavg", pruning={"sparsity": 0.0})
+        for k in knobs:
+            b = f"b{round(100 * k.share):02d}"
+            if k.fp_sparsity is not None:
+                add(f"fp-{b}", f"FP S={k.fp_sparsity}", "fp", k.share, seed, pruning={"sparsity": k.fp_sparsity})
+            if k.prunefl_density is not None:
+                add(f"prunefl-{b}", f"PruneFL max density {k.prunefl_density}", "prunefl", k.share, seed,
+                    strategy="prunefl", prunefl={"max_density": k.prunefl_density})
+            if k.fd_rate is not None:
+                add(f"fd-{b}", f"Federated Dropout rows, rate {k.fd_rate}", "fd-rows", k.share, seed,
+                    **_merge(copy.deepcopy(fd), {"fed_dropout": {"units": "rows", "rate": k.fd_rate}}))
+        s = middle.fp_sparsity
+        if s is not None:
+            mid = middle.share
+            at = {"sparsity": s}
+            add("fp-row", f"FP S={s} row", "fp-row", mid, seed, pruning={**at, "pattern": "row"})
+            add("fp-uniform", f"FP S={s} uniform", "fp-uniform", mid, seed, pruning={**at, "allocation": "uniform"})
+            add("fp-norefine", f"FP S={s} no refinement", "fp-norefine", mid, seed,
+                pruning=at, schedule={"refine_rounds": 0})
+            for score in ("gradient", "grad_sq", "weight_x_grad_sq"):
+                add(f"fp-{score.replace('_', '')}", f"FP S={s} {score} score", f"fp-{score}", mid, seed,
+                    pruning={**at, "score_source": score})
+            sgd = {"local": {"optimizer": "sgd", "lr": sgd_lr}}
+            add("fp-sgd", f"FP S={s}, SGD clients", "fp-sgd", mid, seed, pruning=at, federated=sgd)
+            add("fp-sgd-gradsq", f"FP S={s} grad_sq score, SGD clients", "fp-sgd-grad_sq", mid, seed,
+                pruning={**at, "score_source": "grad_sq"}, federated=sgd)
+        for keep in FD_KEEPS:
+            rate = round(1 - keep, 4)
+            add(f"fd-hidden-k{round(100 * keep)}", f"Federated Dropout hidden units, keep {keep}", "fd-hidden", None,
+                seed, **_merge(copy.deepcopy(fd), {"fed_dropout": {"units": "hidden", "rate": rate}}))
+        add("prunefl-published", "PruneFL as published (no density cap)", "prunefl-published", None, seed,
+            strategy="prunefl")
+    return Sweep(name, "demo", (), tuple(variants)), arms
