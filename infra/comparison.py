@@ -258,7 +258,8 @@ def groups_of(rows: Sequence[RunRow]) -> list[Group]:
 def find_group(groups: Sequence[Group], method: str, budget: float | None = None) -> Group | None:
     """The group of `method` at `budget` (dense: whatever its budget), or None."""
     for g in groups:
-        if g.method == method and (method == DENSE or (g.budget is not None and math.isclose(g.budget, budget or 0))):
+        same = g.budget is not None and budget is not None and math.isclose(g.budget, budget)
+        if g.method == method and (method == DENSE or same):
             return g
     return None
 
@@ -350,7 +351,7 @@ def _pairs(groups: Sequence[Group], method: str, reference: str, budgets: Sequen
     return out
 
 
-def _marked(pairs: Sequence[Paired], rule: Callable[[Paired], str], missing: str) -> tuple[str, str]:
+def _marked(pairs: Sequence[Paired], rule: Callable[[Paired], str], missing: str) -> Mark:
     if not pairs:
         return "inconclusive", missing
     marks = [rule(p) for p in pairs]
@@ -367,7 +368,7 @@ def _stable(fp: Group, other: Group) -> tuple[bool | None, str]:
     return (all(a <= b for a, b, _ in checks) if checks else None), text
 
 
-def finding_a(groups: Sequence[Group]) -> tuple[str, str]:
+def finding_a(groups: Sequence[Group]) -> Mark:
     """Weight score ≈ gradient scores, and more stable (budget 0.5).
 
     For each of fp-gradient, fp-grad_sq, fp-weight_x_grad_sq that ran: "≈" is supported when the
@@ -394,7 +395,7 @@ def finding_a(groups: Sequence[Group]) -> tuple[str, str]:
     return _combine(marks), "; ".join(evidence)
 
 
-def finding_b(groups: Sequence[Group]) -> tuple[str, str]:
+def finding_b(groups: Sequence[Group]) -> Mark:
     """Column ≥ row: at each budget where both ran, the t-interval of (fp − fp-row) entirely above 0
     (column worse): not supported; its upper end at most +2 WER points (column no worse than row
     beyond the margin): supported; else inconclusive. Combined over budgets: any not supported wins,
@@ -403,13 +404,13 @@ def finding_b(groups: Sequence[Group]) -> tuple[str, str]:
                    "common budget")
 
 
-def finding_c(groups: Sequence[Group]) -> tuple[str, str]:
+def finding_c(groups: Sequence[Group]) -> Mark:
     """Adaptive > uniform at 50%: the t-interval of (fp − fp-uniform) at budget 0.5 entirely below 0:
     supported; entirely above 0, or within ±2 WER points: not supported; else inconclusive."""
     return _marked(_pairs(groups, FP, "fp-uniform", [0.5]), _better, "no fp and fp-uniform runs at budget 0.5")
 
 
-def finding_d(groups: Sequence[Group]) -> tuple[str, str]:
+def finding_d(groups: Sequence[Group]) -> Mark:
     """Refinement helps: at each budget where both ran, the rule of (c) on (fp − fp-norefine);
     combined over budgets as in (b)."""
     return _marked(_pairs(groups, FP, "fp-norefine", _budgets(groups, "fp-norefine")), _better,
@@ -432,7 +433,7 @@ def _holds_up(p: Paired) -> str:
     return "not supported" if p.t.low > 0 else "supported"
 
 
-def finding_e(groups: Sequence[Group]) -> tuple[str, str]:
+def finding_e(groups: Sequence[Group]) -> Mark:
     """Degradation above ~30% sparsity: FP at each budget against dense. At a budget below 0.7 the
     t-interval of (fp − dense) entirely above 0 supports the finding, entirely below 0 or within ±2
     WER points contradicts it; at a budget of 0.7 or more an interval entirely above 0 contradicts it
@@ -446,7 +447,7 @@ def finding_e(groups: Sequence[Group]) -> tuple[str, str]:
     return _combine(marks), "; ".join(f"{describe(p)} → {m}" for (_, p), m in zip(pairs, marks, strict=True))
 
 
-FINDINGS: dict[str, tuple[str, Callable[[Sequence[Group]], tuple[str, str]]]] = {
+FINDINGS: dict[str, tuple[str, Callable[[Sequence[Group]], Mark]]] = {
     "a": ("weight score ≈ gradient scores and more stable (budget 0.5)", finding_a),
     "b": ("column ≥ row", finding_b),
     "c": ("adaptive > uniform sparsity at 50%", finding_c),

@@ -23,6 +23,7 @@ from infra.comparison import (
     finding_a,
     finding_b,
     finding_c,
+    finding_d,
     finding_e,
     findings,
     groups_of,
@@ -210,6 +211,14 @@ def test_adaptive_over_uniform_is_marked_from_the_interval() -> None:
     assert equal[0] == "not supported" and "t-95% [" in equal[1]
     assert finding_c([_group("fp", 0.5, {0: 0.3}), _group("fp-uniform", 0.5, {0: 0.5})])[0] == "inconclusive"
     assert finding_c([fp]) == ("inconclusive", "no fp and fp-uniform runs at budget 0.5")
+
+
+def test_refinement_is_marked_at_every_budget_both_ran() -> None:
+    fp = [_group("fp", 0.5, _pts(0.3, [0, 0, 0])), _group("fp", 0.35, _pts(0.4, [0, 0, 0]))]
+    helps = _group("fp-norefine", 0.5, _pts(0.3, [3, 4, 5]))
+    assert finding_d([*fp, helps])[0] == "supported"
+    mark, evidence = finding_d([*fp, helps, _group("fp-norefine", 0.35, _pts(0.4, [-3, -4, -5]))])
+    assert mark == "not supported" and "fp @ 0.5 − fp-norefine @ 0.5" in evidence and "@ 0.35" in evidence
 
 
 def test_column_not_worse_than_row() -> None:
