@@ -19,7 +19,7 @@ from fedprune_core.aggregate import ClientContribution, masked_fedavg, server_st
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.prunable import PrunableSpec, is_sliced
 from fedprune_core.rng import derive_seed, generator_for
-from fedprune_core.submodel import build_client_model, client_update, expand, extract, payload_nbytes
+from fedprune_core.submodel import build_client_model, client_update, expand, extract, float_entries, payload_nbytes
 from fedprune_core.training import ClientResult, LocalTrainingConfig, is_running_stat, model_state
 from fedprune_core.types import MaskDict, Payload, StateDict
 from fedprune_core.units import UnitGroup, held_entries
@@ -104,6 +104,8 @@ class ClientOutcome:
         num_examples, mean_loss, wall_time_s, peak_memory_bytes: from local training.
         bytes_down, bytes_up: exact payload sizes; `bytes_up` is everything the client sends:
             `update` plus `grad_sq`.
+        params_down: float entries of the downloaded payload (`fedprune_core.submodel.float_entries`):
+            the parameters the client holds, indices left out.
         grad_sq: accumulated squared gradients, encoded like `update` (dense for masked parameters
             when the strategy's `dense_grad_sq`), when the strategy tracks them.
     """
@@ -116,13 +118,14 @@ class ClientOutcome:
     peak_memory_bytes: int
     bytes_down: int
     bytes_up: int
+    params_down: int
     grad_sq: Payload | None = None
 
     @property
     def stats(self) -> ClientStats:
         """The loggable numbers of this outcome."""
         return ClientStats(self.client_id, self.num_examples, self.mean_loss, self.wall_time_s,
-                           self.peak_memory_bytes, self.bytes_down, self.bytes_up)
+                           self.peak_memory_bytes, self.bytes_down, self.bytes_up, self.params_down)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class ClientStats:
     peak_memory_bytes: int
     bytes_down: int
     bytes_up: int
+    params_down: int
 
 
 class Strategy(Protocol):
@@ -252,7 +256,7 @@ def train_client(
     bytes_up = payload_nbytes(update) + (0 if grad_sq is None else payload_nbytes(grad_sq))
     return ClientOutcome(
         client_id, update, result.num_examples, result.mean_loss, result.wall_time_s,
-        result.peak_memory_bytes, payload_nbytes(payload), bytes_up, grad_sq,
+        result.peak_memory_bytes, payload_nbytes(payload), bytes_up, float_entries(payload), grad_sq,
     )
 
 

@@ -60,7 +60,9 @@ def round_metrics(
     """The per-round metrics every runner logs (the flow logs exactly these).
 
     `sampled` is how many clients were sampled (default: as many as took part); `clients_done` of
-    them were aggregated, `clients_left_out` failed or missed the deadline.
+    them were aggregated, `clients_left_out` failed or missed the deadline. `bytes_down` and
+    `bytes_up` are summed over the clients that took part; `client_params` is the mean number of
+    float entries a client downloaded (the parameters it held).
     """
     examples = sum(o.num_examples for o in outcomes)
     sampled = len(outcomes) if sampled is None else sampled
@@ -72,6 +74,7 @@ def round_metrics(
         "train_loss": sum(o.mean_loss * o.num_examples for o in outcomes) / max(examples, 1),
         "bytes_down": float(sum(o.bytes_down for o in outcomes)),
         "bytes_up": float(sum(o.bytes_up for o in outcomes)),
+        "client_params": sum(o.params_down for o in outcomes) / len(outcomes),
         "client_time_s_max": max(o.wall_time_s for o in outcomes),
         "client_time_s_mean": sum(o.wall_time_s for o in outcomes) / len(outcomes),
         "client_peak_memory_bytes": float(max(o.peak_memory_bytes for o in outcomes)),

@@ -47,9 +47,10 @@ class RunResult:
         return statistics.fmean(v for _, v in points) if points else math.nan
 
 
-def collect(client: MlflowClient, experiment: str, runs: Sequence[tuple[str, str, tuple[str, ...], int]]) -> list[
-        RunResult]:
-    """The histories of `runs` ((fedprune run id, label, groups, seed)) in MLflow experiment `experiment`.
+def collect(client: MlflowClient, experiment: str, runs: Sequence[tuple[str, str, tuple[str, ...], int]],
+            metrics: Sequence[str] = METRICS) -> list[RunResult]:
+    """The histories of `metrics` of `runs` ((fedprune run id, label, groups, seed)) in MLflow
+    experiment `experiment` (a metric a run did not log has an empty history).
 
     Raises:
         ValueError: naming a run that is not in the experiment.
@@ -60,7 +61,7 @@ def collect(client: MlflowClient, experiment: str, runs: Sequence[tuple[str, str
         if mlflow_id is None:
             raise ValueError(f"run {run_id!r} is not in MLflow experiment {experiment!r}: run (or resume) it first")
         history = {}
-        for key in METRICS:
+        for key in metrics:
             points = sorted(client.get_metric_history(mlflow_id, key), key=lambda m: m.step)
             history[key] = [(m.step, m.value) for m in points]
         results.append(RunResult(run_id, label, groups, seed, history))
@@ -140,7 +141,7 @@ def render_csv(results: Sequence[RunResult]) -> str:
     return buf.getvalue()
 
 
-def _png(fig: plt.Figure) -> bytes:
+def figure_png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
@@ -162,7 +163,7 @@ def plot_wer_vs_sparsity(results: Sequence[RunResult], group: str = "sparsity") 
     ax.set_ylabel("WER % (held-out speakers, mean of the last 2 evaluations)")
     ax.set_title("FP (column, adaptive, weight L2, refined): WER against sparsity\n(x: other seeds)", fontsize=9)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_wer_over_rounds(results: Sequence[RunResult], seed: int = 0) -> bytes:
@@ -180,4 +181,4 @@ def plot_wer_over_rounds(results: Sequence[RunResult], seed: int = 0) -> bytes:
     ax.set_ylabel("WER % (held-out speakers)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot: lines stay visible
-    return _png(fig)
+    return figure_png(fig)

@@ -1,4 +1,4 @@
-"""Sweep tasks: run one experiment as its own `fedprune run` process, and write the sweep's report.
+"""Sweep tasks: run one experiment as its own `fedprune run` process, and write the sweep's reports.
 
 Each variant runs in a child process with its own torch thread count, so a sweep uses the
 machine's cores side by side (threads in one process would share torch's global RNG lock and
@@ -18,7 +18,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from infra import results
+from infra import comparison, results
 from infra.checkpoint import CheckpointStore
 from infra.errors import StorageKeyError
 from infra.settings import Settings, child_env
@@ -98,6 +98,26 @@ def report(
         "wer_vs_sparsity.png": results.plot_wer_vs_sparsity(found),
         "wer_over_rounds.png": results.plot_wer_over_rounds(found),
     }
+    return _publish(settings, client, experiment, files, out_dir, "sweep")
+
+
+@task(name="comparison-report", task_run_name="comparison-report", **NO_PERSIST)
+def comparison_report(
+    experiment: str, runs: list[comparison.ComparedRun], out_dir: str, k: int = comparison.MIN_EVALS,
+) -> dict[str, str]:
+    """The budgets comparison of `runs` (`infra.comparison`: comparison.csv, comparison.md, three
+    plots; WER the mean of the last `k` evaluations) into `out_dir` and, as artifacts under
+    `comparison/`, into the MLflow run `<experiment>-report`. Returns {file name: path}."""
+    settings = Settings()
+    client = MlflowClient(settings.tracking_uri)
+    found = comparison.collect(client, experiment, runs)  # raises naming a missing run
+    return _publish(settings, client, experiment, comparison.report_files(runs, found, k), out_dir, "comparison")
+
+
+def _publish(
+    settings: Settings, client: MlflowClient, experiment: str, files: dict[str, bytes], out_dir: str, folder: str,
+) -> dict[str, str]:
+    """Write `files` into `out_dir` and, under `folder/`, as artifacts of the MLflow run `<experiment>-report`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report_id = f"{experiment}-report"
@@ -106,5 +126,5 @@ def report(
         tracker.set_tags({RUN_ID_TAG: report_id, "fedprune.kind": "sweep-report"})
         for name, data in files.items():
             (out / name).write_bytes(data)
-            tracker.log_artifact_bytes(f"sweep/{name}", data)
+            tracker.log_artifact_bytes(f"{folder}/{name}", data)
     return {name: str(out / name) for name in files}

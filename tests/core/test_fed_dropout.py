@@ -108,7 +108,7 @@ def test_two_clients_with_different_submodels_average_per_coordinate() -> None:
     for client_id, delta, examples in ((0, 1.0, 1), (1, 3.0, 3)):  # client 0 adds 1, client 1 adds 3
         shifted = {n: w + delta for n, w in weights.items()}
         update = dispatch(strategy, ServerState(1, shifted), {}, 2, client_id)
-        outcomes.append(ClientOutcome(client_id, update, examples, 0.0, 0.0, 0, 0, 0))
+        outcomes.append(ClientOutcome(client_id, update, examples, 0.0, 0.0, 0, 0, 0, 0))
     new = aggregate(strategy, config, state, {}, {}, outcomes, 2).weights
     # both: (1 * 1 + 3 * 3) / 4 = 2.5; only client 0: 1; only client 1: 3; neither: unchanged
     row_shift = torch.tensor([2.5, 1.0, 3.0, 0.0])

@@ -95,6 +95,14 @@ def test_fedavg_has_no_masks() -> None:
     assert result.state.masks == {} and all(h["sparsity"] == 0.0 for h in result.history)
 
 
+def test_client_params_is_the_mean_number_of_floats_a_client_downloads(run: SimulationResult) -> None:
+    dense = 16 * 32 + 32 + 32 * 32 + 32 + 32 * 4 + 4  # the toy MLP's weights and biases
+    for h in simulate(TOY, CLIENTS, _config("fedavg")).history:
+        assert h["client_params"] == dense and h["bytes_down"] == 2 * 4 * dense  # 2 clients, float32
+    pruned = run.history[-1]  # column pruning at 50%: fewer floats, plus int32 indices in bytes_down
+    assert pruned["client_params"] < 0.75 * dense and 2 * 4 * pruned["client_params"] < pruned["bytes_down"]
+
+
 def test_more_clients_per_round_than_clients_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"clients_per_round=2 exceeds the 1 clients available"):
         simulate(TOY, CLIENTS[:1], _config())

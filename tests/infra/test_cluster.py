@@ -100,7 +100,7 @@ def test_a_process_that_does_not_hold_a_client_says_so_without_reading() -> None
 
 def test_a_placement_row_takes_the_client_and_its_bytes_from_the_task_result() -> None:
     stats = ClientStats(client_id=3, num_examples=10, mean_loss=0.5, wall_time_s=1.0, peak_memory_bytes=99,
-                        bytes_down=5, bytes_up=4)
+                        bytes_down=5, bytes_up=4, params_down=3)
     row = placement_row(2, stats, Placement("w0", bytes_read=9, bytes_written=8))
     assert row == {"round": 2, "client": 3, "worker": "w0", "bytes_read": 9, "bytes_written": 8, "bytes_down": 5,
                    "bytes_up": 4}

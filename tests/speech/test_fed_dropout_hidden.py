@@ -109,7 +109,7 @@ def test_each_unit_entry_is_averaged_over_the_clients_that_held_its_unit() -> No
     outcomes = []
     for client_id, delta, examples in ((0, 1.0, 1), (1, 3.0, 3)):
         update = dispatch(strategy, ServerState(1, {n: w + delta for n, w in weights.items()}), {}, 2, client_id)
-        outcomes.append(ClientOutcome(client_id, update, examples, 0.0, 0.0, 0, 0, 0))
+        outcomes.append(ClientOutcome(client_id, update, examples, 0.0, 0.0, 0, 0, 0, 0))
     new = aggregate(strategy, config, state, {}, {}, outcomes, 2).weights
     shapes = {n: w.shape for n, w in weights.items()}
     held = [held_entries(strategy.groups, strategy.client_masks(state, {}, 2, c), shapes) for c in (0, 1)]
