@@ -356,6 +356,67 @@ def sweep(
     typer.echo(json.dumps(files, indent=2))
 
 
+@app.command()
+def compare(
+    name: Annotated[str, typer.Option(help="MLflow experiment, storage folder and run-id prefix.")] = "compare",
+    rounds: Annotated[int, typer.Option(help="Rounds of each run, from scratch.")] = 32,
+    seeds: Annotated[str, typer.Option(help="Paired seeds, comma-separated.")] = "0,1,2",
+    budgets: Annotated[str, typer.Option(help="Client download budgets (shares of dense), comma-separated.")]
+    = "0.75,0.5,0.35",
+    parallel: Annotated[int, typer.Option(help="Runs at once, one process each.")] = 2,
+    threads_per_run: Annotated[int, typer.Option(help="Torch threads per run.")] = 1,
+    last_evals: Annotated[int, typer.Option(help="A run's WER: the mean of its last this many evaluations.")] = 3,
+    out_dir: Annotated[Path | None, typer.Option(
+        help="Where the report goes (default: $FEDPRUNE_HOME/results/NAME).")] = None,
+) -> None:
+    """FP, Federated Dropout and PruneFL at matched client budgets over paired seeds, with intervals;
+    skips finished runs, resumes the others."""
+    from flows.validation import check_request, check_services
+    from infra.checkpoint import validate_experiment, validate_run_id
+    from infra.errors import InfraError
+    from infra.runs import MAX_WORKERS
+
+    try:
+        settings = _settings()
+        validate_run_id(name)
+        validate_experiment(name)
+        seed_list = _numbers(seeds, int, "--seeds", "0,1,2")
+        budget_list = _numbers(budgets, float, "--budgets", "0.75,0.5,0.35")
+        if not all(0.0 < b < 1.0 for b in budget_list):
+            raise ValueError(f"--budgets {budgets!r}: each must be a share of dense in (0, 1), e.g. 0.75,0.5,0.35")
+        if not (1 <= parallel <= MAX_WORKERS and 1 <= threads_per_run <= MAX_WORKERS and last_evals >= 1):
+            raise ValueError(f"--parallel {parallel} / --threads-per-run {threads_per_run} must be in "
+                             f"[1, {MAX_WORKERS}] (MAX_WORKERS) and --last-evals {last_evals} >= 1: pass 2 / 1 / 3")
+        from flows.sweep import compare_plan
+
+        plan, _, _ = compare_plan(name, rounds, tuple(seed_list), tuple(budget_list))
+        for variant in plan.variants:
+            check_request(plan.preset, variant.overrides, plan.run_id(variant), name)
+        if out_dir is not None:
+            _check_out_dir(out_dir)
+        check_services(settings)
+    except (ValueError, InfraError) as e:
+        _fail(str(e))
+    _prefect_api(settings)
+    from flows.sweep import compare as compare_flow
+
+    files = compare_flow(name=name, rounds=rounds, seeds=seed_list, budgets=budget_list, parallel=parallel,
+                         threads_per_run=threads_per_run, last_evals=last_evals,
+                         out_dir=str(out_dir) if out_dir else None)
+    typer.echo(json.dumps(files, indent=2))
+
+
+def _numbers(text: str, kind: type, option: str, example: str) -> list[Any]:
+    """Comma-separated numbers of `kind`, or a ValueError naming `option` and an `example`."""
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(f"{option} {text!r} must be numbers with commas, e.g. {example}")
+    return values
+
+
 def _check_out_dir(out_dir: Path) -> None:
     """`out_dir` is a directory, or one that can be created (no file in its way)."""
     path = out_dir.resolve()

@@ -7,6 +7,10 @@ sweep (flow)
                `threads_per_run` torch threads, all starting from the warm-up's weights
   sweep-report: table, CSV and plots into `out_dir` (default FEDPRUNE_HOME/results/<name>) and into
                MLflow (run `<name>-report`)
+compare (flow): every method at matched client download budgets, trained from scratch on `demo`,
+  over paired seeds (`fedprune_core.sweep.compare_sweep`); a Federated Dropout server-lr pilot
+  first; then `comparison-report` (`infra.comparison`).
+
 Every run lands in one MLflow experiment (the sweep's name). Running the sweep again skips the
 finished runs and resumes the unfinished ones from their last checkpoint.
 """
@@ -17,13 +21,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from fedprune_core.sweep import Sweep, Variant, paper_sweep
+from fedprune_core.budgets import Knobs, knobs_for, seeded_model
+from fedprune_core.presets import preset as make_preset
+from fedprune_core.speech.model import build_model
+from fedprune_core.sweep import (
+    COMPARE_BUDGETS,
+    COMPARE_SEEDS,
+    Arm,
+    Sweep,
+    Variant,
+    compare_sweep,
+    fd_lr_pilot,
+    paper_sweep,
+)
+from infra import results
+from infra.comparison import ComparedRun
 from infra.settings import Settings
-from tasks.sweep import PROGRESS_EVERY_S, last_progress, report, run_variant
+from tasks.sweep import PROGRESS_EVERY_S, comparison_report, last_progress, report, run_variant
 
 WARMUP_OPTIONS: dict[str, Any] = {"task_runner": "processes", "max_workers": 2}
 VARIANT_OPTIONS: dict[str, Any] = {"task_runner": "threads", "max_workers": 4}
@@ -104,4 +123,80 @@ def sweep(
     runs = [(plan.run_id(v), v.label, v.groups, int(v.overrides.get("seed", 0))) for v in plan.variants]
     files = report(name, runs, "dense FedAvg", out)
     logger.info(f"sweep {name} report in {out}:\n" + Path(files["results_table.md"]).read_text())
+    return files
+
+
+def compare_plan(name: str, rounds: int, seeds: tuple[int, ...], budgets: tuple[float, ...],
+                 fd_server_lr: float = 1.0) -> tuple[Sweep, dict[str, Arm], list[Knobs]]:
+    """The comparison's runs (`fedprune_core.sweep.compare_sweep`), each method's knob per budget computed
+    on the `demo` model's seeded initialization (`fedprune_core.budgets.knobs_for`)."""
+    config = make_preset("demo")
+    knobs = knobs_for(config, seeded_model(lambda: build_model(config.model)), budgets)
+    plan, arms = compare_sweep(name, rounds, seeds, knobs, fd_server_lr)
+    return plan, arms, knobs
+
+
+def best_server_lr(name: str, pilot: list[Variant], last: int) -> float:
+    """The server learning rate of the pilot run with the lowest WER (mean of its `last` evaluations)."""
+    found = results.collect(MlflowClient(Settings().tracking_uri), name,
+                            [(f"{name}-{v.name}", v.label, v.groups, 0) for v in pilot])
+    wer = {v.overrides["federated"]["server_lr"]: r.mean("eval_wer", last) for v, r in zip(pilot, found, strict=True)}
+    return min(sorted(wer), key=lambda lr: wer[lr])
+
+
+@flow(name="fedprune-compare", persist_result=False, task_runner=RUNNER)
+def compare(
+    name: str = "compare",
+    rounds: int = 32,
+    seeds: list[int] | None = None,
+    budgets: list[float] | None = None,
+    parallel: int = 2,
+    threads_per_run: int = 1,
+    last_evals: int = 3,
+    out_dir: str | None = None,
+    log_dir: str | None = None,
+) -> dict[str, str]:
+    """Every method at matched client budgets, trained from scratch, over paired seeds; then the report.
+
+    First the pilot: Federated Dropout at the middle budget with each server learning rate of
+    `FD_SERVER_LRS` (seed 0); the comparison's Federated Dropout runs use the best. Then every run of
+    `compare_sweep`, `parallel` at a time. Running it again skips the finished runs and resumes the
+    others; the pilot's choice is read back from MLflow, so it is the same.
+
+    Args:
+        name: MLflow experiment, storage folder and run-id prefix.
+        rounds: rounds of each run.
+        seeds: paired seeds (default `COMPARE_SEEDS`); adding seeds later runs only the new runs.
+        budgets: client download budgets, shares of the dense parameters (default `COMPARE_BUDGETS`).
+        parallel, threads_per_run: runs at once (a process each) and torch threads in each.
+        last_evals: a run's WER is the mean of its last this many evaluations.
+        out_dir: the report's directory (default FEDPRUNE_HOME/results/<name>).
+        log_dir: each run's output in `<log_dir>/<name>/<run id>.log` (default FEDPRUNE_HOME/sweeps).
+    """
+    if parallel < 1 or threads_per_run < 1 or last_evals < 1:
+        raise ValueError(f"parallel={parallel}, threads_per_run={threads_per_run}, last_evals={last_evals}: each must "
+                         "be >= 1, e.g. 2, 1 and 3")
+    seeds_, budgets_ = tuple(seeds or COMPARE_SEEDS), tuple(budgets or COMPARE_BUDGETS)
+    _, _, knobs = compare_plan(name, rounds, seeds_, budgets_)
+    middle = knobs[len(knobs) // 2]
+    if middle.fd_rate is None:
+        raise ValueError(f"budget {middle.share}: Federated Dropout cannot get a client that small; choose larger "
+                         "budgets")
+    logs = str(Path(log_dir) if log_dir else Settings().home / "sweeps") + f"/{name}"
+    out = str(Path(out_dir) if out_dir else Settings().home / "results" / name)
+    logger = get_run_logger()
+    for k in knobs:
+        logger.info(f"budget {k.share}: FP sparsity {k.fp_sparsity}, PruneFL max density {k.prunefl_density}, "
+                    f"Federated Dropout rate {k.fd_rate}")
+    pilot = fd_lr_pilot(name, rounds, middle.fd_rate)
+    run_all(Sweep(name, "demo", (), tuple(pilot)), pilot, parallel, VARIANT_OPTIONS, threads_per_run, logs)
+    lr = best_server_lr(name, pilot, last_evals)
+    plan, arms, _ = compare_plan(name, rounds, seeds_, budgets_, lr)
+    logger.info(f"compare {name}: Federated Dropout's server lr {lr:g}; {len(plan.variants)} runs, {parallel} at a "
+                f"time; logs in {logs}/")
+    run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs)
+    compared = [ComparedRun(plan.run_id(v), a.method, a.budget, a.seed, v.label)
+                for v in plan.variants for a in [arms[plan.run_id(v)]]]
+    files = comparison_report(name, compared, out, last_evals)
+    logger.info(f"compare {name}: report in {out}")
     return files
