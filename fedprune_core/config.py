@@ -297,6 +297,11 @@ class ExperimentConfig:
         init_from: warm start: "RUN_ID" (same experiment) or "EXPERIMENT/RUN_ID" of a run in the same
             storage whose last committed weights become this run's round-0 weights (masks, scores and
             optimizer state start fresh). Empty: the model's seeded initialization.
+        target: a value of the workload's headline metric (WER as a fraction for speech, accuracy for
+            the toy workload; `fedprune_core.budget.TARGET_METRICS`) whose first reaching the run's
+            summary reports, with the clients' time and bytes up to it (PruneFL's time to accuracy).
+            To compare methods, pass every run the same value, e.g. the dense run's final WER.
+            None: not reported. Training does not read it.
     """
 
     name: str = "tiny"
@@ -310,11 +315,16 @@ class ExperimentConfig:
     fed_dropout: FedDropoutConfig = field(default_factory=FedDropoutConfig)
     prunefl: PruneFLConfig = field(default_factory=PruneFLConfig)
     init_from: str = ""
+    target: float | None = None
 
     def __post_init__(self) -> None:
         check_numbers(self)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not known: use one of {', '.join(STRATEGIES)}")
+        if self.target is not None and self.target < 0:
+            raise ValueError(
+                f"target={self.target} must be >= 0 (a WER fraction or an accuracy): pass e.g. 0.3, or null for none"
+            )
         if self.init_from and (self.init_from.count("/") > 1 or "" in self.init_from.split("/")):
             raise ValueError(
                 f"init_from={self.init_from!r} must be 'RUN_ID' or 'EXPERIMENT/RUN_ID' (names checked as storage "

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedprune_core.aggregate import ClientContribution, masked_fedavg, server_step
+from fedprune_core.budget import step_flops
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.prunable import PrunableSpec, is_sliced
 from fedprune_core.rng import derive_seed, generator_for
@@ -103,6 +104,8 @@ class ClientOutcome:
         num_examples, mean_loss, wall_time_s, peak_memory_bytes: from local training.
         bytes_down, bytes_up: exact payload sizes.
         grad_sq: accumulated squared gradients, encoded like `update` (PruneFL only).
+        flops, dense_flops: FLOPs of one training step of the client's sub-model and of the dense
+            model on the same batch (`client_step_flops`), in the rounds that evaluate; else 0.
     """
 
     client_id: int
@@ -114,12 +117,14 @@ class ClientOutcome:
     bytes_down: int
     bytes_up: int
     grad_sq: Payload | None = None
+    flops: int = 0
+    dense_flops: int = 0
 
     @property
     def stats(self) -> ClientStats:
         """The loggable numbers of this outcome."""
         return ClientStats(self.client_id, self.num_examples, self.mean_loss, self.wall_time_s,
-                           self.peak_memory_bytes, self.bytes_down, self.bytes_up)
+                           self.peak_memory_bytes, self.bytes_down, self.bytes_up, self.flops, self.dense_flops)
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,8 @@ class ClientStats:
     peak_memory_bytes: int
     bytes_down: int
     bytes_up: int
+    flops: int = 0
+    dense_flops: int = 0
 
 
 class Strategy(Protocol):
@@ -193,6 +200,11 @@ def init_state(workload: Workload, seed: int) -> ServerState:
     return ServerState(0, model_state(model))
 
 
+def should_evaluate(round_num: int, config: ExperimentConfig) -> bool:
+    """Evaluate (and count a client step's FLOPs) every `eval_every` rounds and at the last round."""
+    return round_num % config.federated.eval_every == 0 or round_num == config.schedule.num_rounds
+
+
 def round_masks(strategy: Strategy, state: ServerState, round_num: int) -> tuple[StateDict, MaskDict]:
     """The scores and global masks in force during `round_num`."""
     if strategy.keeps_masks(round_num):
@@ -232,10 +244,42 @@ def train_client(
     # gradients too, and PruneFL needs them to let pruned weights regrow.
     dense_masks = dataclasses.replace(client, masks={})
     grad_sq = None if result.grad_sq is None else client_update(dense_masks, strategy.specs, result.grad_sq)
+    flops, dense_flops = (0, 0)
+    if should_evaluate(round_num, config):  # two more steps: counted in the rounds that evaluate
+        flops, dense_flops = client_step_flops(workload, config, strategy, payload, examples, round_num, client_id)
     return ClientOutcome(
         client_id, update, result.num_examples, result.mean_loss, result.wall_time_s,
-        result.peak_memory_bytes, payload_nbytes(payload), payload_nbytes(update), grad_sq,
+        result.peak_memory_bytes, payload_nbytes(payload), payload_nbytes(update), grad_sq, flops, dense_flops,
     )
+
+
+def client_step_flops(
+    workload: Workload,
+    config: ExperimentConfig,
+    strategy: Strategy,
+    payload: Payload,
+    examples: Sequence[Any],
+    round_num: int,
+    client_id: int,
+) -> tuple[int, int]:
+    """FLOPs of one local step of the client's sub-model and of the dense model, on the same batch.
+
+    Each runs on a model of its own, built as the client builds it, with batches drawn from
+    (seed, round, client, "flops"), so the client's training is untouched and both count the same
+    examples (`fedprune_core.budget.step_flops`).
+    """
+    one = dataclasses.replace(config.federated.local, steps=1, track_grad_sq=False)
+
+    def count(sub_model: bool) -> int:
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(derive_seed(config.seed, round_num, client_id, "flops"))
+            model = workload.build_model()
+            client = build_client_model(model, payload, strategy.specs, strategy.rescale_kept) if sub_model else None
+            module, project = (client.module, client.project) if client is not None else (model, None)
+            batches = generator_for(config.seed, round_num, client_id, "flops:batches")
+            return step_flops(lambda: workload.train_client(module, examples, one, batches, project))
+
+    return count(True), count(False)
 
 
 def aggregate(

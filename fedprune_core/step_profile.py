@@ -57,7 +57,8 @@ class StepProfile:
 
 
 def timed_module(model: nn.Module, name: str, called: set[str]) -> str:
-    """The module timed for parameter `name`: its own module if it was called, else the nearest called ancestor."""
+    """The module timed for parameter `name`: its own module if it was called, else the nearest called
+    ancestor ("" for the root, also when none was called)."""
     path = name.rpartition(".")[0]
     while path and path not in called:
         path = path.rpartition(".")[0]
@@ -125,13 +126,17 @@ def profile_step(
 
     Returns:
         the profile; a parameter whose timed module holds n prunable weights gets seconds / n each.
+        A parameter with no module called on the way to the root (the step never calls the root
+        as a module, and the parameter is used by a method other than `forward`) gets 0: its time
+        stays in the step's fixed part.
     """
     inputs = record_inputs(model, lambda: run_steps(1))
     step_s = statistics.median(run_steps(1) for _ in range(repeats))
     owners = {n: timed_module(model, n, set(inputs)) for n in specs}
+    owners = {n: p for n, p in owners.items() if p in inputs}
     seconds = {
         path: median_seconds(module_step(model.get_submodule(path), *inputs[path]), repeats)
         for path in dict.fromkeys(owners.values())
     }
     weights = {path: sum(specs[n].numel for n, p in owners.items() if p == path) for path in seconds}
-    return StepProfile(step_s, {n: seconds[p] / weights[p] for n, p in owners.items()})
+    return StepProfile(step_s, {n: seconds[owners[n]] / weights[owners[n]] if n in owners else 0.0 for n in specs})
