@@ -142,9 +142,10 @@ def test_text_summary_and_a_dense_run_is_one_times_dense(cli: Cli) -> None:
     done = cli("run", "--preset", "toy", "--run-id", "dense", "--set", "strategy=fedavg")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()  # the summary alone: the logs went to stderr
-    assert [line.split()[0] for line in lines] == ["run", "final", "client", "client", "time", "Prefect", "MLflow",
-                                                   "checkpoints"]
+    assert [line.split()[0] for line in lines] == ["run", "final", "client", "client", "client", "target", "time",
+                                                   "Prefect", "MLflow", "checkpoints"]
     assert "parameters = 1.00 x dense" in done.stdout and "down 1.00 x dense, up 1.00 x dense" in done.stdout
+    assert "per local step: 1.00 x dense FLOPs" in done.stdout and "none set" in done.stdout
 
 
 def test_with_an_mlflow_server_json_stays_alone_and_links_to_the_server(cli: Cli, mlflow_server) -> None:  # type: ignore[no-untyped-def]
