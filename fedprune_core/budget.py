@@ -22,6 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 LOWER_IS_BETTER: dict[str, bool] = {"eval_wer": True, "eval_cer": True, "eval_loss": True, "eval_accuracy": False}
 """The evaluation metrics a target can be set on, and whether reaching the target means falling to it."""
+MODELLED = "modelled_round_time_s"
+"""The per-round metric of a strategy with a round-time model (PruneFL)."""
 TARGET_METRICS: tuple[str, ...] = ("eval_wer", "eval_accuracy")
 """The metric a run's `target` applies to: the first of these the workload reports (WER, else accuracy)."""
 
@@ -42,11 +44,14 @@ class Reached:
         client_time_s: the sum over rounds 1..round_num of each round's slowest client (`client_time_s_max`):
             the clients' training time of the rounds, clients of a round running in parallel.
         client_bytes: every client's download and upload summed over rounds 1..round_num.
+        modelled_time_s: the sum of the rounds' `modelled_round_time_s` (PruneFL's time model), None
+            when a round has none.
     """
 
     round_num: int
     client_time_s: float
     client_bytes: float
+    modelled_time_s: float | None = None
 
 
 def reached(history: Sequence[dict[str, float]], metric: str, target: float) -> Reached | None:
@@ -66,10 +71,12 @@ def reached(history: Sequence[dict[str, float]], metric: str, target: float) -> 
         raise ValueError(f"metric={metric!r} takes no target: use one of {', '.join(LOWER_IS_BETTER)}")
     lower = LOWER_IS_BETTER[metric]
     time_s = traffic = 0.0
+    modelled: float | None = 0.0
     for row in history:
         time_s += row["client_time_s_max"]
         traffic += row["bytes_down"] + row["bytes_up"]
+        modelled = modelled + row["modelled_round_time_s"] if modelled is not None and MODELLED in row else None
         value = row.get(metric)
         if value is not None and (value <= target if lower else value >= target):
-            return Reached(int(row["round"]), time_s, traffic)
+            return Reached(int(row["round"]), time_s, traffic, modelled)
     return None

@@ -191,6 +191,10 @@ class Strategy(Protocol):
         """The strategy's `extra` tensors after a round's aggregation."""
         ...
 
+    def metrics(self, state: ServerState) -> dict[str, float]:
+        """The strategy's own metrics of the round that made `state` (PruneFL's modelled round time)."""
+        ...
+
 
 def init_state(workload: Workload, seed: int) -> ServerState:
     """Round-0 state: the workload's model initialized from the experiment seed."""

@@ -79,7 +79,7 @@ def round_metrics(
         "client_time_s_max": max(o.wall_time_s for o in outcomes),
         "client_time_s_mean": sum(o.wall_time_s for o in outcomes) / len(outcomes),
         "client_peak_memory_bytes": float(max(o.peak_memory_bytes for o in outcomes)),
-    } | _flops(outcomes)
+    } | _flops(outcomes) | strategy.metrics(state)
 
 
 def _flops(outcomes: Sequence[ClientStats]) -> dict[str, float]:

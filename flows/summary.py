@@ -17,6 +17,7 @@ FIELDS: tuple[str, ...] = (
     "bytes_down_per_round", "bytes_up_per_round", "dense_bytes_per_round", "bytes_down_vs_dense",
     "bytes_up_vs_dense", "client_flops_per_step", "dense_flops_per_step", "flops_vs_dense",
     "target", "target_metric", "target_round", "target_client_time_s", "target_client_bytes",
+    "target_modelled_time_s",
     "prefect_flow_run_id", "prefect_flow_run_url", "mlflow_run_id", "mlflow_run_url", "mlflow_ui_command",
     "tracking_uri", "storage_url",
 )
@@ -26,7 +27,8 @@ round, the run's mean; ``*_flops_per_step`` are FLOPs of one local step (`fedpru
 over the rounds that counted them (None if none did); ``*_vs_dense`` divide by dense's; ``target*``: the
 configured ``target`` of ``target_metric`` (``eval_wer`` or ``eval_accuracy``), the first round that
 reached it and the clients' time (each round's slowest client, summed) and bytes (down and up, every
-client) up to it, None when not set or never reached; ``mlflow_ui_command`` serves ``mlflow_run_url``
+client) up to it, and ``target_modelled_time_s`` the rounds' time under PruneFL's time model (None
+for other strategies), None when not set or never reached; ``mlflow_ui_command`` serves ``mlflow_run_url``
 when tracking is not a server (else None); ``time_s`` and ``rounds_run`` are this start's."""
 
 
@@ -63,8 +65,10 @@ def _target(summary: dict[str, Any]) -> str:
     goal = f"{s['target_metric'] or 'metric'} {s['target']:.4g}"
     if s["target_round"] is None:
         return f"{goal}: not reached"
-    return (f"{goal}: reached at round {s['target_round']}, after {duration(s['target_client_time_s'])} of client time "
-            f"and {s['target_client_bytes']:,.0f} client bytes")
+    modelled = "" if s["target_modelled_time_s"] is None else \
+        f" ({duration(s['target_modelled_time_s'])} modelled)"
+    return (f"{goal}: reached at round {s['target_round']}, after {duration(s['target_client_time_s'])} of client time"
+            f"{modelled} and {s['target_client_bytes']:,.0f} client bytes")
 
 
 def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:

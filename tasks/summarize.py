@@ -15,7 +15,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from fedprune_core.budget import TARGET_METRICS, reached
+from fedprune_core.budget import MODELLED, TARGET_METRICS, reached
 from fedprune_core.engine import dispatch
 from fedprune_core.submodel import extract, float_entries, payload_nbytes
 from infra.runs import RunRef, open_run
@@ -24,7 +24,7 @@ from tasks.options import IO_RETRIES
 
 TRAFFIC = ("bytes_down", "bytes_up", "clients_done")
 """The per-round metrics traffic is summed from."""
-HISTORY = (*TRAFFIC, "client_time_s_max", "client_flops", "dense_flops", *TARGET_METRICS)
+HISTORY = (*TRAFFIC, "client_time_s_max", "client_flops", "dense_flops", MODELLED, *TARGET_METRICS)
 """The per-round metrics read back for the summary."""
 
 
@@ -53,7 +53,8 @@ def target_facts(history: list[dict[str, float]], target: float | None) -> dict[
     hit = reached(history, metric, target) if metric is not None and target is not None else None
     return {"target": target, "target_metric": metric if target is not None else None,
             "target_round": hit.round_num if hit else None, "target_client_time_s": hit.client_time_s if hit else None,
-            "target_client_bytes": hit.client_bytes if hit else None}
+            "target_client_bytes": hit.client_bytes if hit else None,
+            "target_modelled_time_s": hit.modelled_time_s if hit else None}
 
 
 @task(name="summarize", task_run_name="summarize", **IO_RETRIES)

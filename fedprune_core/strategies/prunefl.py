@@ -407,6 +407,12 @@ class PruneFL(BaseStrategy):
         costs, time_constant = self.time_model(state.extra)
         return reconfigure(state.weights, current, grad_sq, costs, fraction, time_constant, fixed, self.max_kept)
 
+    def metrics(self, state: ServerState) -> dict[str, float]:
+        """`modelled_round_time_s`: the round's time under the time model in force, T0 + Σ kept_l · c_l."""
+        costs, time_constant = self.time_model(state.extra)
+        masks = state.masks or _full_masks(self.specs)
+        return {"modelled_round_time_s": modelled_round_time(masks, costs, time_constant)}
+
     def observe(
         self,
         state: ServerState,

@@ -90,6 +90,12 @@ def test_reached_is_the_first_evaluated_round_at_the_target_with_time_and_bytes_
     assert reached(HISTORY, "eval_accuracy", 0.5) == Reached(2, 5.0, 300.0)
 
 
+def test_reached_sums_modelled_round_time_only_when_every_round_has_it() -> None:
+    modelled = [{**row, "modelled_round_time_s": 0.5} for row in HISTORY]
+    assert reached(modelled, "eval_wer", 0.5) == Reached(4, 7.5, 540.0, 2.0)
+    assert reached([HISTORY[0], *modelled[1:]], "eval_wer", 0.5) == Reached(4, 7.5, 540.0, None)
+
+
 def test_reached_is_none_when_never_reached_and_rejects_unknown_metrics() -> None:
     assert reached(HISTORY, "eval_wer", 0.29) is None
     assert reached([], "eval_wer", 1.0) is None

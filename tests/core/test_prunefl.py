@@ -326,6 +326,19 @@ def test_measured_run_resumes_bit_for_bit_without_measuring_again() -> None:
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_modelled_round_time_is_logged_every_round_under_the_time_model_in_force() -> None:
+    clients = TOY.make_clients(3, 16, seed=0)
+    config = _measured(reconfig_every=2)
+    strategy = _strategy(config)
+    start = strategy.initialize(init_state(TOY, config.seed), TOY, clients)
+    costs, constant = strategy.time_model(start.extra)
+    states: list[ServerState] = []
+    result = simulate(TOY, clients, config, state=start, on_round=lambda state, _: states.append(state))
+    for state, row in zip(states, result.history, strict=True):
+        kept = {n: int(m.sum()) for n, m in state.masks.items()}
+        assert row["modelled_round_time_s"] == pytest.approx(constant + sum(costs[n] * k for n, k in kept.items()))
+
+
 def test_interval_is_a_share_of_the_run_unless_given() -> None:
     assert PruneFLConfig().interval(10_000) == 50  # the paper: 50 rounds of 10,000
     assert PruneFLConfig().interval(100) == 1 and PruneFLConfig().interval(3000) == 15

@@ -36,8 +36,9 @@ def rewind(cli: Cli, run_id: str) -> int:
 @pytest.mark.parametrize("strategy", ["fed_dropout", "prunefl"])
 def test_baseline_flow_equals_simulate_and_resumes(cli: Cli, strategy: str) -> None:
     # constant time model: the flow and `simulate` would each measure their own (`test_prunefl_measured_...`)
-    overrides = {"strategy": strategy, "prunefl": {"reconfig_every": 3, "initial_max_steps": 20, "time_model": "constant",
-                                                    "initial_reconfig_every": 5, "initial_samples": 20}}
+    overrides = {"strategy": strategy, "prunefl": {"reconfig_every": 3, "initial_max_steps": 20,
+                                                    "initial_reconfig_every": 5, "initial_samples": 20,
+                                                    "time_model": "constant"}}
     args = ("run", "--preset", "toy", "--run-id", strategy, "--checkpoint-every", "4", "--rounds-per-segment", "6",
             "--set", f"strategy={strategy}", "--set", f"prunefl={json.dumps(overrides['prunefl'])}")
     done = cli(*args)

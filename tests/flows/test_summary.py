@@ -20,7 +20,7 @@ SPEECH: dict[str, Any] = {
     "bytes_down_vs_dense": 0.6103515625, "bytes_up_vs_dense": 0.5,
     "client_flops_per_step": 1_500_000.0, "dense_flops_per_step": 3_000_000.0, "flops_vs_dense": 0.5,
     "target": 0.45, "target_metric": "eval_wer", "target_round": 30, "target_client_time_s": 95.0,
-    "target_client_bytes": 12_345_678.0,
+    "target_client_bytes": 12_345_678.0, "target_modelled_time_s": None,
     "prefect_flow_run_id": "abc", "prefect_flow_run_url": "http://127.0.0.1:4200/runs/flow-run/abc",
     "mlflow_run_id": "m1", "mlflow_run_url": "http://127.0.0.1:5000/#/experiments/1/runs/m1",
     "mlflow_ui_command": "mlflow ui --backend-store-uri sqlite:////h/mlflow.db --port 5000",
@@ -73,7 +73,11 @@ def test_summarize_target_and_flops_facts_from_a_known_history() -> None:
          "eval_wer": 0.3, "client_flops": 60.0, "dense_flops": 100.0},
     ]
     assert target_facts(history, 0.5) == {"target": 0.5, "target_metric": "eval_wer", "target_round": 3,
-                                          "target_client_time_s": 6.0, "target_client_bytes": 420.0}
+                                          "target_client_time_s": 6.0, "target_client_bytes": 420.0,
+                                          "target_modelled_time_s": None}
+    modelled = [{**row, "modelled_round_time_s": 10.0 * row["round"]} for row in history]
+    assert target_facts(modelled, 0.5)["target_modelled_time_s"] == 60.0
+    assert "(1m00s modelled)" in as_text({**SPEECH, "target_modelled_time_s": 60.0})
     assert target_facts(history, 0.2)["target_round"] is None
     assert set(target_facts(history, None).values()) == {None}
     assert flops_facts(history) == {"client_flops_per_step": 50.0, "dense_flops_per_step": 100.0,
