@@ -101,3 +101,12 @@ def test_reached_is_none_when_never_reached_and_rejects_unknown_metrics() -> Non
     assert reached([], "eval_wer", 1.0) is None
     with pytest.raises(ValueError, match=r"metric='train_loss' takes no target: use one of eval_wer"):
         reached(HISTORY, "train_loss", 0.1)
+
+
+def test_target_is_an_optional_non_negative_number() -> None:
+    assert ExperimentConfig().target is None
+    assert ExperimentConfig.from_dict({"target": 0.3}).target == 0.3
+    with pytest.raises(ValueError, match=r"target=-0.1 must be >= 0 \(a WER fraction or an accuracy\)"):
+        ExperimentConfig.from_dict({"target": -0.1})
+    with pytest.raises(ValueError, match=r"config key 'target'='low' must be float \| None"):
+        ExperimentConfig.from_dict({"target": "low"})
