@@ -22,6 +22,8 @@ from fedprune_core.training import LocalTrainingConfig
 
 DROPOUT_UNITS: tuple[str, ...] = ("rows", "hidden")
 """`fed_dropout.units`: what Federated Dropout drops (see `FedDropoutConfig`)."""
+TIME_MODELS: tuple[str, ...] = ("measured", "constant")
+"""`prunefl.time_model`: where PruneFL's per-weight round-time coefficients come from (see `PruneFLConfig`)."""
 
 DROPOUT_BATCH_NORM: tuple[str, ...] = ("batch", "running")
 """`fed_dropout.batch_norm`: what a Federated Dropout model's batch norms normalize by at evaluation."""
@@ -193,7 +195,11 @@ class PruneFLConfig:
     """PruneFL (Jiang et al., IEEE TNNLS 2022); defaults from the published configuration.
 
     Attributes:
-        reconfig_every: ΔR, rounds between mask reconfigurations (>= 1).
+        reconfig_every: ΔR, rounds between mask reconfigurations (>= 1); None: derived from the run
+            length, `reconfig_fraction` · `schedule.num_rounds` rounded (at least 1).
+        reconfig_fraction: ΔR as a share of the run, in (0, 1], used when `reconfig_every` is None.
+            The reference implementation (jiangyuang/PruneFL, configs/*.py) reconfigures every
+            ADJ_INTERVAL = 50 rounds of MAX_ROUND = 10001: 0.005.
         initial_client: the client whose data drives initial pruning.
         initial_samples: examples of that client used for initial pruning.
         initial_max_steps: SGD steps of initial pruning at most.
@@ -202,16 +208,28 @@ class PruneFLConfig:
         initial_tolerance: relative density change counted as stable.
         removal_fraction: removal candidates = this fraction of active weights (lowest |w|) ...
         removal_halflife: ... times 0.5 ** (round / removal_halflife).
-        time_constant: fixed part of the modelled round time (seconds).
-        compute_coeff, comm_coeff: modelled seconds per kept weight for computation and communication.
-        layer_coeffs: (glob, compute, comm) overrides per parameter.
+        time_model: where the round-time model comes from. "measured" (the paper): before initial
+            pruning the server times a training step of the model on `initial_client`'s data, per
+            prunable layer (`fedprune_core.step_profile`), and derives T0 and each layer's compute
+            seconds per kept weight from it, and communication seconds per weight from
+            `bandwidth_bytes_per_s`; the result is stored in the run's state and reused on resume.
+            "constant": `time_constant`, `compute_coeff`, `comm_coeff` and `layer_coeffs` as given.
+        bandwidth_bytes_per_s: the client's link, both ways ("measured"): a kept weight costs
+            2 · bytes per weight / bandwidth seconds (down and up). Default 1e6: the reference
+            implementation's 1 MB/s.
+        profile_repeats: timed repetitions of each measurement ("measured"); the median is kept.
+        time_constant: fixed part of the modelled round time (seconds; "constant").
+        compute_coeff, comm_coeff: modelled seconds per kept weight for computation and communication
+            ("constant").
+        layer_coeffs: (glob, compute, comm) overrides per parameter ("constant").
         max_density: at most this share of the prunable weights kept (1.0: PruneFL as published,
             its density found by the objective alone). A FedPrune extension, so that PruneFL can be
             compared with other methods at one client model size: when the objective would keep
             more, the weights with the lowest importance per cost are left out.
     """
 
-    reconfig_every: int = 50
+    reconfig_every: int | None = None
+    reconfig_fraction: float = 0.005
     initial_client: int = 0
     initial_samples: int = 200
     initial_max_steps: int = 1000
@@ -220,6 +238,9 @@ class PruneFLConfig:
     initial_tolerance: float = 0.1
     removal_fraction: float = 0.3
     removal_halflife: float = 10000.0
+    time_model: str = "measured"
+    bandwidth_bytes_per_s: float = 1e6
+    profile_repeats: int = 5
     time_constant: float = 1.0
     compute_coeff: float = 1e-6
     comm_coeff: float = 1e-6
@@ -230,9 +251,15 @@ class PruneFLConfig:
         if not 0.0 < self.max_density <= 1.0:
             raise ValueError(f"prunefl.max_density={self.max_density} must be in (0, 1]: pass e.g. 0.5, or 1.0")
         for name in ("reconfig_every", "initial_samples", "initial_max_steps", "initial_reconfig_every",
-                     "initial_stable_changes"):
-            if getattr(self, name) < 1:
+                     "initial_stable_changes", "profile_repeats"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"prunefl.{name}={getattr(self, name)} must be >= 1: pass e.g. 50")
+        if not 0.0 < self.reconfig_fraction <= 1.0:
+            raise ValueError(
+                f"prunefl.reconfig_fraction={self.reconfig_fraction} must be in (0, 1]: pass e.g. 0.005 (the paper's "
+                "50 of 10,000 rounds), or set prunefl.reconfig_every"
+            )
+        self._check_time_model()
         if self.initial_client < 0:
             raise ValueError(f"prunefl.initial_client={self.initial_client} must be >= 0: pass 0")
         if not 0.0 <= self.removal_fraction < 1.0:
@@ -250,6 +277,28 @@ class PruneFLConfig:
         if self.compute_coeff + self.comm_coeff <= 0:
             raise ValueError("prunefl.compute_coeff + comm_coeff must be > 0: the time model needs a per-weight cost")
 
+    def _check_time_model(self) -> None:
+        if self.time_model not in TIME_MODELS:
+            raise ValueError(
+                f"prunefl.time_model={self.time_model!r} is not known: use one of {', '.join(TIME_MODELS)} "
+                "(measured: timed on the client's workload; constant: the configured coefficients)"
+            )
+        if self.time_model == "measured" and self.layer_coeffs:
+            raise ValueError(
+                f"prunefl.layer_coeffs={list(self.layer_coeffs)!r} are given but prunefl.time_model='measured' "
+                "measures them: set prunefl.time_model='constant' to use the given coefficients"
+            )
+        if not 0 < self.bandwidth_bytes_per_s:
+            raise ValueError(
+                f"prunefl.bandwidth_bytes_per_s={self.bandwidth_bytes_per_s} must be > 0: pass e.g. 1e6 (1 MB/s)"
+            )
+
+    def interval(self, num_rounds: int) -> int:
+        """ΔR of a run of `num_rounds` rounds: `reconfig_every`, else `reconfig_fraction` of the run (>= 1)."""
+        if self.reconfig_every is not None:
+            return self.reconfig_every
+        return max(1, round(self.reconfig_fraction * num_rounds))
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -264,6 +313,11 @@ class ExperimentConfig:
         init_from: warm start: "RUN_ID" (same experiment) or "EXPERIMENT/RUN_ID" of a run in the same
             storage whose last committed weights become this run's round-0 weights (masks, scores and
             optimizer state start fresh). Empty: the model's seeded initialization.
+        target: a value of the workload's headline metric (WER as a fraction for speech, accuracy for
+            the toy workload; `fedprune_core.budget.TARGET_METRICS`) whose first reaching the run's
+            summary reports, with the clients' time and bytes up to it (PruneFL's time to accuracy).
+            To compare methods, pass every run the same value, e.g. the dense run's final WER.
+            None: not reported. Training does not read it.
     """
 
     name: str = "tiny"
@@ -277,11 +331,16 @@ class ExperimentConfig:
     fed_dropout: FedDropoutConfig = field(default_factory=FedDropoutConfig)
     prunefl: PruneFLConfig = field(default_factory=PruneFLConfig)
     init_from: str = ""
+    target: float | None = None
 
     def __post_init__(self) -> None:
         check_numbers(self)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is not known: use one of {', '.join(STRATEGIES)}")
+        if self.target is not None and self.target < 0:
+            raise ValueError(
+                f"target={self.target} must be >= 0 (a WER fraction or an accuracy): pass e.g. 0.3, or null for none"
+            )
         if self.init_from and (self.init_from.count("/") > 1 or "" in self.init_from.split("/")):
             raise ValueError(
                 f"init_from={self.init_from!r} must be 'RUN_ID' or 'EXPERIMENT/RUN_ID' (names checked as storage "

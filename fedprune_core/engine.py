@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fedprune_core.aggregate import ClientContribution, masked_fedavg, server_step
+from fedprune_core.budget import step_flops
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.prunable import PrunableSpec, is_sliced
 from fedprune_core.rng import derive_seed, generator_for
@@ -108,6 +109,8 @@ class ClientOutcome:
             the parameters the client holds, indices left out.
         grad_sq: accumulated squared gradients, encoded like `update` (dense for masked parameters
             when the strategy's `dense_grad_sq`), when the strategy tracks them.
+        flops, dense_flops: FLOPs of one training step of the client's sub-model and of the dense
+            model on the same batch (`client_step_flops`), in the rounds that evaluate; else 0.
     """
 
     client_id: int
@@ -120,12 +123,15 @@ class ClientOutcome:
     bytes_up: int
     params_down: int
     grad_sq: Payload | None = None
+    flops: int = 0
+    dense_flops: int = 0
 
     @property
     def stats(self) -> ClientStats:
         """The loggable numbers of this outcome."""
         return ClientStats(self.client_id, self.num_examples, self.mean_loss, self.wall_time_s,
-                           self.peak_memory_bytes, self.bytes_down, self.bytes_up, self.params_down)
+                           self.peak_memory_bytes, self.bytes_down, self.bytes_up, self.params_down, self.flops,
+                           self.dense_flops)
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ class ClientStats:
     bytes_down: int
     bytes_up: int
     params_down: int
+    flops: int = 0
+    dense_flops: int = 0
 
 
 class Strategy(Protocol):
@@ -203,6 +211,10 @@ class Strategy(Protocol):
         """The strategy's `extra` tensors after a round's aggregation."""
         ...
 
+    def metrics(self, state: ServerState) -> dict[str, float]:
+        """The strategy's own metrics of the round that made `state` (PruneFL's modelled round time)."""
+        ...
+
 
 def init_state(workload: Workload, seed: int) -> ServerState:
     """Round-0 state: the workload's model initialized from the experiment seed."""
@@ -210,6 +222,11 @@ def init_state(workload: Workload, seed: int) -> ServerState:
         torch.default_generator.manual_seed(derive_seed(seed, 0, -1, "init"))
         model = workload.build_model()
     return ServerState(0, model_state(model))
+
+
+def should_evaluate(round_num: int, config: ExperimentConfig) -> bool:
+    """Evaluate (and count a client step's FLOPs) every `eval_every` rounds and at the last round."""
+    return round_num % config.federated.eval_every == 0 or round_num == config.schedule.num_rounds
 
 
 def round_masks(strategy: Strategy, state: ServerState, round_num: int) -> tuple[StateDict, MaskDict]:
@@ -254,10 +271,43 @@ def train_client(
         encoder = dataclasses.replace(client, masks={}) if strategy.dense_grad_sq else client
         grad_sq = client_update(encoder, strategy.specs, result.grad_sq)
     bytes_up = payload_nbytes(update) + (0 if grad_sq is None else payload_nbytes(grad_sq))
+    flops, dense_flops = (0, 0)
+    if should_evaluate(round_num, config):  # two more steps: counted in the rounds that evaluate
+        flops, dense_flops = client_step_flops(workload, config, strategy, payload, examples, round_num, client_id)
     return ClientOutcome(
         client_id, update, result.num_examples, result.mean_loss, result.wall_time_s,
-        result.peak_memory_bytes, payload_nbytes(payload), bytes_up, float_entries(payload), grad_sq,
+        result.peak_memory_bytes, payload_nbytes(payload), bytes_up, float_entries(payload), grad_sq, flops,
+        dense_flops,
     )
+
+
+def client_step_flops(
+    workload: Workload,
+    config: ExperimentConfig,
+    strategy: Strategy,
+    payload: Payload,
+    examples: Sequence[Any],
+    round_num: int,
+    client_id: int,
+) -> tuple[int, int]:
+    """FLOPs of one local step of the client's sub-model and of the dense model, on the same batch.
+
+    Each runs on a model of its own, built as the client builds it, with batches drawn from
+    (seed, round, client, "flops"), so the client's training is untouched and both count the same
+    examples (`fedprune_core.budget.step_flops`).
+    """
+    one = dataclasses.replace(config.federated.local, steps=1, track_grad_sq=False)
+
+    def count(sub_model: bool) -> int:
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(derive_seed(config.seed, round_num, client_id, "flops"))
+            model = workload.build_model()
+            client = build_client_model(model, payload, strategy.specs, strategy.rescale_kept) if sub_model else None
+            module, project = (client.module, client.project) if client is not None else (model, None)
+            batches = generator_for(config.seed, round_num, client_id, "flops:batches")
+            return step_flops(lambda: workload.train_client(module, examples, one, batches, project))
+
+    return count(True), count(False)
 
 
 def aggregate(

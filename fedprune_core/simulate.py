@@ -24,6 +24,7 @@ from fedprune_core.engine import (
     init_state,
     overall_sparsity,
     round_masks,
+    should_evaluate,
     train_client,
 )
 from fedprune_core.participation import (
@@ -62,7 +63,10 @@ def round_metrics(
     `sampled` is how many clients were sampled (default: as many as took part); `clients_done` of
     them were aggregated, `clients_left_out` failed or missed the deadline. `bytes_down` and
     `bytes_up` are summed over the clients that took part; `client_params` is the mean number of
-    float entries a client downloaded (the parameters it held).
+    float entries a client downloaded (the parameters it held). In the rounds that count FLOPs
+    (evaluated ones, `should_evaluate`), `client_flops` is a client's FLOPs per local step (the mean
+    over the round's clients) and `dense_flops` the dense model's on the same batches
+    (`fedprune_core.engine.client_step_flops`).
     """
     examples = sum(o.num_examples for o in outcomes)
     sampled = len(outcomes) if sampled is None else sampled
@@ -78,12 +82,14 @@ def round_metrics(
         "client_time_s_max": max(o.wall_time_s for o in outcomes),
         "client_time_s_mean": sum(o.wall_time_s for o in outcomes) / len(outcomes),
         "client_peak_memory_bytes": float(max(o.peak_memory_bytes for o in outcomes)),
-    }
+    } | _flops(outcomes) | strategy.metrics(state)
 
 
-def should_evaluate(round_num: int, config: ExperimentConfig) -> bool:
-    """Evaluate every `eval_every` rounds and at the last round."""
-    return round_num % config.federated.eval_every == 0 or round_num == config.schedule.num_rounds
+def _flops(outcomes: Sequence[ClientStats]) -> dict[str, float]:
+    if not all(o.dense_flops for o in outcomes):  # not counted this round
+        return {}
+    return {"client_flops": sum(o.flops for o in outcomes) / len(outcomes),
+            "dense_flops": sum(o.dense_flops for o in outcomes) / len(outcomes)}
 
 
 def simulate(

@@ -15,13 +15,20 @@ FIELDS: tuple[str, ...] = (
     "wer", "cer", "evaluation",
     "client_parameters", "dense_parameters", "client_parameters_vs_dense",
     "bytes_down_per_round", "bytes_up_per_round", "dense_bytes_per_round", "bytes_down_vs_dense",
-    "bytes_up_vs_dense",
+    "bytes_up_vs_dense", "client_flops_per_step", "dense_flops_per_step", "flops_vs_dense",
+    "target", "target_metric", "target_round", "target_client_time_s", "target_client_bytes",
+    "target_modelled_time_s",
     "prefect_flow_run_id", "prefect_flow_run_url", "mlflow_run_id", "mlflow_run_url", "mlflow_ui_command",
     "tracking_uri", "storage_url",
 )
 """Every key of a summary. ``wer`` and ``cer`` are fractions (None for a workload without them);
 ``evaluation`` holds every metric of the last evaluation; ``*_per_round`` are a client's bytes in one
-round, the run's mean; ``*_vs_dense`` divide by dense's; ``mlflow_ui_command`` serves ``mlflow_run_url``
+round, the run's mean; ``*_flops_per_step`` are FLOPs of one local step (`fedprune_core.budget`), the mean
+over the rounds that counted them (None if none did); ``*_vs_dense`` divide by dense's; ``target*``: the
+configured ``target`` of ``target_metric`` (``eval_wer`` or ``eval_accuracy``), the first round that
+reached it and the clients' time (each round's slowest client, summed) and bytes (down and up, every
+client) up to it, and ``target_modelled_time_s`` the rounds' time under PruneFL's time model (None
+for other strategies), None when not set or never reached; ``mlflow_ui_command`` serves ``mlflow_run_url``
 when tracking is not a server (else None); ``time_s`` and ``rounds_run`` are this start's."""
 
 
@@ -44,6 +51,26 @@ def _result(summary: dict[str, Any]) -> str:
     return ", ".join(shown) or "no evaluation"
 
 
+def _compute(summary: dict[str, Any]) -> str:
+    if summary["flops_vs_dense"] is None:
+        return "not counted"
+    return (f"per local step: {summary['flops_vs_dense']:.2f} x dense FLOPs "
+            f"({summary['client_flops_per_step']:,.0f} of {summary['dense_flops_per_step']:,.0f})")
+
+
+def _target(summary: dict[str, Any]) -> str:
+    s = summary
+    if s["target"] is None:
+        return "none set (--set target=...)"
+    goal = f"{s['target_metric'] or 'metric'} {s['target']:.4g}"
+    if s["target_round"] is None:
+        return f"{goal}: not reached"
+    modelled = "" if s["target_modelled_time_s"] is None else \
+        f" ({duration(s['target_modelled_time_s'])} modelled)"
+    return (f"{goal}: reached at round {s['target_round']}, after {duration(s['target_client_time_s'])} of client time"
+            f"{modelled} and {s['target_client_bytes']:,.0f} client bytes")
+
+
 def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) pairs, the same for the terminal and the artifact."""
     s = summary
@@ -59,6 +86,8 @@ def rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
                          f"({s['dense_parameters']:,})"),
         ("client traffic", f"per round: down {s['bytes_down_vs_dense']:.2f} x dense, up {s['bytes_up_vs_dense']:.2f}"
                            f" x dense (dense: {s['dense_bytes_per_round']:,} bytes each way)"),
+        ("client compute", _compute(s)),
+        ("target", _target(s)),
         ("time", f"{duration(s['time_s'])} for {started}"),
         ("Prefect", s["prefect_flow_run_url"] or "(no flow run)"),
         ("MLflow", mlflow),

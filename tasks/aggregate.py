@@ -34,7 +34,7 @@ def _outcome(upload: dict[str, Any], stats: ClientStats) -> ClientOutcome:
     grad_sq = {k.removeprefix(GRAD_SQ): v for k, v in upload.items() if k.startswith(GRAD_SQ)}
     return ClientOutcome(stats.client_id, update, stats.num_examples, stats.mean_loss, stats.wall_time_s,
                          stats.peak_memory_bytes, stats.bytes_down, stats.bytes_up, stats.params_down,
-                         grad_sq or None)
+                         grad_sq or None, stats.flops, stats.dense_flops)
 
 
 @task(name="aggregate", task_run_name=round_task("aggregate"), **IO_RETRIES)

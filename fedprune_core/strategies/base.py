@@ -65,3 +65,7 @@ class BaseStrategy:
     ) -> StateDict:
         """No strategy state carried between rounds."""
         return {}
+
+    def metrics(self, state: ServerState) -> dict[str, float]:
+        """No metrics of the strategy's own."""
+        return {}

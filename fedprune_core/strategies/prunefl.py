@@ -9,7 +9,10 @@ mask to maximise
     retained importance / modelled round time
     = (Σ_kept g² + importance of the parameters never pruned) / (T0 + Σ_layers kept_l · c_l),
 
-with c_l = compute_l + comm_l seconds per kept weight of layer l. A reconfiguration
+with c_l = compute_l + comm_l seconds per kept weight of layer l. With `time_model: measured` (the
+paper's) T0 and the c_l come from a training step timed on the client's workload before initial
+pruning (`fedprune_core.step_profile`); they are stored in the server state's `extra` (`TIME_COST`,
+`TIME_CONSTANT`), so every later round, and a resumed run, uses the same numbers. A reconfiguration
 (`reconfigure`) keeps the active weights except the lowest-|w| `removal_fraction` of each layer
 (the removal candidates, a fraction that halves every `removal_halflife` rounds), then adds
 candidates (removal candidates and every pruned weight) in decreasing g²/c order while adding
@@ -32,6 +35,7 @@ from fedprune_core.config import ExperimentConfig, PruneFLConfig
 from fedprune_core.engine import ServerState, Workload
 from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.rng import derive_seed, generator_for
+from fedprune_core.step_profile import StepProfile, profile_step
 from fedprune_core.strategies.base import BaseStrategy
 from fedprune_core.submodel import build_client_model, extract
 from fedprune_core.training import LocalTrainingConfig
@@ -42,6 +46,10 @@ GSQ = "gsq/"
 """Prefix of the `extra` tensors holding each prunable parameter's accumulated squared gradients."""
 GSQ_FIXED = "gsq_fixed"
 """`extra` key of the accumulated squared gradients of the parameters never pruned, summed, shape (1,)."""
+TIME_COST = "time_cost/"
+"""Prefix of the `extra` tensors holding each prunable parameter's measured seconds per kept weight, float64 (1,)."""
+TIME_CONSTANT = "time_constant"
+"""`extra` key of the measured fixed part T0 of the round time, seconds, float64 (1,)."""
 
 
 def removal_fraction_at(round_num: int, removal_fraction: float, halflife: float) -> float:
@@ -198,6 +206,34 @@ def layer_costs(specs: dict[str, PrunableSpec], config: PruneFLConfig) -> dict[s
     return costs
 
 
+def measured_time_model(
+    profile: StepProfile, specs: dict[str, PrunableSpec], weights: StateDict, steps: int, bandwidth: float
+) -> tuple[dict[str, float], float]:
+    """The round-time model from a measured step: (seconds per kept weight of each layer, T0).
+
+    A round is `steps` local steps and one download plus one upload over a link of `bandwidth`
+    bytes per second. A kept weight of layer l costs steps · (its measured step seconds) plus
+    2 · (its bytes) / bandwidth; T0 is steps · (the step's seconds outside the prunable layers) plus
+    the transfer of every parameter and statistic that is never pruned.
+
+    Args:
+        profile: the measured step (`fedprune_core.step_profile.profile_step`).
+        specs: the prunable parameters.
+        weights: the model's state (its dtypes give the bytes per weight).
+        steps: local steps per round (K).
+        bandwidth: bytes per second, each way.
+    """
+    costs = {n: steps * profile.layer_s[n] + 2 * weights[n].element_size() / bandwidth for n in specs}
+    fixed_bytes = sum(w.numel() * w.element_size() for n, w in weights.items() if n not in specs)
+    return costs, steps * profile.fixed_s(specs) + 2 * fixed_bytes / bandwidth
+
+
+def time_model_tensors(costs: dict[str, float], time_constant: float) -> StateDict:
+    """A round-time model as `extra` tensors (`TIME_COST`, `TIME_CONSTANT`), float64, exact on reload."""
+    out = {TIME_COST + n: torch.tensor([c], dtype=torch.float64) for n, c in costs.items()}
+    return {**out, TIME_CONSTANT: torch.tensor([time_constant], dtype=torch.float64)}
+
+
 def density(masks: MaskDict) -> float:
     """Fraction of masked entries kept (1 without masked entries)."""
     total = sum(m.numel() for m in masks.values())
@@ -226,9 +262,11 @@ class PruneFL(BaseStrategy):
     Attributes:
         specs: the prunable parameters (unstructured masks).
         config: PruneFL's parameters.
-        costs: seconds per kept weight of each prunable parameter (compute + communication).
+        costs: seconds per kept weight of each prunable parameter (compute + communication), as
+            configured; with `time_model: measured` the state's measured ones are used instead.
         local: clients' local training, the base of the initial-pruning training.
         seed: the experiment seed.
+        reconfig_every: ΔR of this run (`PruneFLConfig.interval`).
         track_grad_sq: clients accumulate squared gradients, the importance of each weight.
     """
 
@@ -238,6 +276,7 @@ class PruneFL(BaseStrategy):
     costs: dict[str, float]
     local: LocalTrainingConfig
     seed: int
+    reconfig_every: int = 50
     track_grad_sq: bool = True
     dense_grad_sq: ClassVar[bool] = True
 
@@ -253,11 +292,38 @@ class PruneFL(BaseStrategy):
         """Prune `config.pruning.prunable` parameters of `model`, entry by entry."""
         specs = find_prunable(model, config.pruning.prunable, PATTERN)
         costs = layer_costs(specs, config.prunefl)
-        return cls(specs, config.prunefl, costs, config.federated.local, config.seed)
+        interval = config.prunefl.interval(config.schedule.num_rounds)
+        return cls(specs, config.prunefl, costs, config.federated.local, config.seed, interval)
 
     def reconfigures_at(self, round_num: int) -> bool:
         """Masks change at the start of rounds ΔR + 1, 2ΔR + 1, ...: after every ΔR rounds of training."""
-        return round_num > 1 and (round_num - 1) % self.config.reconfig_every == 0
+        return round_num > 1 and (round_num - 1) % self.reconfig_every == 0
+
+    def time_model(self, extra: StateDict) -> tuple[dict[str, float], float]:
+        """(seconds per kept weight of each prunable parameter, T0) in force.
+
+        The measured model stored in `extra` when there is one; else (`time_model: constant`, or a
+        run begun before the measured model existed) the configured `costs` and `time_constant`.
+        """
+        if TIME_CONSTANT not in extra:
+            return self.costs, self.config.time_constant
+        return {n: float(extra[TIME_COST + n]) for n in self.specs}, float(extra[TIME_CONSTANT])
+
+    def measure_time_model(self, workload: Workload, examples: Sequence[Any], weights: StateDict) -> StateDict:
+        """Time a training step of the dense model on `examples` and return the round-time model as `extra`."""
+        cfg = self.config
+        local = dataclasses.replace(self.local, track_grad_sq=False)
+        batches = generator_for(self.seed, 0, cfg.initial_client, "prunefl-profile:batches")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, 0, cfg.initial_client, "prunefl-profile"))
+            model = workload.build_model()
+
+            def run_steps(k: int) -> float:
+                return workload.train_client(model, examples, dataclasses.replace(local, steps=k), batches).wall_time_s
+
+            profile = profile_step(model, self.specs, run_steps, cfg.profile_repeats)
+        costs, constant = measured_time_model(profile, self.specs, weights, self.local.steps, cfg.bandwidth_bytes_per_s)
+        return time_model_tensors(costs, constant)
 
     # --- initial pruning -------------------------------------------------------------------------
 
@@ -280,6 +346,8 @@ class PruneFL(BaseStrategy):
                 f"pass an id in [0, {len(client_data) - 1}]"
             )
         examples = client_data[cfg.initial_client][: cfg.initial_samples]
+        timing = self.measure_time_model(workload, examples, state.weights) if cfg.time_model == "measured" else {}
+        costs, time_constant = self.time_model(timing)
         batches = generator_for(self.seed, 0, cfg.initial_client, "prunefl-init:batches")
         weights, masks, done = state.weights, _full_masks(self.specs), 0
         densities: list[float] = []
@@ -287,13 +355,13 @@ class PruneFL(BaseStrategy):
             steps = min(cfg.initial_reconfig_every, cfg.initial_max_steps - done)
             weights, grad_sq = self._train_masked(workload, weights, masks, examples, steps, batches, done)
             masks = reconfigure(
-                weights, masks, {n: grad_sq[n] for n in self.specs}, self.costs, cfg.removal_fraction,
-                cfg.time_constant, fixed_importance(grad_sq, self.specs), self.max_kept,
+                weights, masks, {n: grad_sq[n] for n in self.specs}, costs, cfg.removal_fraction,
+                time_constant, fixed_importance(grad_sq, self.specs), self.max_kept,
             )
             densities.append(density(masks))
             done += steps
         pruned = {n: w * masks[n] if n in masks else w for n, w in weights.items()}
-        return ServerState(state.round_num, pruned, masks, state.scores, state.momentum, {})
+        return ServerState(state.round_num, pruned, masks, state.scores, state.momentum, timing)
 
     def _settled(self, densities: list[float]) -> bool:
         return is_stable(densities, self.config.initial_stable_changes, self.config.initial_tolerance)
@@ -337,9 +405,14 @@ class PruneFL(BaseStrategy):
         grad_sq = {n: state.extra.get(GSQ + n, torch.zeros(s.shape)) for n, s in self.specs.items()}
         fixed = float(state.extra[GSQ_FIXED].sum()) if GSQ_FIXED in state.extra else 0.0
         fraction = removal_fraction_at(round_num, cfg.removal_fraction, cfg.removal_halflife)
-        return reconfigure(
-            state.weights, current, grad_sq, self.costs, fraction, cfg.time_constant, fixed, self.max_kept
-        )
+        costs, time_constant = self.time_model(state.extra)
+        return reconfigure(state.weights, current, grad_sq, costs, fraction, time_constant, fixed, self.max_kept)
+
+    def metrics(self, state: ServerState) -> dict[str, float]:
+        """`modelled_round_time_s`: the round's time under the time model in force, T0 + Σ kept_l · c_l."""
+        costs, time_constant = self.time_model(state.extra)
+        masks = state.masks or _full_masks(self.specs)
+        return {"modelled_round_time_s": modelled_round_time(masks, costs, time_constant)}
 
     def observe(
         self,
@@ -349,9 +422,10 @@ class PruneFL(BaseStrategy):
         trained: MaskDict,
         grad_sq: StateDict | None,
     ) -> StateDict:
-        """Add the round's squared gradients to the accumulators, reset by a reconfiguration."""
+        """Add the round's squared gradients to the accumulators, reset by a reconfiguration; the
+        measured time model travels on unchanged."""
         reset = self.reconfigures_at(state.round_num + 1)
-        extra: StateDict = {}
+        extra: StateDict = {k: t for k, t in state.extra.items() if k == TIME_CONSTANT or k.startswith(TIME_COST)}
         for name, spec in self.specs.items():
             zero = torch.zeros(spec.shape)
             previous = zero if reset else state.extra.get(GSQ + name, zero)

@@ -16,6 +16,8 @@ from fedprune_core.strategies import make_strategy
 from fedprune_core.strategies.prunefl import (
     GSQ,
     GSQ_FIXED,
+    TIME_CONSTANT,
+    TIME_COST,
     PruneFL,
     density,
     greedy_additions,
@@ -24,6 +26,7 @@ from fedprune_core.strategies.prunefl import (
     reconfigure,
     removal_candidates,
     removal_fraction_at,
+    time_model_tensors,
 )
 from fedprune_core.toy import Example, ToyWorkload
 from fedprune_core.training import ClientResult, LocalTrainingConfig
@@ -35,7 +38,7 @@ T, F = True, False
 
 def _config(**prunefl: object) -> ExperimentConfig:
     defaults = {"reconfig_every": 2, "initial_samples": 16, "initial_max_steps": 6,
-                "initial_reconfig_every": 3, "time_constant": 1e-3}
+                "initial_reconfig_every": 3, "time_constant": 1e-3, "time_model": "constant"}
     return ExperimentConfig.from_dict({
         "strategy": "prunefl",
         "prunefl": {**defaults, **prunefl},
@@ -263,3 +266,95 @@ def test_federated_rounds_see_squared_gradients_of_pruned_weights() -> None:
     state = simulate(TOY, clients, _config().replace({"schedule": {"num_rounds": 1}})).state
     pruned = ~state.masks["2.weight"]
     assert bool((state.extra[GSQ + "2.weight"][pruned] > 0).any())
+
+
+# --- the measured time model ---------------------------------------------------------------------
+
+
+def _measured(**prunefl: object) -> ExperimentConfig:
+    return _config(time_model="measured", profile_repeats=2, **prunefl)
+
+
+def test_measured_time_model_is_stored_in_round_zero_and_kept_by_every_round() -> None:
+    clients = TOY.make_clients(3, 16, seed=0)
+    config = _measured(reconfig_every=2)
+    start = _strategy(config).initialize(init_state(TOY, config.seed), TOY, clients)
+    specs = _strategy(config).specs
+    timing = {k: t for k, t in start.extra.items() if k.startswith(TIME_COST) or k == TIME_CONSTANT}
+    assert set(timing) == {TIME_COST + n for n in specs} | {TIME_CONSTANT}
+    assert all(t.dtype == torch.float64 and t.shape == (1,) and float(t) > 0 for t in timing.values())
+    rounds: list[ServerState] = []
+    simulate(TOY, clients, config, state=start, on_round=lambda state, _: rounds.append(state))
+    assert len(rounds) == 4
+    for state in rounds:
+        assert all(torch.equal(state.extra[k], t) for k, t in timing.items()), state.round_num
+
+
+def test_reconfiguration_uses_the_stored_time_model_not_the_configured_one() -> None:
+    strategy = _strategy(_measured(reconfig_every=1))
+    model = dict(TOY.build_model().named_parameters())
+    weights = {n: p.detach() for n, p in model.items()}
+    masks = {n: torch.ones(s.shape, dtype=torch.bool) for n, s in strategy.specs.items()}
+    gsq = {GSQ + n: torch.rand(s.shape, generator=torch.Generator().manual_seed(1)) for n, s in strategy.specs.items()}
+    stored = {"0.weight": 1.0, "2.weight": 1e-6, "4.weight": 1e-6}  # layer 0 made very expensive
+    state = ServerState(1, weights, masks, extra={**gsq, **time_model_tensors(stored, 0.5)})
+    got = strategy.mask(state, {}, 2)
+    grad_sq = {n: gsq[GSQ + n] for n in strategy.specs}
+    expected = reconfigure(weights, masks, grad_sq, stored, removal_fraction_at(2, 0.3, 10000.0), 0.5)
+    configured = reconfigure(weights, masks, grad_sq, strategy.costs, removal_fraction_at(2, 0.3, 10000.0), 1e-3)
+    assert all(torch.equal(got[n], expected[n]) for n in got)
+    assert any(not torch.equal(got[n], configured[n]) for n in got)
+    assert strategy.time_model(state.extra) == (stored, 0.5)
+    assert strategy.time_model({}) == (strategy.costs, 1e-3)  # constant model, or a run older than the measured one
+
+
+def test_measured_run_resumes_bit_for_bit_without_measuring_again() -> None:
+    """A resumed run reads the time model from its state (also through safetensors) and ends where an
+    uninterrupted run from the same round 0 ends."""
+    from safetensors.torch import load, save
+
+    clients = TOY.make_clients(3, 16, seed=0)
+    config = _measured(reconfig_every=2)  # reconfigures at round 3
+    start = _strategy(config).initialize(init_state(TOY, config.seed), TOY, clients)
+    full = simulate(TOY, clients, config, state=start).state
+    half = simulate(TOY, clients, config.replace({"schedule": {"num_rounds": 2}}), state=start).state
+    reloaded = ServerState.from_flat(half.round_num, load(save(half.flat())))
+    resumed = simulate(TOY, clients, config, state=reloaded).state
+    assert any(not torch.equal(full.masks[n], half.masks[n]) for n in full.masks)  # reconfigured at round 3
+    expected, got = full.flat(), resumed.flat()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_modelled_round_time_is_logged_every_round_under_the_time_model_in_force() -> None:
+    clients = TOY.make_clients(3, 16, seed=0)
+    config = _measured(reconfig_every=2)
+    strategy = _strategy(config)
+    start = strategy.initialize(init_state(TOY, config.seed), TOY, clients)
+    costs, constant = strategy.time_model(start.extra)
+    states: list[ServerState] = []
+    result = simulate(TOY, clients, config, state=start, on_round=lambda state, _: states.append(state))
+    for state, row in zip(states, result.history, strict=True):
+        kept = {n: int(m.sum()) for n, m in state.masks.items()}
+        assert row["modelled_round_time_s"] == pytest.approx(constant + sum(costs[n] * k for n, k in kept.items()))
+
+
+def test_interval_is_a_share_of_the_run_unless_given() -> None:
+    assert PruneFLConfig().interval(10_000) == 50  # the paper: 50 rounds of 10,000
+    assert PruneFLConfig().interval(100) == 1 and PruneFLConfig().interval(3000) == 15
+    assert PruneFLConfig(reconfig_fraction=0.1).interval(200) == 20
+    assert PruneFLConfig(reconfig_every=7).interval(10_000) == 7
+    strategy = _strategy(_config(reconfig_every=None, reconfig_fraction=0.5))  # 4 rounds: every 2
+    assert [r for r in range(1, 8) if strategy.reconfigures_at(r)] == [3, 5, 7]
+
+
+def test_time_model_parameters_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"prunefl.time_model='timed' is not known: use one of measured, constant"):
+        PruneFLConfig(time_model="timed")
+    with pytest.raises(ValueError, match=r"layer_coeffs=.* are given but prunefl.time_model='measured'"):
+        PruneFLConfig(layer_coeffs=(("0.*", 1e-6, 1e-6),))
+    with pytest.raises(ValueError, match=r"bandwidth_bytes_per_s=0.0 must be > 0"):
+        PruneFLConfig(bandwidth_bytes_per_s=0.0)
+    with pytest.raises(ValueError, match=r"reconfig_fraction=0.0 must be in \(0, 1\]"):
+        PruneFLConfig(reconfig_fraction=0.0)
+    assert PruneFLConfig(time_model="constant", layer_coeffs=(("0.*", 1e-6, 1e-6),)).layer_coeffs

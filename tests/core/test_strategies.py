@@ -36,7 +36,7 @@ def test_every_registered_strategy_builds_with_every_protocol_member(name: str) 
     strategy = make_strategy(ExperimentConfig(strategy=name), TOY.build_model())
     assert isinstance(strategy, BaseStrategy)
     members = [n for n, _ in inspect.getmembers(Strategy) if not n.startswith("_")]
-    assert len(members) == 11 and all(hasattr(strategy, n) for n in members)
+    assert len(members) == 12 and all(hasattr(strategy, n) for n in members)
 
 
 def test_an_unknown_strategy_names_the_value_and_the_known_ones() -> None:
@@ -55,6 +55,7 @@ def test_the_base_is_dense_fedavg() -> None:
     assert fedavg.score(state, 4) == {} and fedavg.mask(state, {}, 4) == {}
     assert fedavg.client_masks(state, masks, 4, client_id=1) is masks
     assert fedavg.observe(state, masks, {"w": torch.ones(2, 2)}, masks, None) == {}
+    assert fedavg.metrics(state) == {}
 
 
 def _leaves(section: dict, parent: str = "") -> set[str]:

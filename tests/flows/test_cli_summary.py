@@ -29,7 +29,7 @@ ROUND_TASK = re.compile(r"r\d{6}-(score|mask|dispatch|client-train-c[\d,-]+|aggr
 def summed(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> tuple[Cli, subprocess.CompletedProcess[str]]:
     """One toy run with --json, shared by the tests that read it back."""
     cli = cli_for(tmp_path_factory.mktemp("summary") / "home", prefect_api)
-    done = cli("run", "--preset", "toy", "--run-id", "summed", "--json")
+    done = cli("run", "--preset", "toy", "--run-id", "summed", "--set", "target=0.0", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     return cli, done
 
@@ -66,6 +66,26 @@ def test_json_is_all_stdout_holds_every_field_and_counts_against_dense(
         assert 0.3 < summary[f"bytes_{way}_vs_dense"] < 1.0
     assert 0 < summary["time_s"] < 600
     assert summary["storage_url"] == (cli.home / "storage").as_uri()
+
+
+def test_flops_and_target_are_read_back_from_the_logged_rounds(
+        summed: tuple[Cli, subprocess.CompletedProcess[str]]) -> None:
+    cli, done = summed
+    summary = json.loads(done.stdout)
+    client = MlflowClient(f"sqlite:///{cli.home / 'mlflow.db'}")
+
+    def history(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], key)}
+
+    flops, dense = history("client_flops"), history("dense_flops")
+    assert sorted(flops) == sorted(dense) == [4, 8, 12]  # the evaluated rounds (eval_every 4)
+    assert summary["flops_vs_dense"] == pytest.approx(sum(flops.values()) / sum(dense.values()))
+    assert summary["flops_vs_dense"] < 0.9  # column pruning slices the Linear layers: smaller products
+    # target 0.0 accuracy: reached at the first evaluation, round 4; time and bytes of rounds 1-4
+    assert (summary["target"], summary["target_metric"], summary["target_round"]) == (0.0, "eval_accuracy", 4)
+    times, down, up = history("client_time_s_max"), history("bytes_down"), history("bytes_up")
+    assert summary["target_client_time_s"] == pytest.approx(sum(times[r] for r in range(1, 5)))
+    assert summary["target_client_bytes"] == sum(down[r] + up[r] for r in range(1, 5))
 
 
 def test_the_embedded_store_says_how_to_browse_it(summed: tuple[Cli, subprocess.CompletedProcess[str]]) -> None:
@@ -122,9 +142,10 @@ def test_text_summary_and_a_dense_run_is_one_times_dense(cli: Cli) -> None:
     done = cli("run", "--preset", "toy", "--run-id", "dense", "--set", "strategy=fedavg")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()  # the summary alone: the logs went to stderr
-    assert [line.split()[0] for line in lines] == ["run", "final", "client", "client", "time", "Prefect", "MLflow",
-                                                   "checkpoints"]
+    assert [line.split()[0] for line in lines] == ["run", "final", "client", "client", "client", "target", "time",
+                                                   "Prefect", "MLflow", "checkpoints"]
     assert "parameters = 1.00 x dense" in done.stdout and "down 1.00 x dense, up 1.00 x dense" in done.stdout
+    assert "per local step: 1.00 x dense FLOPs" in done.stdout and "none set" in done.stdout
 
 
 def test_with_an_mlflow_server_json_stays_alone_and_links_to_the_server(cli: Cli, mlflow_server) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,14 @@ import shutil
 
 import pytest
 
+from fedprune_core.engine import ServerState
 from fedprune_core.presets import preset
+from fedprune_core.simulate import simulate
+from fedprune_core.strategies.prunefl import TIME_CONSTANT, TIME_COST
+from infra.checkpoint import CheckpointStore
+from infra.runs import STATE_OBJECT
+from infra.storage import open_storage
+from infra.workloads import load
 from tests.flows.conftest import Cli
 from tests.flows.helpers import final_state, weights_hash
 from tests.flows.test_flow import reference
@@ -26,7 +33,8 @@ def rewind(cli: Cli, run_id: str) -> int:
     return to_round
 
 
-PRUNEFL = {"reconfig_every": 3, "initial_max_steps": 20, "initial_reconfig_every": 5, "initial_samples": 20}
+PRUNEFL = {"reconfig_every": 3, "initial_max_steps": 20, "initial_reconfig_every": 5, "initial_samples": 20,
+           "time_model": "constant"}  # the flow and `simulate` would each measure their own time model
 RUNS = {
     "fed_dropout": {"strategy": "fed_dropout"},
     "prunefl": {"strategy": "prunefl", "prunefl": PRUNEFL},
@@ -52,3 +60,29 @@ def test_flow_equals_simulate_and_resumes(cli: Cli, run_id: str) -> None:
     state = final_state(cli.home, run_id)
     assert state.round_num == preset("toy").schedule.num_rounds
     assert weights_hash(state.weights) == expected
+
+
+def test_prunefl_measured_time_model_is_measured_once_and_kept_through_a_resume(cli: Cli) -> None:
+    """The flow measures the time model in round 0 and every later round, also after a resume, uses
+    that one: the run ends where `simulate` from the flow's own round 0 ends."""
+    prunefl = {"reconfig_every": 3, "initial_max_steps": 20, "initial_reconfig_every": 5, "initial_samples": 20,
+               "time_model": "measured", "profile_repeats": 2}
+    args = ("run", "--preset", "toy", "--run-id", "measured", "--checkpoint-every", "4", "--rounds-per-segment", "6",
+            "--set", "strategy=prunefl", "--set", f"prunefl={json.dumps(prunefl)}")
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = CheckpointStore(open_storage((cli.home / "storage").as_uri()), "fedprune", "measured")
+    start = ServerState.from_flat(0, store.load(0).tensors[STATE_OBJECT])
+    timing = {k: t for k, t in start.extra.items() if k == TIME_CONSTANT or k.startswith(TIME_COST)}
+    assert TIME_CONSTANT in timing and len(timing) == 4  # T0 and the toy's three weights
+    config = preset("toy", {"strategy": "prunefl", "prunefl": prunefl})
+    data = load(config.model, config.corpus, config.seed, "unused")
+    expected = weights_hash(simulate(data.workload, data.clients, config, state=start).state.weights)
+    assert weights_hash(final_state(cli.home, "measured").weights) == expected
+
+    assert rewind(cli, "measured") < config.schedule.num_rounds
+    resumed = cli("resume", "measured")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = final_state(cli.home, "measured")
+    assert weights_hash(state.weights) == expected
+    assert all(float(state.extra[k]) == float(t) for k, t in timing.items())

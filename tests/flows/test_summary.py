@@ -9,6 +9,7 @@ import pytest
 from flows.experiment import progress_line
 from flows.summary import FIELDS, artifact_key, as_markdown, as_text, duration
 from tasks.options import round_task
+from tasks.summarize import flops_facts, target_facts
 
 SPEECH: dict[str, Any] = {
     "run_id": "demo-1", "experiment": "fedprune", "preset": "tiny", "strategy": "fedprune", "status": "finished",
@@ -17,6 +18,9 @@ SPEECH: dict[str, Any] = {
     "client_parameters": 51_200, "dense_parameters": 102_400, "client_parameters_vs_dense": 0.5,
     "bytes_down_per_round": 250_000.0, "bytes_up_per_round": 204_800.0, "dense_bytes_per_round": 409_600,
     "bytes_down_vs_dense": 0.6103515625, "bytes_up_vs_dense": 0.5,
+    "client_flops_per_step": 1_500_000.0, "dense_flops_per_step": 3_000_000.0, "flops_vs_dense": 0.5,
+    "target": 0.45, "target_metric": "eval_wer", "target_round": 30, "target_client_time_s": 95.0,
+    "target_client_bytes": 12_345_678.0, "target_modelled_time_s": None,
     "prefect_flow_run_id": "abc", "prefect_flow_run_url": "http://127.0.0.1:4200/runs/flow-run/abc",
     "mlflow_run_id": "m1", "mlflow_run_url": "http://127.0.0.1:5000/#/experiments/1/runs/m1",
     "mlflow_ui_command": "mlflow ui --backend-store-uri sqlite:////h/mlflow.db --port 5000",
@@ -36,6 +40,8 @@ def test_text_summary_reads_at_a_glance() -> None:
     assert "51,200 parameters = 0.50 x dense (102,400)" in text
     assert "down 0.61 x dense, up 0.50 x dense (dense: 409,600 bytes each way)" in text
     assert "2m05s for 40 rounds" in text
+    assert "per local step: 0.50 x dense FLOPs (1,500,000 of 3,000,000)" in text
+    assert "eval_wer 0.45: reached at round 30, after 1m35s of client time and 12,345,678 client bytes" in text
     assert "http://127.0.0.1:4200/runs/flow-run/abc" in text
     assert "http://127.0.0.1:5000/#/experiments/1/runs/m1  (serve it: `mlflow ui --backend-store-uri" in text
     assert "file:///h/storage/fedprune/demo-1" in text
@@ -51,6 +57,32 @@ def test_text_summary_of_a_resumed_run_and_a_workload_without_wer() -> None:
     assert "rounds 26-40 (resumed)" in text
     assert "serve it" not in text
     assert "no round left to run" in as_text({**toy, "rounds_run": 0})
+    never = as_text({**toy, "target": 0.9, "target_metric": "eval_accuracy", "target_round": None,
+                     "target_client_time_s": None, "target_client_bytes": None})
+    assert "eval_accuracy 0.9: not reached" in never
+    unset = as_text({**toy, "target": None, "target_metric": None, "target_round": None, "flops_vs_dense": None})
+    assert "none set (--set target=...)" in unset and "not counted" in unset
+
+
+def test_summarize_target_and_flops_facts_from_a_known_history() -> None:
+    history = [
+        {"round": 1.0, "client_time_s_max": 2.0, "bytes_down": 100.0, "bytes_up": 50.0, "clients_done": 2.0},
+        {"round": 2.0, "client_time_s_max": 3.0, "bytes_down": 100.0, "bytes_up": 50.0, "clients_done": 2.0,
+         "eval_wer": 0.6, "client_flops": 40.0, "dense_flops": 100.0},
+        {"round": 3.0, "client_time_s_max": 1.0, "bytes_down": 80.0, "bytes_up": 40.0, "clients_done": 2.0,
+         "eval_wer": 0.3, "client_flops": 60.0, "dense_flops": 100.0},
+    ]
+    assert target_facts(history, 0.5) == {"target": 0.5, "target_metric": "eval_wer", "target_round": 3,
+                                          "target_client_time_s": 6.0, "target_client_bytes": 420.0,
+                                          "target_modelled_time_s": None}
+    modelled = [{**row, "modelled_round_time_s": 10.0 * row["round"]} for row in history]
+    assert target_facts(modelled, 0.5)["target_modelled_time_s"] == 60.0
+    assert "(1m00s modelled)" in as_text({**SPEECH, "target_modelled_time_s": 60.0})
+    assert target_facts(history, 0.2)["target_round"] is None
+    assert set(target_facts(history, None).values()) == {None}
+    assert flops_facts(history) == {"client_flops_per_step": 50.0, "dense_flops_per_step": 100.0,
+                                    "flops_vs_dense": 0.5}
+    assert set(flops_facts(history[:1]).values()) == {None}
 
 
 def test_markdown_artifact_is_a_table_with_links() -> None:
