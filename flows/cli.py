@@ -389,8 +389,10 @@ def compare(
                              f"[1, {MAX_WORKERS}] (MAX_WORKERS) and --last-evals {last_evals} >= 1: pass 2 / 1 / 3")
         from flows.sweep import compare_plan
 
-        plan, _, _ = compare_plan(name, rounds, tuple(seed_list), tuple(budget_list))
-        for variant in plan.variants:
+        from fedprune_core.sweep import fd_lr_pilot
+
+        plan, _, knobs = compare_plan(name, rounds, tuple(seed_list), tuple(budget_list))
+        for variant in (*plan.variants, *fd_lr_pilot(name, rounds, knobs[len(knobs) // 2].fd_rate or 0.5)):
             check_request(plan.preset, variant.overrides, plan.run_id(variant), name)
         if out_dir is not None:
             _check_out_dir(out_dir)

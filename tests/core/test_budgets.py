@@ -90,3 +90,14 @@ def test_the_comparison_pairs_every_method_over_the_same_seeds() -> None:
             assert config.pruning.sparsity in (0.2, 0.45, 0.6)
     with pytest.raises(ValueError, match="rounds >= 12"):
         compare_sweep("c", rounds=6, knobs=knobs)
+
+
+def test_every_run_of_the_comparison_and_its_pilot_has_a_valid_run_id() -> None:
+    from fedprune_core.sweep import fd_lr_pilot
+    from infra.checkpoint import validate_run_id
+
+    plan, _ = compare_sweep("compare", knobs=[Knobs(0.5, 0.45, 0.5, 0.5)])
+    names = [plan.run_id(v) for v in plan.variants] + [f"compare-{v.name}" for v in fd_lr_pilot("compare", 32, 0.5)]
+    for run_id in names:
+        validate_run_id(run_id)
+    assert len(set(names)) == len(names)
