@@ -387,9 +387,8 @@ def compare(
         if not (1 <= parallel <= MAX_WORKERS and 1 <= threads_per_run <= MAX_WORKERS and last_evals >= 1):
             raise ValueError(f"--parallel {parallel} / --threads-per-run {threads_per_run} must be in "
                              f"[1, {MAX_WORKERS}] (MAX_WORKERS) and --last-evals {last_evals} >= 1: pass 2 / 1 / 3")
-        from flows.sweep import compare_plan
-
         from fedprune_core.sweep import fd_lr_pilot
+        from flows.sweep import compare_plan
 
         plan, _, knobs = compare_plan(name, rounds, tuple(seed_list), tuple(budget_list))
         for variant in (*plan.variants, *fd_lr_pilot(name, rounds, knobs[len(knobs) // 2].fd_rate or 0.5)):
