@@ -578,34 +578,36 @@ def plot_wer_vs_budget(groups: Sequence[Group]) -> bytes:
     return figure_png(fig)
 
 
-def plot_wer_vs_bytes(groups: Sequence[Group], found: dict[str, RunResult], budget: float = 0.5) -> bytes:
-    """WER against cumulative client traffic (down + up over all clients, summed over rounds), mean
-    over seeds, for each method at `budget` and dense."""
+def _curves(groups: Sequence[Group], found: dict[str, RunResult], budget: float,
+            x_of: Callable[[RunResult], dict[int, float]], xlabel: str,
+            title: str) -> bytes:
+    """WER (mean over seeds) against `x_of`'s x per evaluation, one line per method at `budget` and dense."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for g in _at_budget(groups, budget):
-        xs, ys = _mean_curve([found[r.run.run_id] for r in g.rows], _cumulative_bytes)
-        ax.plot([x / 2**20 for x in xs], ys, marker=".", label=g.name)
-    ax.set_xlabel("cumulative client traffic, down + up (MiB, all clients)")
+        xs, ys = _mean_curve([found[r.run.run_id] for r in g.rows], x_of)
+        ax.plot(xs, ys, marker=".", label=g.name)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("WER % (mean over seeds)")
-    ax.set_title(f"WER against traffic at budget {budget:g}", fontsize=9)
+    ax.set_title(f"{title} at budget {budget:g}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure_png(fig)
+
+
+def plot_wer_vs_bytes(groups: Sequence[Group], found: dict[str, RunResult], budget: float = 0.5) -> bytes:
+    """WER against cumulative client traffic (down + up over all clients, summed over rounds, in MiB),
+    mean over seeds, for each method at `budget` and dense."""
+    def mib(r: RunResult) -> dict[int, float]:
+        return {step: x / 2**20 for step, x in _cumulative_bytes(r).items()}
+
+    return _curves(groups, found, budget, mib, "cumulative client traffic, down + up (MiB, all clients)",
+                   "WER against traffic")
 
 
 def plot_wer_over_rounds(groups: Sequence[Group], found: dict[str, RunResult], budget: float = 0.5) -> bytes:
     """WER over rounds, mean over seeds, for each method at `budget` and dense."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for g in _at_budget(groups, budget):
-        xs, ys = _mean_curve([found[r.run.run_id] for r in g.rows], lambda r: {s: float(s) for s, _ in
-                                                                              r.history.get("eval_wer") or []})
-        ax.plot(xs, ys, marker=".", label=g.name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("WER % (mean over seeds)")
-    ax.set_title(f"WER over rounds at budget {budget:g}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return figure_png(fig)
+    return _curves(groups, found, budget, lambda r: {s: float(s) for s, _ in r.history.get("eval_wer") or []},
+                   "round", "WER over rounds")
 
 
 def report_files(runs: Sequence[ComparedRun], found: Sequence[RunResult], k: int = MIN_EVALS) -> dict[str, bytes]:
