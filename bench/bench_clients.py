@@ -63,11 +63,13 @@ def timed_simulate(over: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def timed_flow(over: dict[str, Any], run_id: str) -> float:
+def timed_flow(over: dict[str, Any], run_id: str, max_workers: int = 4) -> float:
+    """Seconds of one flow run; `max_workers` as the CLI's (client-train tasks a round, at most the cores)."""
     from flows.experiment import experiment
 
     start = time.perf_counter()
-    experiment(preset="toy", overrides=over, run_id=run_id, rounds_per_segment=100, checkpoint_every=10)
+    experiment(preset="toy", overrides=over, run_id=run_id, rounds_per_segment=100, checkpoint_every=10,
+               max_workers=max_workers)
     return time.perf_counter() - start
 
 
@@ -81,13 +83,13 @@ def db_bytes(prefect_home: Path) -> int:
     return pages * size + (wal.stat().st_size if wal.exists() else 0)
 
 
-def per_round(clients: int, short: int, long: int) -> tuple[float, float]:
+def per_round(clients: int, short: int, long: int, max_workers: int) -> tuple[float, float]:
     """(flow, simulate) seconds per round at `clients`, slopes between `short` and `long` rounds."""
     times = {}
     for rounds in (short, long):
         over = overrides(clients, rounds)
         times["sim", rounds] = timed_simulate(over)
-        times["flow", rounds] = timed_flow(over, f"c{clients}-r{rounds}-{int(time.time())}")
+        times["flow", rounds] = timed_flow(over, f"c{clients}-r{rounds}-{int(time.time())}", max_workers)
         print(f"  {clients:>4} clients {rounds:>5} rounds: simulate {times['sim', rounds]:.2f} s, "
               f"flow {times['flow', rounds]:.2f} s", flush=True)
     span = long - short
@@ -116,8 +118,11 @@ def main() -> None:
     parser.add_argument("--rounds", nargs=2, type=int, default=[100, 300], help="short and long round counts")
     parser.add_argument("--db-rounds", type=int, default=1000, help="rounds of each database run (>= 1000)")
     parser.add_argument("--settle-s", type=float, default=15.0, help="wait for the server's recorder")
+    parser.add_argument("--max-workers", type=int, default=4, help="the runs' --max-workers (default: the CLI's)")
+    parser.add_argument("--no-db", action="store_true", help="per-round times only")
     args = parser.parse_args()
 
+    from flows.experiment import local_slots
     from infra.stack import prefect_spec
     from infra.stack.process import free_loopback_port, start_service, stop_service, wait_healthy
 
@@ -129,9 +134,9 @@ def main() -> None:
     try:
         timed_flow(overrides(8, 10), "warm-up")  # imports, MLflow tables, the Prefect client
         timed_simulate(overrides(8, 10))
-        rows = {c: per_round(c, *args.rounds) for c in args.clients}
-        growth = {keep: database_growth(run_dir / "prefect", args.db_rounds, keep, args.settle_s)
-                  for keep in ("100", "0")}
+        rows = {c: per_round(c, args.rounds[0], args.rounds[1], args.max_workers) for c in args.clients}
+        growth = {} if args.no_db else {
+            keep: database_growth(run_dir / "prefect", args.db_rounds, keep, args.settle_s) for keep in ("100", "0")}
     finally:
         from prefect.logging.handlers import APILogHandler
 
@@ -139,12 +144,15 @@ def main() -> None:
         stop_service(run_dir, "prefect")
     base = args.clients[0]
     orchestration = {c: rows[c][0] - rows[c][1] for c in rows}
+    print(f"\n--max-workers {args.max_workers}: {local_slots(args.max_workers)} client-train tasks a round at most")
     print("\n| clients a round | flow ms/round | simulate ms/round | orchestration ms/round | "
           "per extra client (ms) | target |\n|---|---|---|---|---|---|")
     for c, (flow, sim) in rows.items():
         extra = "-" if c == base else f"{(orchestration[c] - orchestration[base]) * 1000 / (c - base):.2f}"
         target = f"flow <= {PER_ROUND_TARGET_MS:g} ms" if c == base else f"<= {PER_CLIENT_TARGET_MS:g} ms"
         print(f"| {c} | {flow * 1000:.1f} | {sim * 1000:.1f} | {orchestration[c] * 1000:.1f} | {extra} | {target} |")
+    if not growth:
+        return
     print(f"\n| Prefect database, 8 clients a round | KiB a round over {args.db_rounds} rounds | over "
           f"{2 * args.db_rounds} | target |\n|---|---|---|---|")
     for keep, (first, both) in growth.items():
