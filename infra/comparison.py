@@ -39,7 +39,7 @@ COSTS = {"client_params": "client_params", "bytes_down": "bytes_down", "bytes_up
 """CSV column -> the per-round metric whose mean over rounds is divided by dense's."""
 PER_CLIENT = ("bytes_down", "bytes_up")
 """Metrics logged as sums over a round's clients: divided by `clients_done` first."""
-METRICS = ("eval_wer", "eval_cer", "clients_done", *COSTS.values())
+METRICS = ("eval_wer", "eval_cer", "clients_done", "client_time_s_max", "modelled_round_time_s", *COSTS.values())
 COLUMNS = ("method", "budget", "seed", *COSTS, "wer", "cer", "rounds", "run_id", "label")
 LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
@@ -49,6 +49,8 @@ MARGIN = 0.02
 DEGRADATION_BUDGET = 0.7
 """Budgets below this (sparsity above ~30%) are where finding (e) expects FP to fall behind dense."""
 MIN_EVALS = 3
+TARGET_WER = 0.2
+"""The WER whose first reaching the time-to-accuracy table reports (PruneFL's own claim: time to a target)."""
 
 
 @dataclass(frozen=True)
@@ -531,6 +533,41 @@ def render_markdown(groups: Sequence[Group], pairs: Sequence[Paired], marked: Se
     return "\n".join(out) + "\n"
 
 
+def reached(result: RunResult, target: float = TARGET_WER) -> tuple[int, float, float, float] | None:
+    """The first evaluated round whose WER is at most `target`, and up to it: client bytes (down + up,
+    all clients), client time (each round's slowest client, summed) and PruneFL's modelled round time
+    (summed; NaN when not logged). None: never reached."""
+    hit = next((r for r, w in result.history.get("eval_wer") or [] if w <= target), None)
+    if hit is None:
+        return None
+
+    def upto(key: str) -> float:
+        points = [v for r, v in result.history.get(key) or [] if r <= hit]
+        return float(sum(points)) if points else math.nan
+
+    return hit, upto("bytes_down") + upto("bytes_up"), upto("client_time_s_max"), upto("modelled_round_time_s")
+
+
+def render_time_to_accuracy(groups: Sequence[Group], found: dict[str, RunResult], target: float = TARGET_WER) -> str:
+    """A table: per configuration, how many seeds reached `target` WER, and the mean over those of the
+    round, the client traffic, the client time and the modelled time at which they did."""
+    lines = [f"## Time to {100 * target:g}% WER", "",
+             "Mean over the seeds that reached it; client time: each round's slowest client, summed; modelled "
+             "time: PruneFL's round-time model, summed.", "",
+             "| configuration | seeds reached | round | client traffic, MiB | client time, s | modelled time, s |",
+             "|---|---|---|---|---|---|"]
+    for g in groups:
+        hits = [h for r in g.rows if (h := reached(found[r.run.run_id], target)) is not None]
+        if not hits:
+            lines.append(f"| {g.name} | 0/{len(g.rows)} | - | - | - | - |")
+            continue
+        modelled = _mean([h[3] for h in hits if not math.isnan(h[3])])
+        lines.append(f"| {g.name} | {len(hits)}/{len(g.rows)} | {_mean([h[0] for h in hits]):.1f} "
+                     f"| {_mean([h[1] for h in hits]) / 2**20:.1f} | {_mean([h[2] for h in hits]):.1f} "
+                     f"| {'-' if math.isnan(modelled) else f'{modelled:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -618,7 +655,8 @@ def report_files(runs: Sequence[ComparedRun], found: Sequence[RunResult], k: int
     by_id = {run.run_id: result for run, result in zip(runs, found, strict=True)}
     return {
         "comparison.csv": render_csv(rows).encode(),
-        "comparison.md": render_markdown(groups, pairs, findings(groups), k).encode(),
+        "comparison.md": (render_markdown(groups, pairs, findings(groups), k) + "\n"
+                          + render_time_to_accuracy(groups, by_id)).encode(),
         "comparison_wer_vs_budget.png": plot_wer_vs_budget(groups),
         "comparison_wer_vs_bytes.png": plot_wer_vs_bytes(groups, by_id),
         "comparison_wer_over_rounds.png": plot_wer_over_rounds(groups, by_id),

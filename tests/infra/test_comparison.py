@@ -29,6 +29,8 @@ from infra.comparison import (
     groups_of,
     measure,
     paired,
+    reached,
+    render_time_to_accuracy,
     t_interval,
 )
 from infra.results import RunResult
@@ -254,3 +256,16 @@ def test_every_finding_is_marked_with_one_of_three_words() -> None:
     marked = findings([_group("dense", 1.0, {0: 0.2})])
     assert [f.name for f in marked] == ["a", "b", "c", "d", "e"]
     assert {f.mark for f in marked} == {"inconclusive"}
+
+
+def test_time_to_accuracy_sums_traffic_and_time_up_to_the_first_evaluation_at_the_target() -> None:
+    history = {"eval_wer": [(4, 0.9), (8, 0.18), (12, 0.25), (16, 0.1)],
+               "bytes_down": [(r, 100.0) for r in range(1, 17)], "bytes_up": [(r, 10.0) for r in range(1, 17)],
+               "client_time_s_max": [(r, 0.5) for r in range(1, 17)]}
+    assert reached(_result(history), 0.2) == (8, 8 * 110.0, 4.0, pytest.approx(math.nan, nan_ok=True))
+    assert reached(_result(history), 0.1)[0] == 16  # type: ignore[index]
+    assert reached(_result(history), 0.05) is None
+    row = RunRow(ComparedRun("r", "fp", 0.5, 0, "fp"), dict.fromkeys(COSTS, 1.0), 0.2, 0.1, 16, 0.0)
+    never = RunRow(ComparedRun("q", "fp", 0.5, 1, "fp"), dict.fromkeys(COSTS, 1.0), 0.3, 0.1, 16, 0.0)
+    table = render_time_to_accuracy(groups_of([row, never]), {"r": _result(history), "q": _result({})}, 0.2)
+    assert "| fp @ 0.5 | 1/2 | 8.0 | 0.0 | 4.0 | - |" in table
