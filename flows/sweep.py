@@ -52,11 +52,15 @@ RUNNER: TaskRunner[Any] = ThreadPoolTaskRunner(max_workers=8)
 
 
 def run_all(plan: Sweep, variants: list[Variant], parallel: int, options: dict[str, Any], threads: int,
-            logs: str) -> None:
-    """Run `variants`, `parallel` at a time; log each one's latest round every minute and each end."""
+            logs: str) -> list[str]:
+    """Run `variants`, `parallel` at a time; log each one's latest round every minute and each end.
+
+    A run that fails is logged (its error and log file) and the others go on. Returns the failed
+    run ids (running the sweep again retries them)."""
     logger = get_run_logger()
     pending, done = list(variants), 0
     running: dict[Any, Variant] = {}
+    failed: list[str] = []
     last_report = time.monotonic()
     while pending or running:
         while pending and len(running) < parallel:
@@ -65,13 +69,25 @@ def run_all(plan: Sweep, variants: list[Variant], parallel: int, options: dict[s
                 plan.run_id(v), plan.preset, v.overrides, plan.name, options, threads, logs)] = v
         for future in wait(list(running), timeout=5.0).done:
             v = running.pop(future)
-            outcome = future.result()  # raises the child's failure, naming its log
             done += 1
+            outcome = future.result(raise_on_failure=False)  # the child's failure names its log
+            if isinstance(outcome, BaseException):
+                failed.append(plan.run_id(v))
+                logger.error(f"{plan.run_id(v)}: failed ({done}/{len(variants)}): {outcome}")
+                continue
             logger.info(f"{plan.run_id(v)}: {outcome} ({done}/{len(variants)}) {last_progress(logs, plan.run_id(v))}")
         if time.monotonic() - last_report >= PROGRESS_EVERY_S:
             last_report = time.monotonic()
             for v in running.values():
                 logger.info(f"{plan.run_id(v)}: {last_progress(logs, plan.run_id(v))}")
+    return failed
+
+
+def stop_if_failed(failed: list[str], logs: str) -> None:
+    """Raise naming the `failed` runs and where their logs are (none failed: return)."""
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are in {logs}/ (run the "
+                           "sweep again to retry them)")
 
 
 @flow(name="fedprune-sweep", persist_result=False, task_runner=RUNNER)
@@ -118,8 +134,8 @@ def sweep(
     logger.info(f"sweep {name}: {len(plan.warmups)} warm-up stage(s) + {len(plan.variants)} runs, {parallel} at a "
                 f"time; logs in {logs}/")
     for stage in plan.warmups:  # each stage starts from the one before
-        run_all(plan, [stage], 1, WARMUP_OPTIONS, threads_per_run, logs)
-    run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs)
+        stop_if_failed(run_all(plan, [stage], 1, WARMUP_OPTIONS, threads_per_run, logs), logs)
+    stop_if_failed(run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs), logs)
     runs = [(plan.run_id(v), v.label, v.groups, int(v.overrides.get("seed", 0))) for v in plan.variants]
     files = report(name, runs, "dense FedAvg", out)
     logger.info(f"sweep {name} report in {out}:\n" + Path(files["results_table.md"]).read_text())
@@ -160,8 +176,9 @@ def compare(
 
     First the pilot: Federated Dropout at the middle budget with each server learning rate of
     `FD_SERVER_LRS` (seed 0); the comparison's Federated Dropout runs use the best. Then every run of
-    `compare_sweep`, `parallel` at a time. Running it again skips the finished runs and resumes the
-    others; the pilot's choice is read back from MLflow, so it is the same.
+    `compare_sweep`, `parallel` at a time; a run that fails leaves the others going, the report
+    leaves it out, and the flow then fails naming it. Running it again skips the finished runs and
+    resumes the others; the pilot's choice is read back from MLflow, so it is the same.
 
     Args:
         name: MLflow experiment, storage folder and run-id prefix.
@@ -189,14 +206,16 @@ def compare(
         logger.info(f"budget {k.share}: FP sparsity {k.fp_sparsity}, PruneFL max density {k.prunefl_density}, "
                     f"Federated Dropout rate {k.fd_rate}")
     pilot = fd_lr_pilot(name, rounds, middle.fd_rate)
-    run_all(Sweep(name, "demo", (), tuple(pilot)), pilot, parallel, VARIANT_OPTIONS, threads_per_run, logs)
+    stop_if_failed(run_all(Sweep(name, "demo", (), tuple(pilot)), pilot, parallel, VARIANT_OPTIONS, threads_per_run,
+                           logs), logs)
     lr = best_server_lr(name, pilot, last_evals)
     plan, arms, _ = compare_plan(name, rounds, seeds_, budgets_, lr)
     logger.info(f"compare {name}: Federated Dropout's server lr {lr:g}; {len(plan.variants)} runs, {parallel} at a "
                 f"time; logs in {logs}/")
-    run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs)
+    failed = run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs)
     compared = [ComparedRun(plan.run_id(v), a.method, a.budget, a.seed, v.label)
-                for v in plan.variants for a in [arms[plan.run_id(v)]]]
+                for v in plan.variants for a in [arms[plan.run_id(v)]] if plan.run_id(v) not in failed]
     files = comparison_report(name, compared, out, last_evals)
-    logger.info(f"compare {name}: report in {out}")
+    logger.info(f"compare {name}: report in {out}" + (f", without the {len(failed)} failed run(s)" if failed else ""))
+    stop_if_failed(failed, logs)
     return files
