@@ -37,7 +37,7 @@ from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.rng import derive_seed, generator_for
 from fedprune_core.step_profile import StepProfile, profile_step
 from fedprune_core.strategies.base import BaseStrategy
-from fedprune_core.submodel import build_client_model, extract
+from fedprune_core.submodel import build_client_model, client_update, expand, extract
 from fedprune_core.training import LocalTrainingConfig
 from fedprune_core.types import MaskDict, StateDict
 
@@ -388,7 +388,18 @@ class PruneFL(BaseStrategy):
             model = build_client_model(workload.build_model(), payload, self.specs)
             result = workload.train_client(model.module, examples, local, batches, model.project)
         assert result.grad_sq is not None
-        return result.state, result.grad_sq
+        shapes = {n: w.shape for n, w in weights.items()}
+        compact = [n for n, s in shapes.items() if n in result.state and result.state[n].shape != s]
+        if not compact:
+            return result.state, result.grad_sq
+        # Units no kept weight reads (a convolution channel whose filter is pruned whole) were left out
+        # of the client's layers: those layers go back to full shape as the server reads a client's
+        # upload (`engine.aggregate`), their squared gradients over their held entries only.
+        trained, _ = expand(client_update(model, self.specs), masks, self.specs, shapes)
+        squares, _ = expand(client_update(model, self.specs, result.grad_sq), masks, self.specs,
+                            {n: s for n, s in shapes.items() if n in result.grad_sq})
+        state = {**result.state, **{n: trained[n] for n in compact}}
+        return state, {**result.grad_sq, **{n: squares[n] for n in compact if n in squares}}
 
     # --- federated rounds ------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,3 +359,25 @@ def test_time_model_parameters_are_checked() -> None:
     with pytest.raises(ValueError, match=r"reconfig_fraction=0.0 must be in \(0, 1\]"):
         PruneFLConfig(reconfig_fraction=0.0)
     assert PruneFLConfig(time_model="constant", layer_coeffs=(("0.*", 1e-6, 1e-6),)).layer_coeffs
+
+
+def test_initial_training_returns_full_shapes_when_a_convolution_channel_is_pruned_whole(tmp_path: Path) -> None:
+    """An input channel no kept weight reads is left out of the client's convolution; initial pruning
+    still gets weights and squared gradients of every parameter's full shape."""
+    from infra.workloads import load
+
+    config = ExperimentConfig(model="tiny", corpus="test", strategy="prunefl",
+                              prunefl=PruneFLConfig(time_model="constant"))
+    data = load(config.model, config.corpus, config.seed, str(tmp_path))
+    strategy = make_strategy(config, data.workload.build_model())
+    assert isinstance(strategy, PruneFL)
+    state = init_state(data.workload, config.seed)
+    masks = {n: torch.ones(s.shape, dtype=torch.bool) for n, s in strategy.specs.items()}
+    reader = "transcriber.subsampling.conv.2.weight"
+    masks[reader][:, 3] = False  # no kept weight reads input channel 3: the client's conv.2 leaves it out
+    weights, grad_sq = strategy._train_masked(data.workload, state.weights, masks, data.clients[0][:8], 2,
+                                              torch.Generator().manual_seed(0), 0)
+    assert {n: w.shape for n, w in weights.items()} == {n: w.shape for n, w in state.weights.items()}
+    assert all(grad_sq[n].shape == state.weights[n].shape for n in strategy.specs)
+    assert not torch.equal(weights[reader], state.weights[reader])  # trained
+    assert bool((grad_sq[reader][:, 3] == 0).all()) and float(grad_sq[reader].sum()) > 0
