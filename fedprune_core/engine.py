@@ -20,7 +20,15 @@ from fedprune_core.budget import step_flops
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.prunable import PrunableSpec, is_sliced
 from fedprune_core.rng import derive_seed, generator_for
-from fedprune_core.submodel import build_client_model, client_update, expand, extract, float_entries, payload_nbytes
+from fedprune_core.submodel import (
+    SEP,
+    build_client_model,
+    client_update,
+    expand,
+    extract,
+    float_entries,
+    payload_nbytes,
+)
 from fedprune_core.training import ClientResult, LocalTrainingConfig, is_running_stat, model_state
 from fedprune_core.types import MaskDict, Payload, StateDict
 from fedprune_core.units import UnitGroup, held_entries
@@ -268,7 +276,11 @@ def train_client(
     if strategy.track_grad_sq and result.grad_sq is not None:
         # With `dense_grad_sq`, squared gradients of masked (not sliced) parameters travel dense:
         # pruned entries have gradients too, and PruneFL needs them to let pruned weights regrow.
-        encoder = dataclasses.replace(client, masks={}) if strategy.dense_grad_sq else client
+        # A layer the client built without its unread inputs (`fedprune_core.units`) has no dense
+        # squares to send: it sends those of its held entries, encoded like its update.
+        compact = {n: m for n, m in client.masks.items()
+                   if n in result.grad_sq and tuple(result.grad_sq[n].shape) != tuple(strategy.specs[n].shape)}
+        encoder = dataclasses.replace(client, masks=compact) if strategy.dense_grad_sq else client
         grad_sq = client_update(encoder, strategy.specs, result.grad_sq)
     bytes_up = payload_nbytes(update) + (0 if grad_sq is None else payload_nbytes(grad_sq))
     flops, dense_flops = (0, 0)
@@ -332,7 +344,8 @@ def aggregate(
         contributions.append(ClientContribution(values, held, o.num_examples))
         if o.grad_sq is not None:
             dense = strategy.dense_grad_sq
-            encoded = {n: m for n, m in cmasks.items() if is_sliced(strategy.specs[n]) or not dense}
+            encoded = {n: m for n, m in cmasks.items()
+                       if is_sliced(strategy.specs[n]) or not dense or f"{n}{SEP}v" in o.grad_sq}
             squares, held_squares = expand(o.grad_sq, encoded, strategy.specs, param_shapes)
             grad_sq_parts.append(ClientContribution(squares, held_squares, o.num_examples))
     average, trained = masked_fedavg(state.weights, contributions)

@@ -381,3 +381,25 @@ def test_initial_training_returns_full_shapes_when_a_convolution_channel_is_prun
     assert all(grad_sq[n].shape == state.weights[n].shape for n in strategy.specs)
     assert not torch.equal(weights[reader], state.weights[reader])  # trained
     assert bool((grad_sq[reader][:, 3] == 0).all()) and float(grad_sq[reader].sum()) > 0
+
+
+def test_a_round_whose_client_leaves_an_unread_input_channel_out_aggregates_full_shapes(tmp_path: Path) -> None:
+    """PruneFL's clients send dense squared gradients, except for a layer built without its unread
+    inputs: that one's squares of its held entries, encoded like its update, which the server reads."""
+    from fedprune_core.engine import aggregate, dispatch, train_client
+    from infra.workloads import load
+
+    config = ExperimentConfig(model="tiny", corpus="test", strategy="prunefl",
+                              prunefl=PruneFLConfig(time_model="constant"))
+    data = load(config.model, config.corpus, config.seed, str(tmp_path))
+    strategy = make_strategy(config, data.workload.build_model())
+    state = init_state(data.workload, config.seed)
+    masks = {n: torch.ones(s.shape, dtype=torch.bool) for n, s in strategy.specs.items()}
+    reader = "transcriber.subsampling.conv.2.weight"
+    masks[reader][:, 3] = False
+    state = dataclasses.replace(state, masks=masks)
+    outcomes = [train_client(data.workload, config, strategy, dispatch(strategy, state, masks, 1, c), data.clients[c],
+                             1, c) for c in (0, 1)]
+    assert all(f"{reader}|v" in o.grad_sq for o in outcomes if o.grad_sq is not None)
+    after = aggregate(strategy, config, state, {}, masks, outcomes, 1)
+    assert {n: w.shape for n, w in after.weights.items()} == {n: w.shape for n, w in state.weights.items()}
