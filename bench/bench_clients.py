@@ -122,7 +122,6 @@ def main() -> None:
     parser.add_argument("--no-db", action="store_true", help="per-round times only")
     args = parser.parse_args()
 
-    from flows.experiment import local_slots
     from infra.stack import prefect_spec
     from infra.stack.process import free_loopback_port, start_service, stop_service, wait_healthy
 
@@ -144,6 +143,8 @@ def main() -> None:
         stop_service(run_dir, "prefect")
     base = args.clients[0]
     orchestration = {c: rows[c][0] - rows[c][1] for c in rows}
+    from flows.experiment import local_slots  # Prefect reads its settings on import: after PREFECT_API_URL is set
+
     print(f"\n--max-workers {args.max_workers}: {local_slots(args.max_workers)} client-train tasks a round at most")
     print("\n| clients a round | flow ms/round | simulate ms/round | orchestration ms/round | "
           "per extra client (ms) | target |\n|---|---|---|---|---|---|")
