@@ -30,20 +30,16 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from fedprune_core.budgets import one_shot_masks as fp_one_shot_masks
 from fedprune_core.config import PruningConfig
-from fedprune_core.engine import ServerState
 from fedprune_core.masks import PATTERNS
 from fedprune_core.prunable import PrunableSpec, every_pattern_weights, find_prunable
-from fedprune_core.schedule import ScheduleConfig
 from fedprune_core.speech.model import build_model
-from fedprune_core.strategies.fedprune import FedPrune
 from fedprune_core.submodel import SEP, build_client_model, client_update, extract, payload_nbytes
 from fedprune_core.types import MaskDict, Payload, StateDict
 
 TOLERANCE = 0.02
 """Issue 6: structured payloads within 2% of (1 - s) of dense."""
-
-ONE_SHOT = ScheduleConfig(num_rounds=2, sparsify_rounds=1, ramp="one_shot", refine_rounds=0)
 
 
 @dataclass(frozen=True)
@@ -74,9 +70,7 @@ def one_shot_masks(weights: StateDict, specs: dict[str, PrunableSpec], pattern: 
                    prunable: tuple[str, ...]) -> MaskDict:
     """Masks at `sparsity` in every prunable layer, from weight-magnitude scores."""
     pruning = PruningConfig(sparsity=sparsity, pattern=pattern, allocation="uniform", prunable=prunable)
-    strategy = FedPrune(specs, pruning, ONE_SHOT)
-    state = ServerState(0, weights)
-    return strategy.mask(state, strategy.score(state, 1), 1)
+    return fp_one_shot_masks(pruning, specs, weights)
 
 
 def pruned_nbytes(payload: Payload, index_only: bool = False) -> int:

@@ -32,15 +32,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from bench_communication import ONE_SHOT
-
+from fedprune_core.budgets import one_shot_masks
 from fedprune_core.config import ExperimentConfig
 from fedprune_core.engine import ServerState
 from fedprune_core.presets import preset
 from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.speech.model import build_model
 from fedprune_core.strategies.fed_dropout import client_share, rate_for_share
-from fedprune_core.strategies.fedprune import FedPrune
 from fedprune_core.submodel import extract, float_entries
 from fedprune_core.types import MaskDict, StateDict
 from infra.runs import STATE_OBJECT, warm_start_source
@@ -60,9 +58,7 @@ def one_shot_fp_masks(
 ) -> MaskDict:
     """The masks FedPrune builds from `weights` at `sparsity` in one shot, by `config`'s pruning
     section (pattern, allocation, score)."""
-    strategy = FedPrune(specs, dataclasses.replace(config.pruning, sparsity=sparsity), ONE_SHOT)
-    state = ServerState(0, weights)
-    return strategy.mask(state, strategy.score(state, 1), 1)
+    return one_shot_masks(dataclasses.replace(config.pruning, sparsity=sparsity), specs, weights)
 
 
 def client_fraction(

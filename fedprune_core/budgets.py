@@ -24,18 +24,26 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedprune_core.config import ExperimentConfig
+from fedprune_core.config import ExperimentConfig, PruningConfig
 from fedprune_core.engine import ServerState
-from fedprune_core.prunable import find_prunable
+from fedprune_core.prunable import PrunableSpec, find_prunable
 from fedprune_core.schedule import ScheduleConfig
 from fedprune_core.strategies.fed_dropout import rate_for_share
 from fedprune_core.strategies.fedprune import FedPrune
 from fedprune_core.strategies.prunefl import PATTERN as PRUNEFL_PATTERN
 from fedprune_core.submodel import extract, float_entries
-from fedprune_core.types import StateDict
+from fedprune_core.types import MaskDict, StateDict
 
 ONE_SHOT = ScheduleConfig(num_rounds=2, sparsify_rounds=1, ramp="one_shot", refine_rounds=0)
 """A schedule whose round 1 masks at the full target sparsity."""
+
+
+def one_shot_masks(pruning: PruningConfig, specs: dict[str, PrunableSpec], weights: StateDict) -> MaskDict:
+    """The masks Federated Pruning builds from `weights` in one shot at `pruning.sparsity` (its
+    pattern, allocation and score)."""
+    strategy = FedPrune(specs, pruning, ONE_SHOT)
+    state = ServerState(0, weights)
+    return strategy.mask(state, strategy.score(state, 1), 1)
 
 
 def fp_share(config: ExperimentConfig, model: nn.Module, weights: StateDict, sparsity: float) -> float:
@@ -43,9 +51,7 @@ def fp_share(config: ExperimentConfig, model: nn.Module, weights: StateDict, spa
     masks `config.pruning` builds from `weights` in one shot."""
     p = dataclasses.replace(config.pruning, sparsity=sparsity)
     specs = find_prunable(model, p.prunable, p.pattern, p.include_1d)
-    strategy = FedPrune(specs, p, ONE_SHOT)
-    state = ServerState(0, weights)
-    masks = strategy.mask(state, strategy.score(state, 1), 1)
+    masks = one_shot_masks(p, specs, weights)
     return float_entries(extract(weights, masks, specs)) / float_entries(extract(weights, {}, {}))
 
 
