@@ -29,6 +29,8 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
+from fedprune_core import budget
+from fedprune_core.budget import MODELLED
 from infra import results
 from infra.results import RunResult, figure_png, plt
 
@@ -39,7 +41,7 @@ COSTS = {"client_params": "client_params", "bytes_down": "bytes_down", "bytes_up
 """CSV column -> the per-round metric whose mean over rounds is divided by dense's."""
 PER_CLIENT = ("bytes_down", "bytes_up")
 """Metrics logged as sums over a round's clients: divided by `clients_done` first."""
-METRICS = ("eval_wer", "eval_cer", "clients_done", "client_time_s_max", "modelled_round_time_s", *COSTS.values())
+METRICS = ("eval_wer", "eval_cer", "clients_done", "client_time_s_max", MODELLED, *COSTS.values())
 COLUMNS = ("method", "budget", "seed", *COSTS, "wer", "cer", "rounds", "run_id", "label")
 LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
@@ -536,16 +538,17 @@ def render_markdown(groups: Sequence[Group], pairs: Sequence[Paired], marked: Se
 def reached(result: RunResult, target: float = TARGET_WER) -> tuple[int, float, float, float] | None:
     """The first evaluated round whose WER is at most `target`, and up to it: client bytes (down + up,
     all clients), client time (each round's slowest client, summed) and PruneFL's modelled round time
-    (summed; NaN when not logged). None: never reached."""
-    hit = next((r for r, w in result.history.get("eval_wer") or [] if w <= target), None)
+    (summed; NaN when not logged), as `fedprune_core.budget.reached` reads a run's history. None: never reached."""
+    rounds: dict[int, dict[str, float]] = {}
+    empty = {"bytes_down": 0.0, "bytes_up": 0.0, "client_time_s_max": math.nan}
+    for key in ("bytes_down", "bytes_up", "client_time_s_max", MODELLED, "eval_wer"):
+        for r, value in result.history.get(key) or []:
+            rounds.setdefault(r, {"round": r, **empty})[key] = value
+    hit = budget.reached([rounds[r] for r in sorted(rounds)], "eval_wer", target)
     if hit is None:
         return None
-
-    def upto(key: str) -> float:
-        points = [v for r, v in result.history.get(key) or [] if r <= hit]
-        return float(sum(points)) if points else math.nan
-
-    return hit, upto("bytes_down") + upto("bytes_up"), upto("client_time_s_max"), upto("modelled_round_time_s")
+    modelled = math.nan if hit.modelled_time_s is None else hit.modelled_time_s
+    return hit.round_num, hit.client_bytes, hit.client_time_s, modelled
 
 
 def render_time_to_accuracy(groups: Sequence[Group], found: dict[str, RunResult], target: float = TARGET_WER) -> str:
