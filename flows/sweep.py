@@ -32,7 +32,6 @@ from fedprune_core.speech.model import build_model
 from fedprune_core.sweep import (
     COMPARE_BUDGETS,
     COMPARE_SEEDS,
-    Arm,
     Sweep,
     Variant,
     compare_sweep,
@@ -142,14 +141,11 @@ def sweep(
     return files
 
 
-def compare_plan(name: str, rounds: int, seeds: tuple[int, ...], budgets: tuple[float, ...],
-                 fd_server_lr: float = 1.0) -> tuple[Sweep, dict[str, Arm], list[Knobs]]:
-    """The comparison's runs (`fedprune_core.sweep.compare_sweep`), each method's knob per budget computed
-    on the `demo` model's seeded initialization (`fedprune_core.budgets.knobs_for`)."""
+def compare_knobs(budgets: tuple[float, ...]) -> list[Knobs]:
+    """Each method's knob for each budget, computed on the `demo` model's seeded initialization
+    (`fedprune_core.budgets.knobs_for`)."""
     config = make_preset("demo")
-    knobs = knobs_for(config, seeded_model(lambda: build_model(config.model)), budgets)
-    plan, arms = compare_sweep(name, rounds, seeds, knobs, fd_server_lr)
-    return plan, arms, knobs
+    return knobs_for(config, seeded_model(lambda: build_model(config.model)), budgets)
 
 
 def best_server_lr(name: str, pilot: list[Variant], last: int) -> float:
@@ -194,7 +190,7 @@ def compare(
         raise ValueError(f"parallel={parallel}, threads_per_run={threads_per_run}, last_evals={last_evals}: each must "
                          "be >= 1, e.g. 2, 1 and 3")
     seeds_, budgets_ = tuple(seeds or COMPARE_SEEDS), tuple(budgets or COMPARE_BUDGETS)
-    _, _, knobs = compare_plan(name, rounds, seeds_, budgets_)
+    knobs = compare_knobs(budgets_)
     middle = knobs[len(knobs) // 2]
     if middle.fd_rate is None:
         raise ValueError(f"budget {middle.share}: Federated Dropout cannot get a client that small; choose larger "
@@ -209,7 +205,7 @@ def compare(
     stop_if_failed(run_all(Sweep(name, "demo", (), tuple(pilot)), pilot, parallel, VARIANT_OPTIONS, threads_per_run,
                            logs), logs)
     lr = best_server_lr(name, pilot, last_evals)
-    plan, arms, _ = compare_plan(name, rounds, seeds_, budgets_, lr)
+    plan, arms = compare_sweep(name, rounds, seeds_, knobs, lr)
     logger.info(f"compare {name}: Federated Dropout's server lr {lr:g}; {len(plan.variants)} runs, {parallel} at a "
                 f"time; logs in {logs}/")
     failed = run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs)
