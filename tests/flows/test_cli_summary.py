@@ -40,6 +40,15 @@ def api_post(api: str, path: str, body: dict[str, Any]) -> Any:
     return response.json()
 
 
+def recorded(fetch: Any, ready: Any, timeout: float = 60) -> Any:
+    """What `fetch` returns once `ready` holds of it: the server records task runs and their logs from
+    events, seconds after the run that sent them ended."""
+    deadline = time.monotonic() + timeout
+    while not ready(got := fetch()) and time.monotonic() < deadline:
+        time.sleep(1)
+    return got
+
+
 def test_json_is_all_stdout_holds_every_field_and_counts_against_dense(
         summed: tuple[Cli, subprocess.CompletedProcess[str]]) -> None:
     cli, done = summed
@@ -112,20 +121,23 @@ def test_prefect_names_tags_and_artifact_and_mlflow_links_read_back(
     (segment,) = [f for f in tagged if f["id"] != parent["id"]]
     assert segment["name"] == f"summed-rounds-1-{ROUNDS}" and labels <= set(segment["tags"])
 
-    tasks = api_post(prefect_api, "task_runs/filter", {"flow_runs": {"id": {"any_": [segment["id"]]}}, "limit": 200})
+    def segment_tasks() -> list[dict[str, Any]]:
+        return api_post(prefect_api, "task_runs/filter", {"flow_runs": {"id": {"any_": [segment["id"]]}}, "limit": 200})
+
+    recorded(segment_tasks, lambda got: f"r{ROUNDS:06d}-aggregate" in {t["name"] for t in got})
+    time.sleep(2)  # a round's events arrive together; let its last ones land
+    tasks = segment_tasks()
     assert len(tasks) > 5 * ROUNDS
     assert [t["name"] for t in tasks if not ROUND_TASK.fullmatch(t["name"])] == []
     assert all(labels <= set(t["tags"]) for t in tasks)
-    deadline = time.monotonic() + 60  # the server records the run's last task runs seconds after it ended
-    while True:
-        own = api_post(prefect_api, "task_runs/filter", {"flow_runs": {"id": {"any_": [parent["id"]]}}})
-        if {"r000000-initialize", "finalize", "summarize"} <= {t["name"] for t in own} or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    own = recorded(lambda: api_post(prefect_api, "task_runs/filter", {"flow_runs": {"id": {"any_": [parent["id"]]}}}),
+                   lambda got: {"r000000-initialize", "finalize", "summarize"} <= {t["name"] for t in got})
     assert {"r000000-initialize", "finalize", "summarize"} <= {t["name"] for t in own}
-    logs = api_post(prefect_api, "logs/filter", {"logs": {"task_run_id": {"any_": [t["id"] for t in tasks]}},
-                                                  "limit": 200})
-    assert {log["task_run_id"] for log in logs} == {t["id"] for t in tasks}  # every task run's page shows a line
+    ids = [t["id"] for t in tasks]
+    logs = recorded(lambda: api_post(prefect_api, "logs/filter",
+                                     {"logs": {"task_run_id": {"any_": ids}}, "limit": 200}),
+                    lambda got: {log["task_run_id"] for log in got} == set(ids))
+    assert {log["task_run_id"] for log in logs} == set(ids)  # every task run's page shows a line
     assert "Task run '" not in done.stderr  # ... which stays off the console
 
     (artifact,) = api_post(prefect_api, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [parent["id"]]}}})
@@ -170,7 +182,11 @@ def test_task_processes_keep_task_lines_off_the_console_and_ship_them(cli: Cli, 
     assert "Task run '" not in done.stderr
     (segment,) = api_post(prefect_api, "flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"run:{runner}"]},
                                                                           "name": {"any_": [f"{runner}-rounds-1-2"]}}})
-    tasks = api_post(prefect_api, "task_runs/filter", {"flow_runs": {"id": {"any_": [segment["id"]]}}, "limit": 200})
+    tasks = recorded(lambda: api_post(prefect_api, "task_runs/filter",
+                                      {"flow_runs": {"id": {"any_": [segment["id"]]}}, "limit": 200}),
+                     lambda got: "r000002-aggregate" in {t["name"] for t in got})
     trained = [t["id"] for t in tasks if "-client-train-" in t["name"]]
-    logs = api_post(prefect_api, "logs/filter", {"logs": {"task_run_id": {"any_": trained}}, "limit": 200})
+    logs = recorded(lambda: api_post(prefect_api, "logs/filter", {"logs": {"task_run_id": {"any_": trained}},
+                                                                   "limit": 200}),
+                    lambda got: {log["task_run_id"] for log in got} == set(trained))
     assert trained and {log["task_run_id"] for log in logs} == set(trained)
