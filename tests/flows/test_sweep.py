@@ -8,7 +8,11 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from prefect import flow
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from fedprune_core.sweep import Sweep, Variant
+from flows.sweep import VARIANT_OPTIONS, run_all, stop_if_failed
 from infra.checkpoint import CheckpointStore
 from infra.storage import open_storage
 from tests.flows.conftest import Cli
@@ -61,3 +65,28 @@ def test_sweep_runs_variants_from_the_warmup_reports_and_skips_finished_runs(cli
     assert (default_out / "wer_over_rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags.get("fedprune.run_id") for r in runs).count("swt-report") == 1
+
+
+def test_a_failed_run_leaves_the_others_going_and_the_sweep_then_names_it(
+        cli: Cli, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run_all` (the sweep's and the comparison's runner): a run that fails is reported, the next one
+    still runs to its end, and `stop_if_failed` then fails the flow naming the failed run and its log."""
+    for key, value in cli.env.items():  # the runs are child processes: they inherit this environment
+        monkeypatch.setenv(key, value)
+    plan = Sweep("fails", "toy", (), (
+        Variant("bad", "bad", (), {"schedule": {"num_rounds": -3}}),  # refused before any work: exit 2
+        Variant("good", "good", (), {"schedule": {"num_rounds": 2, "sparsify_rounds": 1, "refine_rounds": 0}}),
+    ))
+    logs = str(cli.home / "logs")
+
+    @flow(persist_result=False)
+    def both() -> list[str]:
+        return run_all(plan, list(plan.variants), 1, VARIANT_OPTIONS, 1, logs)
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):  # Prefect reads its settings once a process
+        failed = both()
+    assert failed == ["fails-bad"]
+    assert final_state(open_storage((cli.home / "storage").as_uri()), "fails-good", "fails").round_num == 2
+    assert "num_rounds" in (cli.home / "logs" / "fails-bad.log").read_text()
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed: fails-bad; their logs are in .*/logs/"):
+        stop_if_failed(failed, logs)
