@@ -212,6 +212,10 @@ FD_KEEPS: tuple[float, ...] = (0.9, 0.75)
 FD_SERVER_LRS: tuple[float, ...] = (0.5, 1.0, 2.0)
 """The server learning rates Federated Dropout is tried with (seed 0, middle budget) before the comparison."""
 
+SGD_LRS: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0)
+"""The client learning rates SGD clients are tried with (seed 0, FP at the middle budget) before the
+comparison: the preset's Adam rate (0.003) means nothing to SGD."""
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -245,6 +249,16 @@ def fd_lr_pilot(name: str, rounds: int, fd_rate: float) -> list[Variant]:
             for lr in FD_SERVER_LRS]
 
 
+def sgd_lr_pilot(name: str, rounds: int, fp_sparsity: float) -> list[Variant]:
+    """Federated Pruning at the middle budget's sparsity with SGD clients at each of `SGD_LRS`, seed 0:
+    the comparison's SGD runs use the best of them (`flows.sweep.best_lr`)."""
+    base = compare_base(rounds)
+    return [Variant(f"pilot-sgd-lr{round(100 * lr):03d}", f"FP S={fp_sparsity}, SGD clients, lr {lr:g}", ("pilot",),
+                    _merge(copy.deepcopy(base), {"seed": 0, "pruning": {"sparsity": fp_sparsity},
+                                                 "federated": {"local": {"optimizer": "sgd", "lr": lr}}}))
+            for lr in SGD_LRS]
+
+
 def compare_sweep(
     name: str = "compare",
     rounds: int = 32,
@@ -262,7 +276,8 @@ def compare_sweep(
       units cannot get the demo model's clients below 0.93 of dense);
     - at the middle budget, the paper's other choices against that FP run: row pattern, uniform
       allocation, no refinement, the pseudo-gradient, the clients' true squared gradients (`grad_sq`)
-      and weight x squared gradient as scores; and weight against `grad_sq` with SGD clients (lr `sgd_lr`);
+      and weight x squared gradient as scores; and weight against `grad_sq` with SGD clients (lr `sgd_lr`,
+      chosen by `sgd_lr_pilot`; it names the runs, so runs at another lr are others);
     - outside the grid: Federated Dropout of hidden units at Caldas et al.'s keeps `FD_KEEPS`, and
       PruneFL as published (no density cap: its objective chooses the client size).
     Federated Dropout runs use `fd_server_lr` (chosen by `fd_lr_pilot`).
@@ -310,9 +325,9 @@ def compare_sweep(
             for score in ("gradient", "grad_sq", "weight_x_grad_sq"):
                 add(f"fp-{score.replace('_', '')}", f"FP S={s} {score} score", f"fp-{score}", mid, seed,
                     pruning={**at, "score_source": score})
-            sgd = {"local": {"optimizer": "sgd", "lr": sgd_lr}}
-            add("fp-sgd", f"FP S={s}, SGD clients", "fp-sgd", mid, seed, pruning=at, federated=sgd)
-            add("fp-sgd-gradsq", f"FP S={s} grad_sq score, SGD clients", "fp-sgd-grad_sq", mid, seed,
+            sgd, lr = {"local": {"optimizer": "sgd", "lr": sgd_lr}}, f"lr{round(100 * sgd_lr):03d}"
+            add(f"fp-sgd-{lr}", f"FP S={s}, SGD clients", "fp-sgd", mid, seed, pruning=at, federated=sgd)
+            add(f"fp-sgd-{lr}-gradsq", f"FP S={s} grad_sq score, SGD clients", "fp-sgd-grad_sq", mid, seed,
                 pruning={**at, "score_source": "grad_sq"}, federated=sgd)
         for keep in FD_KEEPS:
             rate = round(1 - keep, 4)

@@ -387,12 +387,15 @@ def compare(
         if not (1 <= parallel <= MAX_WORKERS and 1 <= threads_per_run <= MAX_WORKERS and last_evals >= 1):
             raise ValueError(f"--parallel {parallel} / --threads-per-run {threads_per_run} must be in "
                              f"[1, {MAX_WORKERS}] (MAX_WORKERS) and --last-evals {last_evals} >= 1: pass 2 / 1 / 3")
-        from fedprune_core.sweep import compare_sweep, fd_lr_pilot
+        from fedprune_core.sweep import compare_sweep, fd_lr_pilot, sgd_lr_pilot
         from flows.sweep import compare_knobs
 
         knobs = compare_knobs(tuple(budget_list))
         plan, _ = compare_sweep(name, rounds, tuple(seed_list), knobs)
-        for variant in (*plan.variants, *fd_lr_pilot(name, rounds, knobs[len(knobs) // 2].fd_rate or 0.5)):
+        middle = knobs[len(knobs) // 2]
+        pilots = (*fd_lr_pilot(name, rounds, middle.fd_rate or 0.5),
+                  *sgd_lr_pilot(name, rounds, middle.fp_sparsity or 0.5))
+        for variant in (*plan.variants, *pilots):
             check_request(plan.preset, variant.overrides, plan.run_id(variant), name)
         if out_dir is not None:
             _check_out_dir(out_dir)

@@ -32,11 +32,13 @@ from fedprune_core.speech.model import build_model
 from fedprune_core.sweep import (
     COMPARE_BUDGETS,
     COMPARE_SEEDS,
+    SGD_LRS,
     Sweep,
     Variant,
     compare_sweep,
     fd_lr_pilot,
     paper_sweep,
+    sgd_lr_pilot,
 )
 from infra import results
 from infra.comparison import ComparedRun
@@ -148,12 +150,19 @@ def compare_knobs(budgets: tuple[float, ...]) -> list[Knobs]:
     return knobs_for(config, seeded_model(lambda: build_model(config.model)), budgets)
 
 
-def best_server_lr(name: str, pilot: list[Variant], last: int) -> float:
-    """The server learning rate of the pilot run with the lowest WER (mean of its `last` evaluations)."""
+def best_lr(name: str, pilot: list[Variant], last: int, key: tuple[str, ...]) -> float:
+    """The learning rate (the override at path `key`) of the pilot run with the lowest WER (mean of its
+    `last` evaluations); the smallest such rate on a tie."""
     found = results.collect(MlflowClient(Settings().tracking_uri), name,
                             [(f"{name}-{v.name}", v.label, v.groups, 0) for v in pilot])
-    wer = {v.overrides["federated"]["server_lr"]: r.mean("eval_wer", last) for v, r in zip(pilot, found, strict=True)}
+    wer = {_at(v.overrides, key): r.mean("eval_wer", last) for v, r in zip(pilot, found, strict=True)}
     return min(sorted(wer), key=lambda lr: wer[lr])
+
+
+def _at(tree: dict[str, Any], key: tuple[str, ...]) -> float:
+    for part in key:
+        tree = tree[part]
+    return float(tree)  # type: ignore[arg-type]
 
 
 @flow(name="fedprune-compare", persist_result=False, task_runner=RUNNER)
@@ -170,11 +179,12 @@ def compare(
 ) -> dict[str, str]:
     """Every method at matched client budgets, trained from scratch, over paired seeds; then the report.
 
-    First the pilot: Federated Dropout at the middle budget with each server learning rate of
-    `FD_SERVER_LRS` (seed 0); the comparison's Federated Dropout runs use the best. Then every run of
+    First the pilots (seed 0, middle budget): Federated Dropout with each server learning rate of
+    `FD_SERVER_LRS`, and Federated Pruning with SGD clients at each client learning rate of `SGD_LRS`;
+    the comparison's Federated Dropout and SGD runs use the best of each. Then every run of
     `compare_sweep`, `parallel` at a time; a run that fails leaves the others going, the report
     leaves it out, and the flow then fails naming it. Running it again skips the finished runs and
-    resumes the others; the pilot's choice is read back from MLflow, so it is the same.
+    resumes the others; the pilots' choices are read back from MLflow, so they are the same.
 
     Args:
         name: MLflow experiment, storage folder and run-id prefix.
@@ -201,13 +211,16 @@ def compare(
     for k in knobs:
         logger.info(f"budget {k.share}: FP sparsity {k.fp_sparsity}, PruneFL max density {k.prunefl_density}, "
                     f"Federated Dropout rate {k.fd_rate}")
-    pilot = fd_lr_pilot(name, rounds, middle.fd_rate)
-    stop_if_failed(run_all(Sweep(name, "demo", (), tuple(pilot)), pilot, parallel, VARIANT_OPTIONS, threads_per_run,
+    fd_pilot = fd_lr_pilot(name, rounds, middle.fd_rate)
+    sgd_pilot = sgd_lr_pilot(name, rounds, middle.fp_sparsity) if middle.fp_sparsity is not None else []
+    pilots = [*fd_pilot, *sgd_pilot]
+    stop_if_failed(run_all(Sweep(name, "demo", (), tuple(pilots)), pilots, parallel, VARIANT_OPTIONS, threads_per_run,
                            logs), logs)
-    lr = best_server_lr(name, pilot, last_evals)
-    plan, arms = compare_sweep(name, rounds, seeds_, knobs, lr)
-    logger.info(f"compare {name}: Federated Dropout's server lr {lr:g}; {len(plan.variants)} runs, {parallel} at a "
-                f"time; logs in {logs}/")
+    lr = best_lr(name, fd_pilot, last_evals, ("federated", "server_lr"))
+    sgd_lr = best_lr(name, sgd_pilot, last_evals, ("federated", "local", "lr")) if sgd_pilot else SGD_LRS[0]
+    plan, arms = compare_sweep(name, rounds, seeds_, knobs, lr, sgd_lr)
+    logger.info(f"compare {name}: Federated Dropout's server lr {lr:g}, SGD clients' lr {sgd_lr:g}; "
+                f"{len(plan.variants)} runs, {parallel} at a time; logs in {logs}/")
     failed = run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs)
     compared = [ComparedRun(plan.run_id(v), a.method, a.budget, a.seed, v.label)
                 for v in plan.variants for a in [arms[plan.run_id(v)]] if plan.run_id(v) not in failed]

@@ -92,12 +92,28 @@ def test_the_comparison_pairs_every_method_over_the_same_seeds() -> None:
         compare_sweep("c", rounds=6, knobs=knobs)
 
 
-def test_every_run_of_the_comparison_and_its_pilot_has_a_valid_run_id() -> None:
-    from fedprune_core.sweep import fd_lr_pilot
+def test_sgd_runs_take_the_pilots_lr_and_are_named_by_it() -> None:
+    from fedprune_core.sweep import SGD_LRS, sgd_lr_pilot
+
+    knobs = [Knobs(0.5, 0.45, 0.5, 0.5)]
+    plan, arms = compare_sweep("c", rounds=12, seeds=(0,), knobs=knobs, sgd_lr=0.5)
+    sgd = {v.name: ExperimentConfig.from_dict(preset("demo").to_dict()).replace(v.overrides) for v in plan.variants
+           if arms[plan.run_id(v)].method.startswith("fp-sgd")}
+    assert sorted(sgd) == ["fp-sgd-lr050-gradsq-s0", "fp-sgd-lr050-s0"]  # another lr: other runs, not these
+    assert all((c.federated.local.optimizer, c.federated.local.lr) == ("sgd", 0.5) for c in sgd.values())
+    pilot = [ExperimentConfig.from_dict(preset("demo").to_dict()).replace(v.overrides)
+             for v in sgd_lr_pilot("c", 12, 0.45)]
+    assert [(c.seed, c.pruning.sparsity, c.federated.local.optimizer, c.federated.local.lr) for c in pilot] == [
+        (0, 0.45, "sgd", lr) for lr in SGD_LRS]
+
+
+def test_every_run_of_the_comparison_and_its_pilots_has_a_valid_run_id() -> None:
+    from fedprune_core.sweep import fd_lr_pilot, sgd_lr_pilot
     from infra.checkpoint import validate_run_id
 
     plan, _ = compare_sweep("compare", knobs=[Knobs(0.5, 0.45, 0.5, 0.5)])
-    names = [plan.run_id(v) for v in plan.variants] + [f"compare-{v.name}" for v in fd_lr_pilot("compare", 32, 0.5)]
+    pilots = [*fd_lr_pilot("compare", 32, 0.5), *sgd_lr_pilot("compare", 32, 0.45)]
+    names = [plan.run_id(v) for v in plan.variants] + [f"compare-{v.name}" for v in pilots]
     for run_id in names:
         validate_run_id(run_id)
     assert len(set(names)) == len(names)
