@@ -7,7 +7,8 @@ resident memory every `--sample-s` seconds, and at the end prints:
 - time per round in windows of 100 rounds (from the MLflow timestamps of each round's metrics)
   at round 1,000, 5,000, 10,000, ... and the last one, as a ratio to the window at round 1,000;
 - the flow process's resident memory at the start and the end of the run, and its peak;
-- the size of the Prefect server's SQLite database, and how much it grew during the run.
+- the size of the Prefect server's SQLite database (with its write-ahead log), and how much it grew
+  during the run (every sample line shows it too: with retention it levels off).
 
 The run is resumable: if the machine stops, run the same command again; it resumes the run from
 its last checkpoint (memory is then sampled for the resumed process).
@@ -45,6 +46,11 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def db_bytes(db: Path) -> int:
+    """Bytes of the SQLite database `db` and its write-ahead log (0 where absent)."""
+    return sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
+
+
 def round_times(client: MlflowClient, experiment: str, run_id: str) -> dict[int, float]:
     """Wall-clock seconds (MLflow timestamp) at which each round's metrics were logged."""
     mlflow_id = find_run(client, experiment, run_id)
@@ -69,7 +75,7 @@ def main() -> None:
     settings = Settings()
     api = ensure_prefect_api(settings)
     db = settings.home / "prefect" / "prefect.db"
-    db_before = db.stat().st_size if db.exists() else 0
+    db_before = db_bytes(db)
     overrides = {"schedule": {"num_rounds": args.rounds, "sparsify_rounds": max(1, args.rounds // 30),
                               "refine_rounds": max(0, args.rounds // 6), "refine_every": 100},
                  "federated": {"eval_every": 1000}}
@@ -95,7 +101,8 @@ def main() -> None:
             lines = [x for x in new.splitlines()[-20:] if " - round " in x]
             if lines:  # rounds are running: sample the flow process
                 samples.append((time.time(), rss_bytes(child.pid)))
-                print(f"  rss {samples[-1][1] / 2**20:.0f} MiB | {lines[-1].split(' - ', 1)[-1][:90]}", flush=True)
+                print(f"  rss {samples[-1][1] / 2**20:.0f} MiB, Prefect db {db_bytes(db) / 2**20:.1f} MiB | "
+                      f"{lines[-1].split(' - ', 1)[-1][:90]}", flush=True)
             time.sleep(args.sample_s)
     if child.returncode != 0:
         sys.exit(f"the run failed (exit {child.returncode}); see {log_path}")
@@ -110,10 +117,10 @@ def main() -> None:
     rss = [r for _, r in samples if r]
     print(f"\nflow process RSS: first sample {rss[0] / 2**20:.0f} MiB, last {rss[-1] / 2**20:.0f} MiB, "
           f"peak {max(rss) / 2**20:.0f} MiB ({len(rss)} samples)")
-    print(f"Prefect database {db}: {db.stat().st_size / 2**20:.1f} MiB "
-          f"({(db.stat().st_size - db_before) / 2**20:+.1f} MiB during this run)" if db.exists() else
+    size = db_bytes(db)
+    print(f"Prefect database {db} (+ its WAL): {size / 2**20:.1f} MiB ({(size - db_before) / 2**20:+.1f} MiB during "
+          f"this process's rounds)" if db.exists() else
           f"Prefect database: not at {db} (an external server?)")
-
 
 if __name__ == "__main__":
     main()
