@@ -10,6 +10,7 @@ import torch
 
 from fedprune_core.config import ExperimentConfig, FedDropoutConfig
 from fedprune_core.engine import ClientOutcome, ServerState, aggregate, dispatch, evaluate
+from fedprune_core.masks import num_pruned
 from fedprune_core.simulate import simulate
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
@@ -73,6 +74,7 @@ def test_the_client_trains_the_full_model_with_those_units_dropped(
     assert payload_nbytes(payload) < dense_nbytes - (3 * dropped if rate >= 0.5 else 0)  # kept ids: < 1 B each
     client = build_client_model(build_model("tiny", seed=9), payload, strategy.specs, strategy.rescale_kept)
     assert {LiveBatchNorm1d, LiveJoiner} <= {type(m) for m in client.module.modules()}
+    assert client.module.get_submodule(ATTN).num_heads == 2 - num_pruned(2, rate)  # rate 0.1: none of 2 dropped
 
     # The reference: the full model with the dropped units' reader columns zeroed and, with
     # rescaling, the kept ones multiplied by units / kept units (inverted dropout before the reader).
@@ -122,7 +124,7 @@ def test_each_unit_entry_is_averaged_over_the_clients_that_held_its_unit() -> No
     for name in entries:
         h0, h1 = held[0][name], held[1][name]
         shift = torch.where(h0 & h1, 2.5, torch.where(h0, 1.0, torch.where(h1, 3.0, 0.0)))
-        if name != f"{ATTN}.in_proj_bias":  # 2 heads, 1 dropped: not every case can occur (see test_heads.py)
+        if name != f"{ATTN}.in_proj_bias":  # 2 heads, 1 dropped: not every case occurs (tests/core/test_fed_dropout.py)
             assert bool((h0 & ~h1).any()) and bool((~h0 & ~h1).any()), name  # each case occurs
         torch.testing.assert_close(new[name], weights[name] + shift, rtol=0, atol=1e-6, msg=name)
     for name in (f"{FFN}.4.bias", f"{CONV}.5.bias", "joiner.linear.bias", "predictor.linear.bias",
@@ -174,6 +176,19 @@ def test_client_share_counts_the_dropped_units_entries() -> None:
     dense = sum(p.numel() for p in model.parameters())
     assert client_share(config, model, 0.25) == (dense - 2 * 16 * 64 - 8 * 96 - 16 * 61 - 16 * 4 * 32) / dense
     assert client_share(config, model, 0.0) == 1.0
+
+
+def test_client_share_counts_the_heads() -> None:
+    # tiny's attention (2 heads of 16 dimensions, embed 32) at rate 0.5 drops 1 head: 3 x 16 rows
+    # and 16 columns of 32 entries; keeping it dense (layer rate 0) sends them.
+    model = build_model("tiny")
+    dense = sum(p.numel() for p in model.parameters())
+    with_heads = ExperimentConfig.from_dict(HIDDEN_TINY)
+    without = ExperimentConfig.from_dict({**HIDDEN_TINY, "fed_dropout": {
+        "units": "hidden", "layer_rates": [[f"{ATTN}.out_proj.weight", 0.0]]}})
+    assert client_share(with_heads, model, 0.5) == client_share(without, model, 0.5) - 4 * 16 * 32 / dense
+    assert client_share(with_heads, model, 0.1) == client_share(without, model, 0.1)  # 0.1 of 2 heads: none
+    assert rate_for_share(with_heads, model, 0.8) < rate_for_share(without, model, 0.8)
 
 
 def test_rate_for_share_is_the_smallest_rate_within_the_budget() -> None:
