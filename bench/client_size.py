@@ -18,9 +18,10 @@ statistics) against the dense payload's. Then bisection for `--target`.
 With `--fed-dropout UNITS` the same for Federated Dropout (`fed_dropout.units` UNITS): a client's
 share of the dense parameters at rates 0.1 to 0.78, then the rate that meets each `--target`
 (`fedprune_core.strategies.fed_dropout.client_share`, `rate_for_share`); no stored run is read, as
-a Federated Dropout client's size does not depend on the weights.
+a Federated Dropout client's size does not depend on the weights. `--preset` picks the experiment
+preset (and so the model), `small` by default.
 
-    .venv/bin/python bench/client_size.py --fed-dropout hidden --target 0.75 0.5 0.35
+    .venv/bin/python bench/client_size.py --fed-dropout hidden --target 0.75 0.5 0.35 [--preset demo]
 
 Pure computation on stored weights; a printed figure, not a test.
 """
@@ -70,11 +71,12 @@ def client_fraction(
     return float_entries(extract(weights, masks, specs)) / float_entries(extract(weights, {}, {})), pruned
 
 
-def fed_dropout_sizes(units: str, targets: list[float]) -> None:
-    """Print a Federated Dropout client's share of the dense `small` model by rate, and the rate of each target."""
-    config = preset("small", {"strategy": "fed_dropout", "fed_dropout": {"units": units}})
+def fed_dropout_sizes(units: str, targets: list[float], name: str = "small") -> None:
+    """Print a Federated Dropout client's share of the dense model of preset `name` by rate, and the rate
+    of each target."""
+    config = preset(name, {"strategy": "fed_dropout", "fed_dropout": {"units": units}})
     model = build_model(config.model)
-    print(f"fed_dropout, units {units}, small\n\n| rate | client parameters / dense |\n|---|---|")
+    print(f"fed_dropout, units {units}, {name}\n\n| rate | client parameters / dense |\n|---|---|")
     for rate in (0.1, 0.25, 0.5, 0.78):
         print(f"| {rate:.2f} | {client_share(config, model, rate):.4f} |", flush=True)
     for target in targets:
@@ -90,16 +92,17 @@ def fed_dropout_sizes(units: str, targets: list[float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="EXPERIMENT/RUN_ID whose last weights to score (Federated Pruning)")
-    parser.add_argument("--config", type=Path, help="JSON overrides of the small preset (Federated Pruning)")
+    parser.add_argument("--config", type=Path, help="JSON overrides of the preset (Federated Pruning)")
     parser.add_argument("--fed-dropout", choices=("rows", "hidden"), help="Federated Dropout's units instead")
     parser.add_argument("--target", type=float, nargs="+", default=[0.5], help="client parameters / dense to find")
+    parser.add_argument("--preset", default="small", help="the experiment preset whose model to size")
     args = parser.parse_args()
     if args.fed_dropout:
-        fed_dropout_sizes(args.fed_dropout, args.target)
+        fed_dropout_sizes(args.fed_dropout, args.target, args.preset)
         return
     if args.run is None or args.config is None:
         parser.error("--run and --config are needed for Federated Pruning (or pass --fed-dropout UNITS)")
-    config = preset("small", json.loads(args.config.read_text()))
+    config = preset(args.preset, json.loads(args.config.read_text()))
     weights = load_weights(args.run)
     p = config.pruning
     specs = find_prunable(build_model(config.model), p.prunable, p.pattern, p.include_1d)

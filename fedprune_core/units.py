@@ -24,12 +24,19 @@ speech workload is built from:
 A group applies only when its reader and producers are all sliced (`PrunableSpec.linear`, a
 structured pattern). Per-unit layers that mix units (group norm, layer norm) stop a group.
 
+An attention's heads make a head group (`find_head_groups`): its units are the dimensions of the
+fused q/k/v in-projection's rows and the out projection's columns, a head's dimensions alive or
+dead together (`UnitGroup.span`). A pruned column of the out projection does not kill the q and k
+rows of its dimension (the head's scores read them all), so column pruning does not use them;
+Federated Dropout, which drops whole heads, does, and its client runs the attention on the kept
+heads (`fedprune_core.submodel.SlicedMultiheadAttention`).
+
 A `ChannelReader` (a Linear reading a convolution's output flattened channel by channel, such as
 the speech model's subsampling) makes a channel group (`find_channel_groups`): under the column
 patterns the Linear prunes whole channels, each unread channel is a dead output channel of the
 convolution, whose (masked, not sliced) weight loses those rows, and a client's convolution
 computes the live channels only (`fedprune_core.submodel.ChannelSlicedConv2d`). Federated Dropout's
-hidden units are `find_unit_groups`' only.
+hidden units are `find_unit_groups`' and `find_head_groups`'.
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ class UnitGroup:
             per-unit layers' parameters and statistics, and the scale and shift of the layer norm the
             joint network gathers its target dimensions from. A client without unit u leaves their
             entries of u untouched (`held_entries`).
+        span: the adjacent units that live or die together, else 1: an attention head's head_dim
+            dimensions (`find_head_groups`), whose q and k rows are dead only with the whole head.
     """
 
     reader: str
@@ -75,6 +84,7 @@ class UnitGroup:
     width: int
     taps: int = 1
     entries: tuple[str, ...] = ()
+    span: int = 1
 
 
 def find_unit_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[UnitGroup, ...]:
@@ -102,6 +112,31 @@ def find_unit_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[
                 ))
     groups = (replace(g, entries=_entries_of(model, _bias_owners(g) + g.per_unit) + g.entries) for g in found)
     return tuple(g for g in groups if all(_sliced(specs.get(n)) for n in (g.reader, *g.producers)))
+
+
+def find_head_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[UnitGroup, ...]:
+    """The head groups of `model`: one per `nn.MultiheadAttention` whose fused in-projection and out
+    projection are both sliced under `specs` (a plain attention, `PrunableSpec.linear`).
+
+    A group's units are the attention's embed_dim dimensions, `UnitGroup.span` = head_dim of them a
+    head: row r of the in-projection (q, k, v stacked) computes dimension r % embed_dim, the out
+    projection reads dimension j as its column j, and the in-projection bias serves the rows. Its
+    units are dead a head at a time only: a head's q and k rows die with the whole head (its scores
+    sum over all its dimensions), not with a column of the out projection, so these groups are not
+    `find_unit_groups`' and do not link producers to readers for the column patterns; a strategy
+    that drops whole heads links them itself (Federated Dropout of hidden units).
+    """
+    found = []
+    for path, m in model.named_modules():
+        p = f"{path}." if path else ""
+        if not isinstance(m, nn.MultiheadAttention) or not all(
+            _sliced(specs.get(n), splits) for n, splits in ((f"{p}in_proj_weight", 3), (f"{p}out_proj.weight", 1))
+        ):
+            continue
+        bias = (f"{p}in_proj_bias",) if m.in_proj_bias is not None else ()
+        found.append(UnitGroup(f"{p}out_proj.weight", (f"{p}in_proj_weight",), (), m.embed_dim, entries=bias,
+                               span=m.head_dim))
+    return tuple(found)
 
 
 def _bias_owners(group: UnitGroup) -> tuple[str, ...]:
@@ -142,8 +177,8 @@ def held_entries(groups: tuple[UnitGroup, ...], masks: MaskDict, shapes: dict[st
     return held
 
 
-def _sliced(spec: PrunableSpec | None) -> bool:
-    return spec is not None and is_sliced(spec) and spec.splits == 1
+def _sliced(spec: PrunableSpec | None, splits: int = 1) -> bool:
+    return spec is not None and is_sliced(spec) and spec.splits == splits
 
 
 def find_channel_groups(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[UnitGroup, ...]:

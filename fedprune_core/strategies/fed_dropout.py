@@ -14,12 +14,14 @@ What a unit is (`fed_dropout.units`):
   removes filter j (trained as a masked dense tensor). Biases and other 1-D parameters stay dense,
   and the next layer keeps its input column j.
 - "hidden": a hidden unit of the model's unit groups (`fedprune_core.units`: a feed-forward
-  module's hidden units, a convolution module's channels, the joint network's dimensions), as
-  Caldas et al. drop a neuron: its producer rows and its reader's input column go together, and
-  the client trains the narrower module (the per-unit depthwise convolution and batch norm on the
-  kept channels). The unit's other entries (biases, per-unit layers, `UnitGroup.entries`) are
-  averaged over the clients that held the unit, as its weights are. The residual stream,
-  attention and every layer outside a group stay dense.
+  module's hidden units, a convolution module's channels, the joint network's dimensions, an
+  attention's heads), as Caldas et al. drop a neuron: its producer rows and its reader's input
+  column go together, and the client trains the narrower module (the per-unit depthwise
+  convolution and batch norm on the kept channels, the attention on the kept heads). A head is
+  head_dim units dropped together: its q, k and v rows and the out projection's columns. The
+  unit's other entries (biases, per-unit layers, `UnitGroup.entries`) are averaged over the
+  clients that held the unit, as its weights are. The residual stream and every layer outside a
+  group stay dense.
 
 Batch norms (`fed_dropout.batch_norm`): by default they normalize by each batch's statistics,
 in training and at evaluation, and the server holds no running statistics (`initialize` drops
@@ -50,7 +52,7 @@ from fedprune_core.strategies.base import BaseStrategy
 from fedprune_core.submodel import extract, float_entries
 from fedprune_core.training import is_running_stat
 from fedprune_core.types import MaskDict
-from fedprune_core.units import UnitGroup, find_unit_groups
+from fedprune_core.units import UnitGroup, find_head_groups, find_unit_groups
 
 PATTERN = "row"
 """Units are output rows (the Linear's neurons, a convolution's filters)."""
@@ -89,15 +91,25 @@ def dropout_mask(spec: PrunableSpec, rate: float, generator: torch.Generator) ->
     return from_matrices(parts, spec)
 
 
+def drop_units(group: UnitGroup, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Bool keep-vector over a group's `width` units with `num_pruned(width // span, rate)` spans
+    (attention heads; single units where span is 1) dropped whole.
+
+    Returns:
+        (width,) bool, True = kept.
+    """
+    return drop_rows(group.width // group.span, rate, generator).repeat_interleave(group.span)
+
+
 def unit_masks(group: UnitGroup, specs: dict[str, PrunableSpec], keep: torch.Tensor) -> MaskDict:
     """Full-shape masks of a unit group with the units `keep` marks: the reader's input columns and
-    each producer's output rows (row r is unit r % width)."""
+    each producer's output rows (row r is unit r % width, across stacked q/k/v matrices too)."""
     reader = specs[group.reader]
     masks = {group.reader: from_matrices([expand_groups(keep, "column", reader.matrix_shape)], reader)}
     for name in group.producers:
         spec = specs[name]
         kept_rows = keep.repeat(spec.shape[0] // group.width)
-        masks[name] = from_matrices([expand_groups(kept_rows, PATTERN, spec.matrix_shape)], spec)
+        masks[name] = expand_groups(kept_rows, PATTERN, (spec.shape[0], spec.matrix_shape[1])).reshape(spec.shape)
     return masks
 
 
@@ -151,12 +163,13 @@ class FedDropout(BaseStrategy):
             rates = {n: rate_for(n) for n in found}
             specs = {n: s for n, s in found.items() if rates[n] > 0}
             return cls(specs, {n: rates[n] for n in specs}, config.seed, rescale, batch_statistics=batch)
-        every = find_unit_groups(model, found)
+        every = find_unit_groups(model, found) + find_head_groups(model, found)
         if not every:
             raise ValueError(
                 "fed_dropout.units='hidden' found no unit group (feed-forward hidden units, convolution "
-                "channels, joint dimensions) among the parameters of pruning.prunable: select their Linear "
-                "and pointwise convolution weights (e.g. '*weight'), or use fed_dropout.units='rows'"
+                "channels, joint dimensions, attention heads) among the parameters of pruning.prunable: select "
+                "their Linear, pointwise convolution and attention projection weights (e.g. '*weight'), or use "
+                "fed_dropout.units='rows'"
             )
         _check_layer_rates(config, [g.reader for g in every], "unit group's reader (fed_dropout.units='hidden')")
         groups = tuple(g for g in every if rate_for(g.reader) > 0)
@@ -183,7 +196,7 @@ class FedDropout(BaseStrategy):
             drawn: MaskDict = {}
             for g in self.groups:
                 generator = generator_for(self.seed, round_num, client_id, f"fed_dropout:{g.reader}")
-                drawn.update(unit_masks(g, self.specs, drop_rows(g.width, self.rates[g.reader], generator)))
+                drawn.update(unit_masks(g, self.specs, drop_units(g, self.rates[g.reader], generator)))
             return drawn
         return {
             name: dropout_mask(spec, self.rates[name], generator_for(self.seed, round_num, client_id,

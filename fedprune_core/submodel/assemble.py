@@ -34,7 +34,14 @@ from fedprune_core.submodel.sliced import (
     SlicedPointwiseConv1d,
 )
 from fedprune_core.types import MaskDict, Payload
-from fedprune_core.units import LiveDepthwiseConv1d, find_channel_groups, find_unit_groups, live_module
+from fedprune_core.units import (
+    LiveDepthwiseConv1d,
+    UnitGroup,
+    find_channel_groups,
+    find_head_groups,
+    find_unit_groups,
+    live_module,
+)
 
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 
@@ -151,7 +158,7 @@ def _compact_units(
     producers: dict[str, tuple[_Compact, int]] = {}
     per_unit: dict[str, torch.Tensor] = {}
     conv_outputs: dict[str, torch.Tensor] = {}
-    for g in find_unit_groups(model, specs) + find_channel_groups(model, specs):
+    for g in find_unit_groups(model, specs) + _dropped_heads(model, specs) + find_channel_groups(model, specs):
         cols = [c for _, c, _ in payload_blocks(payload, g.reader, specs[g.reader])]
         if not cols:
             continue  # sent dense
@@ -174,6 +181,13 @@ def _compact_units(
         producers.update({n: (compact, g.width) for n in g.producers})
         per_unit.update({path: live for path in g.per_unit})
     return readers, producers, per_unit, conv_outputs
+
+
+def _dropped_heads(model: nn.Module, specs: dict[str, PrunableSpec]) -> tuple[UnitGroup, ...]:
+    """The head groups whose in-projection feeds the out projection: heads dropped whole (Federated
+    Dropout), so the attention runs on the kept ones. Under column pruning a pruned column of the
+    out projection leaves its q and k rows alive (`fedprune_core.units.find_head_groups`)."""
+    return tuple(g for g in find_head_groups(model, specs) if all(specs[n].feeds == g.reader for n in g.producers))
 
 
 def _hidden_unit_weights(specs: dict[str, PrunableSpec]) -> frozenset[str]:

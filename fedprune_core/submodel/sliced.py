@@ -243,11 +243,18 @@ class SlicedMultiheadAttention(nn.Module):
     `in_proj_weight`; `out_proj` a `SlicedLinear` or the original layer. The attention itself is
     `F.scaled_dot_product_attention`, as `nn.MultiheadAttention` computes it when no weights are
     asked for.
+
+    An `in_proj` with compact outputs (``bias_index``: the kept heads of Federated Dropout, see
+    `fedprune_core.units.find_head_groups`) emits the kept heads' q, k and v only; the attention
+    then runs those heads (same head_dim, ``num_heads`` the kept ones), adds their entries of the
+    in-projection bias, and hands their outputs to an `out_proj` that reads them compact.
     """
 
     def __init__(self, attention: nn.MultiheadAttention, in_proj: SlicedLinear | None, out_proj: nn.Module) -> None:
         super().__init__()
-        self.num_heads, self.dropout, self.embed_dim = attention.num_heads, attention.dropout, attention.embed_dim
+        self.dropout, self.head_dim = attention.dropout, attention.head_dim
+        self.embed_dim = attention.embed_dim if in_proj is None else in_proj.out_features // 3  # of the kept heads
+        self.num_heads = self.embed_dim // self.head_dim
         self.in_proj = in_proj
         self.in_proj_weight = None if in_proj is not None else attention.in_proj_weight
         self.in_proj_bias = attention.in_proj_bias
@@ -279,21 +286,24 @@ class SlicedMultiheadAttention(nn.Module):
         return self.out_proj(merge_heads(out)), None
 
     def _qkv(self, query: torch.Tensor) -> Sequence[torch.Tensor]:
-        """q, k and v, each ``(L, N, E)``.
+        """q, k and v, each ``(L, N, E)`` (E: the kept heads' dimensions, `embed_dim`).
 
         A column-pruned ``in_proj`` is three blocks of whole rows, one per projection: each comes
         straight from its own product, so that backward hands each block its own gradient instead
         of cutting one assembled from q, k and v (three zero-filled ``(3, N, H, L, E/H)`` tensors,
         one per projection, summed, then split again).
         """
-        bias = self.in_proj_bias
         in_proj = self.in_proj
         if in_proj is None:
             assert self.in_proj_weight is not None
-            return F.linear(query, self.in_proj_weight, bias).chunk(3, -1)
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+        bias_index: torch.Tensor | None = in_proj.bias_index  # type: ignore[assignment]
+        bias: torch.Tensor | None = self.in_proj_bias
+        if bias is not None and bias_index is not None:  # the kept heads' entries
+            bias = bias.index_select(0, bias_index)
         blocks = [getattr(in_proj, f"w{i}") for i in range(in_proj.num_blocks)]
         if (in_proj.tiled and len(blocks) == 3 and all(w.shape[0] == self.embed_dim for w in blocks)
-                and in_proj.scale is None and in_proj.bias_index is None):
+                and in_proj.scale is None):
             products = in_proj(query, combine=False)
             return list(products) if bias is None else [y + b for y, b in zip(products, bias.chunk(3), strict=True)]
         qkv = in_proj(query)

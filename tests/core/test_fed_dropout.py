@@ -15,7 +15,14 @@ from fedprune_core.rng import generator_for
 from fedprune_core.simulate import simulate
 from fedprune_core.strategies import make_strategy
 from fedprune_core.strategies.fed_dropout import FedDropout, drop_rows, dropout_mask
-from fedprune_core.submodel import build_client_model, client_update, expand, extract
+from fedprune_core.submodel import (
+    SlicedMultiheadAttention,
+    build_client_model,
+    client_update,
+    expand,
+    extract,
+    payload_nbytes,
+)
 from fedprune_core.toy import ToyWorkload
 from fedprune_core.types import Payload
 
@@ -199,3 +206,137 @@ def test_rescale_is_for_unit_dropping_only() -> None:
     payload = extract({n: p.detach() for n, p in model.named_parameters()}, {"0.weight": mask}, specs)
     with pytest.raises(ValueError, match="pattern 'column'.*row"):
         build_client_model(model, payload, specs, rescale_kept=True)
+
+
+# --- hidden units: attention heads ------------------------------------------------------------
+
+EMBED, HEADS, HEAD_DIM = 16, 4, 4
+
+
+class _SelfAttention(torch.nn.Module):
+    """One plain self-attention, sequence-first: (L, N, 16) -> (L, N, 16), 4 heads of 4 dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(EMBED, HEADS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _head_strategy(rate: float, rescale: bool = True) -> tuple[FedDropout, ExperimentConfig]:
+    config = ExperimentConfig.from_dict({"strategy": "fed_dropout",
+                                         "fed_dropout": {"units": "hidden", "rate": rate, "rescale": rescale}})
+    return FedDropout.build(config, _SelfAttention()), config
+
+
+def _kept_heads(masks: dict[str, torch.Tensor]) -> list[int]:
+    columns = masks["attn.out_proj.weight"][0]  # the out projection reads dimension j as column j
+    return columns.view(HEADS, HEAD_DIM).all(1).nonzero().flatten().tolist()
+
+
+def _head_rows(heads: list[int]) -> torch.Tensor:
+    """Rows of the fused q/k/v in-projection (and its bias) that compute `heads`."""
+    return torch.tensor([i * EMBED + h * HEAD_DIM + j for i in range(3) for h in heads for j in range(HEAD_DIM)])
+
+
+def test_a_head_is_drawn_whole_from_its_groups_generator() -> None:
+    strategy, _ = _head_strategy(0.5)
+    (group,) = strategy.groups
+    assert (group.reader, group.producers, group.width, group.span, group.entries) == (
+        "attn.out_proj.weight", ("attn.in_proj_weight",), EMBED, HEAD_DIM, ("attn.in_proj_bias",))
+    state = ServerState(0, {})
+    masks = strategy.client_masks(state, {}, 3, 1)
+    heads = _kept_heads(masks)
+    # num_pruned(4 heads, 0.5) = 2 heads, drawn as every group is, from (seed, round, client, reader)
+    expected = drop_rows(HEADS, 0.5, generator_for(0, 3, 1, "fed_dropout:attn.out_proj.weight"))
+    assert heads == expected.nonzero().flatten().tolist() and len(heads) == 2
+    columns = torch.zeros(EMBED, dtype=torch.bool)
+    columns[_head_rows(heads)[: len(heads) * HEAD_DIM]] = True
+    assert torch.equal(masks["attn.out_proj.weight"], columns.expand(EMBED, EMBED))  # whole columns of kept heads
+    rows = torch.zeros(3 * EMBED, dtype=torch.bool)
+    rows[_head_rows(heads)] = True
+    assert torch.equal(masks["attn.in_proj_weight"], rows[:, None].expand(3 * EMBED, EMBED))  # their q, k, v rows
+    assert _kept_heads(strategy.client_masks(state, {}, 3, 1)) == heads
+    assert len({tuple(_kept_heads(strategy.client_masks(state, {}, 3, c))) for c in range(4)}) > 1
+    assert len({tuple(_kept_heads(strategy.client_masks(state, {}, r, 1))) for r in range(1, 5)}) > 1
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_a_client_attention_runs_the_kept_heads(rescale: bool) -> None:
+    torch.manual_seed(0)
+    full = _SelfAttention()
+    strategy, _ = _head_strategy(0.5, rescale)
+    weights = {n: p.detach().clone() for n, p in full.named_parameters()}
+    masks = strategy.client_masks(ServerState(0, weights), {}, 2, 0)
+    payload = extract(weights, masks, strategy.specs)
+    # 2 of 4 heads: 3 x 8 q/k/v rows and 8 out projection columns of 16, with their int32 indices;
+    # the in-projection bias and the out projection's bias travel whole
+    floats = 3 * 8 * EMBED + 3 * EMBED + EMBED * 8 + EMBED
+    assert payload_nbytes(payload) == 4 * floats + 4 * (3 * 8 + 8)
+    client = build_client_model(copy.deepcopy(full), payload, strategy.specs, strategy.rescale_kept)
+    attn = client.module.attn
+    assert isinstance(attn, SlicedMultiheadAttention) and (attn.num_heads, attn.head_dim) == (2, HEAD_DIM)
+    shapes = [tuple(p.shape) for p in client.module.parameters()]
+    assert sorted(shapes) == sorted([(3 * EMBED,), (8, EMBED), (8, EMBED), (8, EMBED), (EMBED, 8), (EMBED,)])
+
+    # The reference: the full attention with the dropped heads' out projection columns zeroed
+    # (with rescaling: the kept ones times heads / kept heads, before the bias).
+    reference = copy.deepcopy(full)
+    with torch.no_grad():
+        reference.attn.out_proj.weight.mul_(masks["attn.out_proj.weight"] * (HEADS / 2 if rescale else 1.0))
+    x = torch.randn(5, 3, EMBED)
+    torch.testing.assert_close(client.module(x), reference(x), rtol=1e-5, atol=1e-6)
+
+    # Gradients and optimizer state are those of the kept heads; the upload is their values.
+    optimizer = torch.optim.Adam(client.module.parameters(), lr=0.01)
+    client.module(x).pow(2).sum().backward()
+    optimizer.step()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in client.module.parameters())
+    assert sum(s["exp_avg"].numel() for s in optimizer.state.values()) == floats
+    update = client_update(client, strategy.specs)
+    assert payload_nbytes(update) == 4 * floats
+    values, held = expand(update, masks, strategy.specs, {n: w.shape for n, w in weights.items()})
+    assert torch.equal(held["attn.in_proj_weight"], masks["attn.in_proj_weight"])
+    assert not torch.equal(values["attn.in_proj_weight"][held["attn.in_proj_weight"]],
+                           weights["attn.in_proj_weight"][held["attn.in_proj_weight"]])  # trained
+
+
+def test_with_no_head_dropped_the_client_attention_is_the_dense_one() -> None:
+    torch.manual_seed(0)
+    full = _SelfAttention()
+    weights = {n: p.detach().clone() for n, p in full.named_parameters()}
+    x = torch.randn(5, 3, EMBED)
+    for rate in (0.0, 0.1):  # 0: no group; 0.1 of 4 heads rounds to 0 dropped
+        strategy, _ = _head_strategy(rate)
+        assert len(strategy.groups) == (rate > 0)
+        payload = dispatch(strategy, ServerState(0, weights), {}, 1, 0)
+        assert payload_nbytes(payload) == 4 * sum(w.numel() for w in weights.values())
+        client = build_client_model(copy.deepcopy(full), payload, strategy.specs, strategy.rescale_kept)
+        torch.testing.assert_close(client.module(x), full(x), rtol=1e-5, atol=1e-6)
+
+
+def test_each_head_entry_is_averaged_over_the_clients_that_held_the_head() -> None:
+    # Round 2 (seed 0): client 0 keeps heads {1, 3}, client 1 keeps {1, 2}; head 0 is held by neither.
+    # Client 0 uploads every value + 1 (1 example), client 1 + 3 (3 examples), the in-projection
+    # bias of the heads it dropped too (it travels whole).
+    strategy, config = _head_strategy(0.5)
+    weights = {n: torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape)
+               for n, p in _SelfAttention().named_parameters()}
+    state = ServerState(1, weights)
+    assert [_kept_heads(strategy.client_masks(state, {}, 2, c)) for c in (0, 1)] == [[1, 3], [1, 2]]
+    outcomes = []
+    for client_id, delta, examples in ((0, 1.0, 1), (1, 3.0, 3)):
+        update = dispatch(strategy, ServerState(1, {n: w + delta for n, w in weights.items()}), {}, 2, client_id)
+        outcomes.append(ClientOutcome(client_id, update, examples, 0.0, 0.0, 0, 0, 0, 0))
+    new = aggregate(strategy, config, state, {}, {}, outcomes, 2).weights
+    # head 1: (1 * 1 + 3 * 3) / 4 = 2.5; head 3: client 0's 1; head 2: client 1's 3; head 0: unchanged
+    expected = {n: w.clone() for n, w in weights.items()}
+    for head, shift in ((0, 0.0), (1, 2.5), (2, 3.0), (3, 1.0)):
+        rows = _head_rows([head])
+        expected["attn.in_proj_weight"][rows] += shift
+        expected["attn.in_proj_bias"][rows] += shift
+        expected["attn.out_proj.weight"][:, rows[:HEAD_DIM]] += shift
+    expected["attn.out_proj.bias"] += 2.5  # serves every head: every client
+    for name, w in expected.items():
+        assert torch.equal(new[name], w), name

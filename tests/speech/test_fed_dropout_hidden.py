@@ -1,7 +1,7 @@
 """Federated Dropout of hidden units (`fed_dropout.units: hidden`) on the speech model: a dropped
 unit loses its producer rows and its reader's column together, the client trains the narrower
-modules, and with inverted-dropout scaling it computes what the full model does with those units
-dropped and the kept ones scaled."""
+modules (the attention on its kept heads), and with inverted-dropout scaling it computes what the
+full model does with those units dropped and the kept ones scaled."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from fedprune_core.config import ExperimentConfig, FedDropoutConfig
 from fedprune_core.engine import ClientOutcome, ServerState, aggregate, dispatch, evaluate
+from fedprune_core.masks import num_pruned
 from fedprune_core.simulate import simulate
 from fedprune_core.speech.model import build_model
 from fedprune_core.speech.utterance import Utterance
@@ -24,6 +25,7 @@ WORKLOAD = SpeechWorkload(model="tiny")
 HIDDEN_TINY = {"strategy": "fed_dropout", "model": "tiny", "fed_dropout": {"units": "hidden"}}
 FFN = "transcriber.conformer.conformer_layers.0.ffn1.sequential"
 CONV = "transcriber.conformer.conformer_layers.0.conv_module.sequential"
+ATTN = "transcriber.conformer.conformer_layers.0.self_attn"
 
 
 def _strategy(**fed_dropout: object) -> FedDropout:
@@ -38,9 +40,9 @@ def _strategy(**fed_dropout: object) -> FedDropout:
 def test_a_dropped_hidden_unit_takes_its_producer_rows_and_its_reader_column() -> None:
     strategy = _strategy(rate=0.5)
     assert {g.reader for g in strategy.groups} == {f"{FFN}.4.weight", f"{CONV}.5.weight", "joiner.linear.weight",
-                                                  FFN.replace("ffn1", "ffn2") + ".4.weight"}
+                                                  FFN.replace("ffn1", "ffn2") + ".4.weight", f"{ATTN}.out_proj.weight"}
     masks = strategy.client_masks(ServerState(0, {}), {}, 3, 1)
-    assert set(masks) == set(strategy.specs)  # attention, the residual stream's layers, the predictor: dense
+    assert set(masks) == set(strategy.specs)  # the residual stream's layers, the predictor: dense
     for g in strategy.groups:
         reader = masks[g.reader].reshape(masks[g.reader].shape[0], -1)
         kept = reader[0]
@@ -72,6 +74,7 @@ def test_the_client_trains_the_full_model_with_those_units_dropped(
     assert payload_nbytes(payload) < dense_nbytes - (3 * dropped if rate >= 0.5 else 0)  # kept ids: < 1 B each
     client = build_client_model(build_model("tiny", seed=9), payload, strategy.specs, strategy.rescale_kept)
     assert {LiveBatchNorm1d, LiveJoiner} <= {type(m) for m in client.module.modules()}
+    assert client.module.get_submodule(ATTN).num_heads == 2 - num_pruned(2, rate)  # rate 0.1: none of 2 dropped
 
     # The reference: the full model with the dropped units' reader columns zeroed and, with
     # rescaling, the kept ones multiplied by units / kept units (inverted dropout before the reader).
@@ -121,9 +124,11 @@ def test_each_unit_entry_is_averaged_over_the_clients_that_held_its_unit() -> No
     for name in entries:
         h0, h1 = held[0][name], held[1][name]
         shift = torch.where(h0 & h1, 2.5, torch.where(h0, 1.0, torch.where(h1, 3.0, 0.0)))
-        assert bool((h0 & ~h1).any()) and bool((~h0 & ~h1).any()), name  # each case occurs
+        if name != f"{ATTN}.in_proj_bias":  # 2 heads, 1 dropped: not every case occurs (tests/core/test_fed_dropout.py)
+            assert bool((h0 & ~h1).any()) and bool((~h0 & ~h1).any()), name  # each case occurs
         torch.testing.assert_close(new[name], weights[name] + shift, rtol=0, atol=1e-6, msg=name)
-    for name in (f"{FFN}.4.bias", f"{CONV}.5.bias", "joiner.linear.bias", "predictor.linear.bias"):
+    for name in (f"{FFN}.4.bias", f"{CONV}.5.bias", "joiner.linear.bias", "predictor.linear.bias",
+                 f"{ATTN}.out_proj.bias"):
         torch.testing.assert_close(new[name], weights[name] + 2.5, rtol=0, atol=1e-6, msg=name)  # read by all
 
 
@@ -164,12 +169,26 @@ def test_with_running_statistics_the_server_keeps_them() -> None:
 def test_client_share_counts_the_dropped_units_entries() -> None:
     # tiny, rate 0.25: each feed-forward module drops 16 of 64 hidden units (32 producer + 32 reader
     # entries each), the convolution module 8 of 32 channels (2 x 32 + 32), the joint 16 of 64
-    # dimensions (32 + 29 symbols).
+    # dimensions (32 + 29 symbols), the attention 1 of 2 heads (16 dimensions: q, k and v rows of 32
+    # entries, out projection columns of 32).
     config = ExperimentConfig.from_dict(HIDDEN_TINY)
     model = build_model("tiny")
     dense = sum(p.numel() for p in model.parameters())
-    assert client_share(config, model, 0.25) == (dense - 2 * 16 * 64 - 8 * 96 - 16 * 61) / dense
+    assert client_share(config, model, 0.25) == (dense - 2 * 16 * 64 - 8 * 96 - 16 * 61 - 16 * 4 * 32) / dense
     assert client_share(config, model, 0.0) == 1.0
+
+
+def test_client_share_counts_the_heads() -> None:
+    # tiny's attention (2 heads of 16 dimensions, embed 32) at rate 0.5 drops 1 head: 3 x 16 rows
+    # and 16 columns of 32 entries; keeping it dense (layer rate 0) sends them.
+    model = build_model("tiny")
+    dense = sum(p.numel() for p in model.parameters())
+    with_heads = ExperimentConfig.from_dict(HIDDEN_TINY)
+    without = ExperimentConfig.from_dict({**HIDDEN_TINY, "fed_dropout": {
+        "units": "hidden", "layer_rates": [[f"{ATTN}.out_proj.weight", 0.0]]}})
+    assert client_share(with_heads, model, 0.5) == client_share(without, model, 0.5) - 4 * 16 * 32 / dense
+    assert client_share(with_heads, model, 0.1) == client_share(without, model, 0.1)  # 0.1 of 2 heads: none
+    assert rate_for_share(with_heads, model, 0.8) < rate_for_share(without, model, 0.8)
 
 
 def test_rate_for_share_is_the_smallest_rate_within_the_budget() -> None:
@@ -189,6 +208,6 @@ def test_units_are_validated_before_any_work() -> None:
         _strategy(layer_rates=[["*ffn1.sequential.1.weight", 0.2]])  # a producer: rates go by reader
     config = ExperimentConfig.from_dict({"strategy": "fed_dropout", "model": "tiny",
                                          "fed_dropout": {"units": "hidden"},
-                                         "pruning": {"prunable": ["*self_attn*"]}})
+                                         "pruning": {"prunable": ["*self_attn.in_proj_weight"]}})
     with pytest.raises(ValueError, match="found no unit group"):
         make_strategy(config, build_model("tiny"))
