@@ -106,12 +106,14 @@ class Knobs:
         fp_sparsity: Federated Pruning's `pruning.sparsity`.
         prunefl_density: PruneFL's `prunefl.max_density`.
         fd_rate: Federated Dropout's `fed_dropout.rate` (of `config.fed_dropout.units`).
+        fd_hidden_rate: Federated Dropout's rate with `fed_dropout.units: hidden`.
     """
 
     share: float
     fp_sparsity: float | None
     prunefl_density: float | None
     fd_rate: float | None
+    fd_hidden_rate: float | None = None
 
 
 def knobs_for(config: ExperimentConfig, model: nn.Module, shares: tuple[float, ...]) -> list[Knobs]:
@@ -125,9 +127,11 @@ def knobs_for(config: ExperimentConfig, model: nn.Module, shares: tuple[float, .
         except ValueError:
             return None
 
+    hidden = config.replace({"fed_dropout": {"units": "hidden"}})
     return [
         Knobs(share, reach(fp_sparsity_for_share, config, model, weights, share),
-              reach(prunefl_density_for_share, config, model, share), reach(rate_for_share, config, model, share))
+              reach(prunefl_density_for_share, config, model, share), reach(rate_for_share, config, model, share),
+              reach(rate_for_share, hidden, model, share))
         for share in shares
     ]
 

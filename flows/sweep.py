@@ -210,7 +210,7 @@ def compare(
     logger = get_run_logger()
     for k in knobs:
         logger.info(f"budget {k.share}: FP sparsity {k.fp_sparsity}, PruneFL max density {k.prunefl_density}, "
-                    f"Federated Dropout rate {k.fd_rate}")
+                    f"Federated Dropout rate {k.fd_rate} (rows), {k.fd_hidden_rate} (hidden units)")
     fd_pilot = fd_lr_pilot(name, rounds, middle.fd_rate)
     sgd_pilot = sgd_lr_pilot(name, rounds, middle.fp_sparsity) if middle.fp_sparsity is not None else []
     pilots = [*fd_pilot, *sgd_pilot]

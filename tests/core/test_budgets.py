@@ -72,10 +72,14 @@ def test_knobs_say_none_where_a_method_cannot_reach_the_budget(model: nn.Module)
     assert high.share == 0.8 and None not in (high.fp_sparsity, high.prunefl_density, high.fd_rate)
     assert high.fd_rate is not None and client_share(config, model, high.fd_rate) == pytest.approx(0.8, abs=0.02)
     assert low.fp_sparsity is None and low.prunefl_density is None
+    hidden = config.replace({"fed_dropout": {"units": "hidden"}})
+    assert high.fd_hidden_rate is not None and high.fd_hidden_rate != high.fd_rate
+    assert client_share(hidden, model, high.fd_hidden_rate) == pytest.approx(0.8, abs=0.02)
+    assert low.fd_hidden_rate is None
 
 
 def test_the_comparison_pairs_every_method_over_the_same_seeds() -> None:
-    knobs = [Knobs(0.75, 0.2, 0.7, 0.3), Knobs(0.5, 0.45, 0.5, 0.5), Knobs(0.35, 0.6, None, 0.7)]
+    knobs = [Knobs(0.75, 0.2, 0.7, 0.3, 0.8), Knobs(0.5, 0.45, 0.5, 0.5), Knobs(0.35, 0.6, None, 0.7)]
     plan, arms = compare_sweep("c", rounds=12, seeds=(3, 4), knobs=knobs)
     assert len(arms) == len(plan.variants) and set(arms) == {plan.run_id(v) for v in plan.variants}
     by_method: dict[tuple[str, float | None], set[int]] = {}
@@ -88,6 +92,10 @@ def test_the_comparison_pairs_every_method_over_the_same_seeds() -> None:
         assert config.seed == arms[plan.run_id(v)].seed and config.schedule.num_rounds == 12
         if arms[plan.run_id(v)].method == "fp":
             assert config.pruning.sparsity in (0.2, 0.45, 0.6)
+        if arms[plan.run_id(v)].method == "fd-hidden" and arms[plan.run_id(v)].budget is not None:
+            assert (config.fed_dropout.units, config.fed_dropout.rate, arms[plan.run_id(v)].budget) == (
+                "hidden", 0.8, 0.75)
+    assert ("fd-hidden", 0.75) in by_method and ("fd-hidden", 0.5) not in by_method
     with pytest.raises(ValueError, match="rounds >= 12"):
         compare_sweep("c", rounds=6, knobs=knobs)
 
