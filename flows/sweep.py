@@ -17,6 +17,7 @@ finished runs and resumes the unfinished ones from their last checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -152,11 +153,12 @@ def compare_knobs(budgets: tuple[float, ...]) -> list[Knobs]:
 
 def best_lr(name: str, pilot: list[Variant], last: int, key: tuple[str, ...]) -> float:
     """The learning rate (the override at path `key`) of the pilot run with the lowest WER (mean of its
-    `last` evaluations); the smallest such rate on a tie."""
+    `last` evaluations; a run whose WER is not a number, diverged, counts as the worst); the smallest
+    such rate on a tie."""
     found = results.collect(MlflowClient(Settings().tracking_uri), name,
                             [(f"{name}-{v.name}", v.label, v.groups, 0) for v in pilot])
     wer = {_at(v.overrides, key): r.mean("eval_wer", last) for v, r in zip(pilot, found, strict=True)}
-    return min(sorted(wer), key=lambda lr: wer[lr])
+    return min(sorted(wer), key=lambda lr: math.inf if math.isnan(wer[lr]) else wer[lr])
 
 
 def _at(tree: dict[str, Any], key: tuple[str, ...]) -> float:

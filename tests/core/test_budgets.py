@@ -108,11 +108,13 @@ def test_sgd_runs_take_the_pilots_lr_and_are_named_by_it() -> None:
     sgd = {v.name: ExperimentConfig.from_dict(preset("demo").to_dict()).replace(v.overrides) for v in plan.variants
            if arms[plan.run_id(v)].method.startswith("fp-sgd")}
     assert sorted(sgd) == ["fp-sgd-lr050-gradsq-s0", "fp-sgd-lr050-s0"]  # another lr: other runs, not these
-    assert all((c.federated.local.optimizer, c.federated.local.lr) == ("sgd", 0.5) for c in sgd.values())
+    assert all((c.federated.local.optimizer, c.federated.local.lr, c.federated.local.max_grad_norm) == ("sgd", 0.5, 1.0)
+               for c in sgd.values())
     pilot = [ExperimentConfig.from_dict(preset("demo").to_dict()).replace(v.overrides)
              for v in sgd_lr_pilot("c", 12, 0.45)]
     assert [(c.seed, c.pruning.sparsity, c.federated.local.optimizer, c.federated.local.lr) for c in pilot] == [
         (0, 0.45, "sgd", lr) for lr in SGD_LRS]
+    assert {c.federated.local.max_grad_norm for c in pilot} == {1.0}
 
 
 def test_every_run_of_the_comparison_and_its_pilots_has_a_valid_run_id() -> None:
