@@ -213,7 +213,7 @@ FD_KEEPS: tuple[float, ...] = (0.9, 0.75)
 FD_SERVER_LRS: tuple[float, ...] = (0.5, 1.0, 2.0)
 """The server learning rates Federated Dropout is tried with (seed 0, middle budget) before the comparison."""
 
-SGD_LRS: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0)
+SGD_LRS: tuple[float, ...] = (0.05, 0.2, 0.5, 1.0, 2.0)
 """The client learning rates SGD clients are tried with (seed 0, FP at the middle budget) before the
 comparison: the preset's Adam rate (0.003) means nothing to SGD."""
 
