@@ -151,13 +151,17 @@ def compare_knobs(budgets: tuple[float, ...]) -> list[Knobs]:
     return knobs_for(config, seeded_model(lambda: build_model(config.model)), budgets)
 
 
-def best_lr(name: str, pilot: list[Variant], last: int, key: tuple[str, ...]) -> float:
-    """The learning rate (the override at path `key`) of the pilot run with the lowest WER (mean of its
-    `last` evaluations; a run whose WER is not a number, diverged, counts as the worst); the smallest
-    such rate on a tie."""
+def pilot_wers(name: str, pilot: list[Variant], last: int, key: tuple[str, ...]) -> dict[float, float]:
+    """{learning rate (the override at path `key`): WER (mean of the run's `last` evaluations)} of the
+    pilot runs."""
     found = results.collect(MlflowClient(Settings().tracking_uri), name,
                             [(f"{name}-{v.name}", v.label, v.groups, 0) for v in pilot])
-    wer = {_at(v.overrides, key): r.mean("eval_wer", last) for v, r in zip(pilot, found, strict=True)}
+    return {_at(v.overrides, key): r.mean("eval_wer", last) for v, r in zip(pilot, found, strict=True)}
+
+
+def best_lr(wer: dict[float, float]) -> float:
+    """The learning rate of the lowest WER in `wer` (a run whose WER is not a number, diverged, counts
+    as the worst); the smallest such rate on a tie."""
     return min(sorted(wer), key=lambda lr: math.inf if math.isnan(wer[lr]) else wer[lr])
 
 
@@ -218,15 +222,20 @@ def compare(
     pilots = [*fd_pilot, *sgd_pilot]
     stop_if_failed(run_all(Sweep(name, "demo", (), tuple(pilots)), pilots, parallel, VARIANT_OPTIONS, threads_per_run,
                            logs), logs)
-    lr = best_lr(name, fd_pilot, last_evals, ("federated", "server_lr"))
-    sgd_lr = best_lr(name, sgd_pilot, last_evals, ("federated", "local", "lr")) if sgd_pilot else SGD_LRS[0]
+    fd_key, sgd_key = ("federated", "server_lr"), ("federated", "local", "lr")
+    fd_wer = pilot_wers(name, fd_pilot, last_evals, fd_key)
+    sgd_wer = pilot_wers(name, sgd_pilot, last_evals, sgd_key) if sgd_pilot else {}
+    lr, sgd_lr = best_lr(fd_wer), best_lr(sgd_wer) if sgd_wer else SGD_LRS[0]
+    pilot_table = [(v.label, wer[_at(v.overrides, key)], _at(v.overrides, key) == chosen)
+              for runs, wer, key, chosen in ((fd_pilot, fd_wer, fd_key, lr), (sgd_pilot, sgd_wer, sgd_key, sgd_lr))
+              for v in runs]
     plan, arms = compare_sweep(name, rounds, seeds_, knobs, lr, sgd_lr)
     logger.info(f"compare {name}: Federated Dropout's server lr {lr:g}, SGD clients' lr {sgd_lr:g}; "
                 f"{len(plan.variants)} runs, {parallel} at a time; logs in {logs}/")
     failed = run_all(plan, list(plan.variants), parallel, VARIANT_OPTIONS, threads_per_run, logs)
     compared = [ComparedRun(plan.run_id(v), a.method, a.budget, a.seed, v.label)
                 for v in plan.variants for a in [arms[plan.run_id(v)]] if plan.run_id(v) not in failed]
-    files = comparison_report(name, compared, out, last_evals)
+    files = comparison_report(name, compared, out, last_evals, pilot_table)
     logger.info(f"compare {name}: report in {out}" + (f", without the {len(failed)} failed run(s)" if failed else ""))
     stop_if_failed(failed, logs)
     return files

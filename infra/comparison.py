@@ -650,8 +650,24 @@ def plot_wer_over_rounds(groups: Sequence[Group], found: dict[str, RunResult], b
                    "round", "WER over rounds")
 
 
-def report_files(runs: Sequence[ComparedRun], found: Sequence[RunResult], k: int = MIN_EVALS) -> dict[str, bytes]:
-    """{file name: bytes} of the report of `runs` (their histories `found`, in the same order)."""
+def render_pilots(pilots: Sequence[tuple[str, float, bool]], k: int = MIN_EVALS) -> str:
+    """A table of the pilot runs that chose a setting ((label, WER, chosen)), or "" without any."""
+    if not pilots:
+        return ""
+    lines = ["## Pilots", "", f"Seed 0; WER the mean of the last {k} evaluations; the chosen setting is used by "
+             "every run of the comparison.", "", "| pilot | WER % | chosen |", "|---|---|---|"]
+    lines += [f"| {label} | {_percent(wer)} | {'yes' if chosen else ''} |" for label, wer, chosen in pilots]
+    return "\n".join(lines) + "\n"
+
+
+def _percent(wer: float) -> str:
+    return "diverged (NaN)" if math.isnan(wer) else f"{100 * wer:.1f}"
+
+
+def report_files(runs: Sequence[ComparedRun], found: Sequence[RunResult], k: int = MIN_EVALS,
+                 pilots: Sequence[tuple[str, float, bool]] = ()) -> dict[str, bytes]:
+    """{file name: bytes} of the report of `runs` (their histories `found`, in the same order), with
+    the table of the `pilots` (`render_pilots`) at the end of comparison.md."""
     rows = measure_all(runs, found, k)
     groups = groups_of(rows)
     pairs = comparisons(groups)
@@ -659,7 +675,8 @@ def report_files(runs: Sequence[ComparedRun], found: Sequence[RunResult], k: int
     return {
         "comparison.csv": render_csv(rows).encode(),
         "comparison.md": (render_markdown(groups, pairs, findings(groups), k) + "\n"
-                          + render_time_to_accuracy(groups, by_id)).encode(),
+                          + render_time_to_accuracy(groups, by_id)
+                          + ("\n" + render_pilots(pilots, k) if pilots else "")).encode(),
         "comparison_wer_vs_budget.png": plot_wer_vs_budget(groups),
         "comparison_wer_vs_bytes.png": plot_wer_vs_bytes(groups, by_id),
         "comparison_wer_over_rounds.png": plot_wer_over_rounds(groups, by_id),

@@ -104,14 +104,17 @@ def report(
 @task(name="comparison-report", task_run_name="comparison-report", **NO_PERSIST)
 def comparison_report(
     experiment: str, runs: list[comparison.ComparedRun], out_dir: str, k: int = comparison.MIN_EVALS,
+    pilots: list[tuple[str, float, bool]] | None = None,
 ) -> dict[str, str]:
     """The budgets comparison of `runs` (`infra.comparison`: comparison.csv, comparison.md, three
-    plots; WER the mean of the last `k` evaluations) into `out_dir` and, as artifacts under
-    `comparison/`, into the MLflow run `<experiment>-report`. Returns {file name: path}."""
+    plots; WER the mean of the last `k` evaluations; the `pilots`' table, see
+    `infra.comparison.render_pilots`) into `out_dir` and, as artifacts under `comparison/`, into the
+    MLflow run `<experiment>-report`. Returns {file name: path}."""
     settings = Settings()
     client = MlflowClient(settings.tracking_uri)
     found = comparison.collect(client, experiment, runs)  # raises naming a missing run
-    return _publish(settings, client, experiment, comparison.report_files(runs, found, k), out_dir, "comparison")
+    files = comparison.report_files(runs, found, k, pilots or [])
+    return _publish(settings, client, experiment, files, out_dir, "comparison")
 
 
 def _publish(

@@ -146,6 +146,15 @@ def test_the_report_goes_to_out_dir_and_mlflow_and_the_plots_are_png(
     assert {a.path for a in client.list_artifacts(report, "comparison")} == {f"comparison/{n}" for n in files}
 
 
+def test_the_pilots_table_marks_the_chosen_setting_and_a_diverged_run() -> None:
+    from infra.comparison import render_pilots
+
+    table = render_pilots([("SGD lr 0.2", math.nan, False), ("SGD lr 1", 0.5013, True)], k=3)
+    assert "| SGD lr 0.2 | diverged (NaN) |  |" in table and "| SGD lr 1 | 50.1 | yes |" in table
+    assert "last 3 evaluations" in table
+    assert render_pilots([]) == ""
+
+
 def test_a_missing_run_is_named(sqlite_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDPRUNE_TRACKING_URI", sqlite_uri)
     with pytest.raises(ValueError, match="run 'nowhere' is not in MLflow experiment"):
