@@ -17,6 +17,7 @@ finished runs and resumes the unfinished ones from their last checkpoint.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
-from prefect.futures import wait
+from prefect.futures import PrefectConcurrentFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from fedprune_core.budgets import Knobs, knobs_for, seeded_model
@@ -69,7 +70,7 @@ def run_all(plan: Sweep, variants: list[Variant], parallel: int, options: dict[s
             v = pending.pop(0)
             running[run_variant.with_options(task_run_name=f"run-{v.name}").submit(
                 plan.run_id(v), plan.preset, v.overrides, plan.name, options, threads, logs)] = v
-        for future in wait(list(running), timeout=5.0).done:
+        for future in first_done(list(running)):
             v = running.pop(future)
             done += 1
             outcome = future.result(raise_on_failure=False)  # the child's failure names its log
@@ -83,6 +84,16 @@ def run_all(plan: Sweep, variants: list[Variant], parallel: int, options: dict[s
             for v in running.values():
                 logger.info(f"{plan.run_id(v)}: {last_progress(logs, plan.run_id(v))}")
     return failed
+
+
+def first_done(futures: list[PrefectConcurrentFuture[Any]], timeout: float = 5.0) -> list[PrefectConcurrentFuture[Any]]:
+    """The `futures` whose runs have ended, as soon as one has (or none after `timeout` seconds).
+
+    Prefect's `wait` returns when every future is done or at its timeout, so a run that ended (or
+    was skipped) beside a running one held its slot for the whole timeout."""
+    by_thread = {f.wrapped_future: f for f in futures}
+    done, _ = concurrent.futures.wait(by_thread, timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+    return [by_thread[d] for d in done]
 
 
 def stop_if_failed(failed: list[str], logs: str) -> None:

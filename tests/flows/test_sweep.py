@@ -9,6 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import flow
+from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from fedprune_core.sweep import Sweep, Variant
@@ -85,6 +86,7 @@ def test_a_failed_run_leaves_the_others_going_and_the_sweep_then_names_it(
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):  # Prefect reads its settings once a process
         failed = both()
+        APILogHandler().flush()  # while the server is up: it stops before this process exits
     assert failed == ["fails-bad"]
     assert final_state(open_storage((cli.home / "storage").as_uri()), "fails-good", "fails").round_num == 2
     assert "num_rounds" in (cli.home / "logs" / "fails-bad.log").read_text()
