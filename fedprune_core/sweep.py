@@ -204,7 +204,7 @@ def _variants(base: dict[str, Any], halvable: tuple[str, ...], seeds: tuple[int,
 COMPARE_BUDGETS: tuple[float, ...] = (0.75, 0.5, 0.35)
 """Client download budgets, shares of the dense model's parameters (`fedprune_core.budgets`)."""
 
-COMPARE_SEEDS: tuple[int, ...] = (0, 1, 2)
+COMPARE_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 """Paired seeds: a seed fixes the initialization and every round's client sample, whatever the method."""
 
 FD_KEEPS: tuple[float, ...] = (0.9, 0.75)

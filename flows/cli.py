@@ -360,7 +360,7 @@ def sweep(
 def compare(
     name: Annotated[str, typer.Option(help="MLflow experiment, storage folder and run-id prefix.")] = "compare",
     rounds: Annotated[int, typer.Option(help="Rounds of each run, from scratch.")] = 32,
-    seeds: Annotated[str, typer.Option(help="Paired seeds, comma-separated.")] = "0,1,2",
+    seeds: Annotated[str, typer.Option(help="Paired seeds, comma-separated.")] = "0,1,2,3,4",
     budgets: Annotated[str, typer.Option(help="Client download budgets (shares of dense), comma-separated.")]
     = "0.75,0.5,0.35",
     parallel: Annotated[int, typer.Option(help="Runs at once, one process each.")] = 2,
