@@ -268,8 +268,15 @@ def find_group(groups: Sequence[Group], method: str, budget: float | None = None
     return None
 
 
+SCORE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("fp-gradient", FP), ("fp-grad_sq", FP), ("fp-weight_x_grad_sq", FP), ("fp-sgd-grad_sq", "fp-sgd"))
+"""(gradient-score variant, its weight-score reference at budget 0.5): Adam clients against FP, SGD
+clients against FP with SGD clients (finding a)."""
+
+
 def comparisons(groups: Sequence[Group]) -> list[Paired]:
-    """Every group against dense, and every grid group but FP's against FP at the same budget."""
+    """Every group against dense, every grid group but FP's against FP at the same budget, and each
+    SGD gradient-score variant against its weight-score reference (`SCORE_PAIRS`)."""
     dense = find_group(groups, DENSE)
     out = []
     for g in groups:
@@ -280,6 +287,10 @@ def comparisons(groups: Sequence[Group]) -> list[Paired]:
         fp = find_group(groups, FP, g.budget) if g.budget is not None and g.method != FP else None
         if fp is not None:
             out.append(paired(g, fp))
+        own = dict(SCORE_PAIRS).get(g.method)
+        ref = find_group(groups, own, g.budget) if own not in (None, FP) and g.budget is not None else None
+        if ref is not None:
+            out.append(paired(g, ref))
     return out
 
 
@@ -375,25 +386,25 @@ def _stable(fp: Group, other: Group) -> tuple[bool | None, str]:
 def finding_a(groups: Sequence[Group]) -> Mark:
     """Weight score ≈ gradient scores, and more stable (budget 0.5).
 
-    For each of fp-gradient, fp-grad_sq, fp-weight_x_grad_sq that ran: "≈" is supported when the
-    t-interval of (variant − fp) lies within ±2 WER points, not supported when it lies entirely
-    outside, else inconclusive; "more stable" holds when FP's sd of WER over seeds and its mean sd
+    For each pair of `SCORE_PAIRS` that ran (a gradient-score variant and its weight-score reference:
+    FP, or FP with SGD clients for the SGD variant): "≈" is supported when the t-interval of
+    (variant − reference) lies within ±2 WER points, not supported when it lies entirely outside,
+    else inconclusive; "more stable" holds when the reference's sd of WER over seeds and its mean sd
     of the last k evaluations are each no larger than the variant's. A variant supports the finding
-    when both hold, contradicts it when "≈" is not supported or FP is less stable while "≈" holds,
-    else is inconclusive. Any contradiction: not supported; all support: supported.
+    when both hold, contradicts it when "≈" is not supported or the reference is less stable while
+    "≈" holds, else is inconclusive. Any contradiction: not supported; all support: supported.
     """
-    fp = find_group(groups, FP, 0.5)
     marks, evidence = [], []
-    for method in ("fp-gradient", "fp-grad_sq", "fp-weight_x_grad_sq"):
-        other = find_group(groups, method, 0.5)
-        if fp is None or other is None:
+    for method, reference in SCORE_PAIRS:
+        other, ref = find_group(groups, method, 0.5), find_group(groups, reference, 0.5)
+        if ref is None or other is None:
             continue
-        p = paired(other, fp)
-        close, (stable, sds) = _equivalent(p), _stable(fp, other)
+        p = paired(other, ref)
+        close, (stable, sds) = _equivalent(p), _stable(ref, other)
         mark = "not supported" if close == "not supported" or (close == "supported" and stable is False) else (
             "supported" if close == "supported" and stable else "inconclusive")
         marks.append(mark)
-        evidence.append(f"{describe(p)} (≈: {close}); FP vs {method}: {sds} → {mark}")
+        evidence.append(f"{describe(p)} (≈: {close}); {reference} vs {method}: {sds} → {mark}")
     if not marks:
         return "inconclusive", "no fp and gradient-score runs at budget 0.5"
     return _combine(marks), "; ".join(evidence)

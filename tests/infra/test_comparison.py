@@ -20,6 +20,7 @@ from infra.comparison import (
     Group,
     RunRow,
     bootstrap_interval,
+    comparisons,
     finding_a,
     finding_b,
     finding_c,
@@ -248,6 +249,16 @@ def test_weight_score_close_to_gradient_and_more_stable() -> None:
     assert finding_a([fp, steadier])[0] == "not supported"
     far = _group("fp-grad_sq", 0.5, {0: 0.30, 1: 0.32, 2: 0.34}, eval_sd=0.02)  # 10-12 points worse
     assert finding_a([fp, noisier, far])[0] == "not supported"
+
+
+def test_sgd_gradient_score_is_judged_against_fp_with_sgd_clients() -> None:
+    fp = _group("fp", 0.5, {0: 0.20, 1: 0.21, 2: 0.22}, eval_sd=0.005)
+    sgd = _group("fp-sgd", 0.5, {0: 0.60, 1: 0.62, 2: 0.64}, eval_sd=0.005)
+    sgd_grad = _group("fp-sgd-grad_sq", 0.5, {0: 0.60, 1: 0.625, 2: 0.65}, eval_sd=0.01)  # diffs 0, .5, 1 pts
+    mark, evidence = finding_a([fp, sgd, sgd_grad])  # 40 points from FP, but within 1 of its own reference
+    assert mark == "supported" and "fp-sgd vs fp-sgd-grad_sq" in evidence
+    pairs = {(p.name, p.reference) for p in comparisons([fp, sgd, sgd_grad])}
+    assert {("fp-sgd-grad_sq @ 0.5", "fp-sgd @ 0.5"), ("fp-sgd-grad_sq @ 0.5", "fp @ 0.5")} <= pairs
     assert finding_a([fp])[0] == "inconclusive"
 
 
