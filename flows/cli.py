@@ -380,26 +380,27 @@ def compare(
         settings = _settings()
         validate_run_id(name)
         validate_experiment(name)
-        seed_list = _numbers(seeds, int, "--seeds", "0,1,2")
+        seed_list = _numbers(seeds, int, "--seeds", "0,1,2,3,4")
         budget_list = _numbers(budgets, float, "--budgets", "0.75,0.5,0.35")
         if not all(0.0 < b < 1.0 for b in budget_list):
             raise ValueError(f"--budgets {budgets!r}: each must be a share of dense in (0, 1), e.g. 0.75,0.5,0.35")
         if not (1 <= parallel <= MAX_WORKERS and 1 <= threads_per_run <= MAX_WORKERS and last_evals >= 1):
             raise ValueError(f"--parallel {parallel} / --threads-per-run {threads_per_run} must be in "
                              f"[1, {MAX_WORKERS}] (MAX_WORKERS) and --last-evals {last_evals} >= 1: pass 2 / 1 / 3")
+        from fedprune_core.budgets import Knobs
         from fedprune_core.sweep import compare_sweep, fd_lr_pilot, sgd_lr_pilot
-        from flows.sweep import compare_knobs
+        from flows.sweep import compare_knobs, middle_knobs
 
-        knobs = compare_knobs(tuple(budget_list))
-        plan, _ = compare_sweep(name, rounds, tuple(seed_list), knobs)
-        middle = knobs[len(knobs) // 2]
-        pilots = (*fd_lr_pilot(name, rounds, middle.fd_rate or 0.5),
-                  *sgd_lr_pilot(name, rounds, middle.fp_sparsity or 0.5))
-        for variant in (*plan.variants, *pilots):
+        # every run the flow may start, with stand-in knobs: rounds, seeds and run ids are checked in
+        # a moment; the knobs themselves (seconds of bisection) only after
+        stand_in = [Knobs(b, 0.5, 0.5, 0.5, 0.5) for b in budget_list]
+        plan, _ = compare_sweep(name, rounds, tuple(seed_list), stand_in)
+        for variant in (*plan.variants, *fd_lr_pilot(name, rounds, 0.5), *sgd_lr_pilot(name, rounds, 0.5)):
             check_request(plan.preset, variant.overrides, plan.run_id(variant), name)
         if out_dir is not None:
             _check_out_dir(out_dir)
         check_services(settings)
+        middle_knobs(compare_knobs(tuple(budget_list)))  # Federated Dropout reaches the middle budget
     except (ValueError, InfraError) as e:
         _fail(str(e))
     _prefect_api(settings)

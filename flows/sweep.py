@@ -162,6 +162,19 @@ def compare_knobs(budgets: tuple[float, ...]) -> list[Knobs]:
     return knobs_for(config, seeded_model(lambda: build_model(config.model)), budgets)
 
 
+def middle_knobs(knobs: list[Knobs]) -> Knobs:
+    """The middle budget's knobs, where the pilots run.
+
+    Raises:
+        ValueError: Federated Dropout cannot get a client down to the middle budget.
+    """
+    middle = knobs[len(knobs) // 2]
+    if middle.fd_rate is None:
+        raise ValueError(f"--budgets: the middle budget {middle.share} is below the smallest client Federated Dropout "
+                         "can make; choose larger budgets, e.g. 0.75,0.5,0.35")
+    return middle
+
+
 def pilot_wers(name: str, pilot: list[Variant], last: int, key: tuple[str, ...]) -> dict[float, float]:
     """{learning rate (the override at path `key`): WER (mean of the run's `last` evaluations)} of the
     pilot runs."""
@@ -218,10 +231,8 @@ def compare(
                          "be >= 1, e.g. 2, 1 and 3")
     seeds_, budgets_ = tuple(seeds or COMPARE_SEEDS), tuple(budgets or COMPARE_BUDGETS)
     knobs = compare_knobs(budgets_)
-    middle = knobs[len(knobs) // 2]
-    if middle.fd_rate is None:
-        raise ValueError(f"budget {middle.share}: Federated Dropout cannot get a client that small; choose larger "
-                         "budgets")
+    middle = middle_knobs(knobs)
+    assert middle.fd_rate is not None  # for mypy: middle_knobs checked it
     logs = str(Path(log_dir) if log_dir else Settings().home / "sweeps") + f"/{name}"
     out = str(Path(out_dir) if out_dir else Settings().home / "results" / name)
     logger = get_run_logger()

@@ -119,6 +119,7 @@ CASES = [
     case("compare", "--seeds", "x", shown="--seeds 'x'"),
     case("compare", "--seeds", HUGE, shown=HUGE),
     case("compare", "--name", "a b", shown="'a b'"),
+    case("compare", "--budgets", "0.9,0.01,0.005", shown="middle budget 0.01 is below the smallest client"),
     case("data", "generate", "--corpus", "nope", shown="corpus='nope'"),
     case("stack", "status", env={"FEDPRUNE_S3_PORT": "60000"}, shown="FEDPRUNE_S3_PORT='60000'"),
     case("stack", "up", "--bogus", shown="No such option: --bogus"),
