@@ -245,7 +245,7 @@ def compare_base(rounds: int) -> dict[str, Any]:
 
 def fd_lr_pilot(name: str, rounds: int, fd_rate: float) -> list[Variant]:
     """Federated Dropout (rows at the middle budget's rate) at each of `FD_SERVER_LRS`, seed 0: the
-    comparison's Federated Dropout runs use the best of them (`best_server_lr`)."""
+    comparison's Federated Dropout runs use the best of them (`flows.sweep.best_lr`)."""
     base = compare_base(rounds)
     return [Variant(f"pilot-fd-lr{round(100 * lr):03d}", f"Federated Dropout rows, server lr {lr:g}", ("pilot",),
                     _merge(copy.deepcopy(base), {"strategy": "fed_dropout", "seed": 0,
