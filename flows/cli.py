@@ -168,6 +168,7 @@ def _stdout_to_stderr() -> Iterator[None]:
 def _run_flow(as_json: bool, **params: Any) -> dict[str, Any]:
     """Run the experiment flow; print its summary (text, or one JSON object) on stdout, logs on stderr."""
     settings = _settings()
+    from infra.interrupt import install as install_interrupt
     from infra.outage import OutageError, configured_budget_s, find_outage, hide_outage_errors
     from infra.prefect_api import api_is_ours, prefect_api_lost, wait_for_prefect_api
     from infra.stores import describe
@@ -184,6 +185,7 @@ def _run_flow(as_json: bool, **params: Any) -> dict[str, Any]:
     name = params["experiment_name"]
     command = f"fedprune resume {run_id}" + ("" if name == "fedprune" else f" --experiment {name}")
     hide_outage_errors()
+    install_interrupt()
     while True:
         try:
             with _stdout_to_stderr():

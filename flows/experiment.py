@@ -58,6 +58,7 @@ from infra.cluster import (
     security_for,
     served_clients,
 )
+from infra.interrupt import stop_if_requested
 from infra.prefect_retention import segment_name, trim_segments
 from infra.run_status import RunStatus, StatusWriter, active_writer
 from infra.runs import RunOptions, RunRef, open_run
@@ -279,6 +280,7 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
     placements: list[dict[str, Any]] = []
     status = active_writer(ref.experiment, ref.run_id)  # the parent flow's, in this process
     for r in range(first, last + 1):
+        stop_if_requested()  # a Ctrl-C that Python or Prefect swallowed stops the run here
         scores_key = masks_key = None  # the state's own
         if not run.strategy.keeps_masks(r):
             scores_key = score(ref, r, state_key)
@@ -424,6 +426,7 @@ def experiment(
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
             trim_segments(ref.run_id, last, settings.prefect_keep_rounds)  # the Prefect database stays small
+            stop_if_requested()
         finalize(ref, state_key, settings.tracking_uri, tracker.run_id)
         facts = summarize(ref, state_key, settings.tracking_uri, tracker.run_id)
     summary = {
