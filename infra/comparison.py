@@ -610,23 +610,33 @@ def _at_budget(groups: Sequence[Group], budget: float) -> list[Group]:
 
 def plot_wer_vs_budget(groups: Sequence[Group]) -> bytes:
     """WER (mean over seeds) against the download budget, one line per method, t-95% error bars
-    (none below two seeds); dense at budget 1."""
+    (none below two seeds); dense at budget 1; each configuration outside the grid a lone marker at
+    the download it measured."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    methods = [g.method for g in groups if g.budget is not None or g.method == DENSE]
-    for method in dict.fromkeys(methods):
+    tab20 = list(plt.get_cmap("tab20").colors)  # type: ignore[attr-defined]
+    colors = tab20[0::2] + tab20[1::2]  # ten dark, then ten light: 20 colors, methods first, lone markers last
+    for i, method in enumerate(dict.fromkeys(g.method for g in groups if g.budget is not None or g.method == DENSE)):
         points = sorted(((1.0 if g.method == DENSE else g.budget or 0.0), list(g.wers().values()))
-                        for g in groups if g.method == method and g.wers())
-        if not points:
-            continue
+                        for g in groups if g.method == method and (g.budget is not None or g.method == DENSE)
+                        and g.wers())
         means = [100 * statistics.fmean(w) for _, w in points]
-        half = [100 * (i.high - i.low) / 2 if (i := t_interval(w)) else 0.0 for _, w in points]
-        ax.errorbar([b for b, _ in points], means, yerr=half, marker="o", capsize=3, label=method)
+        ax.errorbar([b for b, _ in points], means, yerr=[_half_width(w) for _, w in points], marker="o", capsize=3,
+                    label=method, color=colors[i % 20])
+    for i, g in enumerate(g for g in groups if g.budget is None and g.method != DENSE and g.wers()):
+        w = list(g.wers().values())
+        ax.errorbar([g.cost("bytes_down")], [100 * statistics.fmean(w)], yerr=[_half_width(w)], marker="s",
+                    capsize=3, linestyle="none", label=f"{g.name} (measured download)", color=colors[-1 - i % 20])
     ax.set_xlabel("client download budget (share of the dense model)")
     ax.set_ylabel("WER % (mean of the last evaluations, mean over seeds)")
     ax.set_title("WER against the download budget; bars: t-95% interval over seeds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure_png(fig)
+
+
+def _half_width(wers: list[float]) -> float:
+    """Half the t-95% interval of the mean of `wers`, in WER points (0 below two values)."""
+    return 100 * (i.high - i.low) / 2 if (i := t_interval(wers)) else 0.0
 
 
 def _curves(groups: Sequence[Group], found: dict[str, RunResult], budget: float,
