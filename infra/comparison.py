@@ -612,7 +612,7 @@ def plot_wer_vs_budget(groups: Sequence[Group]) -> bytes:
     """WER (mean over seeds) against the download budget, one line per method, t-95% error bars
     (none below two seeds); dense at budget 1; each configuration outside the grid a lone marker at
     the download it measured."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     tab20 = list(plt.get_cmap("tab20").colors)  # type: ignore[attr-defined]
     colors = tab20[0::2] + tab20[1::2]  # ten dark, then ten light: 20 colors, methods first, lone markers last
     for i, method in enumerate(dict.fromkeys(g.method for g in groups if g.budget is not None or g.method == DENSE)):
