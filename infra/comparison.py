@@ -608,13 +608,18 @@ def _at_budget(groups: Sequence[Group], budget: float) -> list[Group]:
     return [g for g in groups if g.method == DENSE] + _grid_order(groups, budget)
 
 
+def palette() -> list[tuple[float, float, float]]:
+    """20 colors, ten dark then ten light (matplotlib's tab20): one per line, where the default ten repeat."""
+    tab20 = list(plt.get_cmap("tab20").colors)  # type: ignore[attr-defined]
+    return tab20[0::2] + tab20[1::2]
+
+
 def plot_wer_vs_budget(groups: Sequence[Group]) -> bytes:
     """WER (mean over seeds) against the download budget, one line per method, t-95% error bars
     (none below two seeds); dense at budget 1; each configuration outside the grid a lone marker at
     the download it measured."""
     fig, ax = plt.subplots(figsize=(11, 5))
-    tab20 = list(plt.get_cmap("tab20").colors)  # type: ignore[attr-defined]
-    colors = tab20[0::2] + tab20[1::2]  # ten dark, then ten light: 20 colors, methods first, lone markers last
+    colors = palette()  # methods first, lone markers from the end
     for i, method in enumerate(dict.fromkeys(g.method for g in groups if g.budget is not None or g.method == DENSE)):
         points = sorted(((1.0 if g.method == DENSE else g.budget or 0.0), list(g.wers().values()))
                         for g in groups if g.method == method and (g.budget is not None or g.method == DENSE)
@@ -644,9 +649,10 @@ def _curves(groups: Sequence[Group], found: dict[str, RunResult], budget: float,
             title: str) -> bytes:
     """WER (mean over seeds) against `x_of`'s x per evaluation, one line per method at `budget` and dense."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for g in _at_budget(groups, budget):
+    colors = palette()
+    for i, g in enumerate(_at_budget(groups, budget)):
         xs, ys = _mean_curve([found[r.run.run_id] for r in g.rows], x_of)
-        ax.plot(xs, ys, marker=".", label=g.name)
+        ax.plot(xs, ys, marker=".", label=g.name, color=colors[i % len(colors)])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("WER % (mean over seeds)")
     ax.set_title(f"{title} at budget {budget:g}", fontsize=9)
