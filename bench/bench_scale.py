@@ -122,5 +122,6 @@ def main() -> None:
           f"this process's rounds)" if db.exists() else
           f"Prefect database: not at {db} (an external server?)")
 
+
 if __name__ == "__main__":
     main()

@@ -175,18 +175,22 @@ def middle_knobs(knobs: list[Knobs]) -> Knobs:
     return middle
 
 
-def pilot_wers(name: str, pilot: list[Variant], last: int, key: tuple[str, ...]) -> dict[float, float]:
-    """{learning rate (the override at path `key`): WER (mean of the run's `last` evaluations)} of the
-    pilot runs."""
+Tried = list[tuple[Variant, float, float]]
+"""Pilot runs: (run, the value it tried, its WER)."""
+
+
+def pilot_results(name: str, pilot: list[Variant], last: int, key: tuple[str, ...]) -> Tried:
+    """Each pilot run with the value it tried (its override at path `key`) and its WER (mean of its
+    `last` evaluations)."""
     found = results.collect(MlflowClient(Settings().tracking_uri), name,
                             [(f"{name}-{v.name}", v.label, v.groups, 0) for v in pilot])
-    return {_at(v.overrides, key): r.mean("eval_wer", last) for v, r in zip(pilot, found, strict=True)}
+    return [(v, _at(v.overrides, key), r.mean("eval_wer", last)) for v, r in zip(pilot, found, strict=True)]
 
 
-def best_lr(wer: dict[float, float]) -> float:
-    """The learning rate of the lowest WER in `wer` (a run whose WER is not a number, diverged, counts
-    as the worst); the smallest such rate on a tie."""
-    return min(sorted(wer), key=lambda lr: math.inf if math.isnan(wer[lr]) else wer[lr])
+def best_lr(tried: Tried) -> float:
+    """The value of the pilot run with the lowest WER (a run whose WER is not a number, diverged,
+    counts as the worst); the smallest such value on a tie."""
+    return min(sorted(tried, key=lambda t: t[1]), key=lambda t: math.inf if math.isnan(t[2]) else t[2])[1]
 
 
 def _at(tree: dict[str, Any], key: tuple[str, ...]) -> float:
@@ -244,13 +248,11 @@ def compare(
     pilots = [*fd_pilot, *sgd_pilot]
     stop_if_failed(run_all(Sweep(name, "demo", (), tuple(pilots)), pilots, parallel, VARIANT_OPTIONS, threads_per_run,
                            logs), logs)
-    fd_key, sgd_key = ("federated", "server_lr"), ("federated", "local", "lr")
-    fd_wer = pilot_wers(name, fd_pilot, last_evals, fd_key)
-    sgd_wer = pilot_wers(name, sgd_pilot, last_evals, sgd_key) if sgd_pilot else {}
-    lr, sgd_lr = best_lr(fd_wer), best_lr(sgd_wer) if sgd_wer else SGD_LRS[0]
-    pilot_table = [(v.label, wer[_at(v.overrides, key)], _at(v.overrides, key) == chosen)
-              for runs, wer, key, chosen in ((fd_pilot, fd_wer, fd_key, lr), (sgd_pilot, sgd_wer, sgd_key, sgd_lr))
-              for v in runs]
+    fd_tried = pilot_results(name, fd_pilot, last_evals, ("federated", "server_lr"))
+    sgd_tried = pilot_results(name, sgd_pilot, last_evals, ("federated", "local", "lr")) if sgd_pilot else []
+    lr, sgd_lr = best_lr(fd_tried), best_lr(sgd_tried) if sgd_tried else SGD_LRS[0]
+    pilot_table = [(v.label, wer, value == chosen)
+                   for tried, chosen in ((fd_tried, lr), (sgd_tried, sgd_lr)) for v, value, wer in tried]
     plan, arms = compare_sweep(name, rounds, seeds_, knobs, lr, sgd_lr)
     logger.info(f"compare {name}: Federated Dropout's server lr {lr:g}, SGD clients' lr {sgd_lr:g}; "
                 f"{len(plan.variants)} runs, {parallel} at a time; logs in {logs}/")

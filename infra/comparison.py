@@ -620,17 +620,19 @@ def plot_wer_vs_budget(groups: Sequence[Group]) -> bytes:
     the download it measured."""
     fig, ax = plt.subplots(figsize=(11, 5))
     colors = palette()  # methods first, lone markers from the end
-    for i, method in enumerate(dict.fromkeys(g.method for g in groups if g.budget is not None or g.method == DENSE)):
-        points = sorted(((1.0 if g.method == DENSE else g.budget or 0.0), list(g.wers().values()))
-                        for g in groups if g.method == method and (g.budget is not None or g.method == DENSE)
-                        and g.wers())
+    ran = [g for g in groups if g.wers()]
+    grid = [g for g in ran if g.budget is not None or g.method == DENSE]
+    for i, method in enumerate(dict.fromkeys(g.method for g in grid)):
+        points = sorted((1.0 if g.method == DENSE or g.budget is None else g.budget, list(g.wers().values()))
+                        for g in grid if g.method == method)
         means = [100 * statistics.fmean(w) for _, w in points]
         ax.errorbar([b for b, _ in points], means, yerr=[_half_width(w) for _, w in points], marker="o", capsize=3,
-                    label=method, color=colors[i % 20])
-    for i, g in enumerate(g for g in groups if g.budget is None and g.method != DENSE and g.wers()):
+                    label=method, color=colors[i % len(colors)])
+    for i, g in enumerate(g for g in ran if g not in grid):
         w = list(g.wers().values())
         ax.errorbar([g.cost("bytes_down")], [100 * statistics.fmean(w)], yerr=[_half_width(w)], marker="s",
-                    capsize=3, linestyle="none", label=f"{g.name} (measured download)", color=colors[-1 - i % 20])
+                    capsize=3, linestyle="none", label=f"{g.name} (measured download)",
+                    color=colors[-1 - i % len(colors)])
     ax.set_xlabel("client download budget (share of the dense model)")
     ax.set_ylabel("WER % (mean of the last evaluations, mean over seeds)")
     ax.set_title("WER against the download budget; bars: t-95% interval over seeds", fontsize=9)
