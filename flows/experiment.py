@@ -12,9 +12,17 @@ A run is identified by `run_id`; running the flow again with an existing run id 
 its newest checkpoint that verifies (`CheckpointStore.recover`) into the same MLflow run.
 
 The parent flow run is named by the run id and tagged ``run:<id>``, ``strategy:<name>``,
-``preset:<name>`` and ``experiment:<name>``; its segments and task runs inherit the tags. The MLflow
+``preset:<name>`` and ``experiment:<name>``; its segments carry the tags too, its task runs none
+(`rounds_segment` says why). The MLflow
 run carries the flow run's id and URL (`PREFECT_TAGS`, this start's), and the run's status record
 (`infra.run_status`) says whether it runs, finished, failed or was interrupted.
+
+The tasks a round runs in the flow's own thread get the run's reference and the lists of clients
+and results `quote`d (`_unwalked`): Prefect otherwise walks every field of every parameter of each
+task run, looking for futures, and rebuilds each dataclass it passes (about 1 ms a round at 8
+clients, 15 ms at 128). State keys stay plain, so the Prefect UI's graph still links a task to the
+one whose result it reads. Client-train's parameters stay plain: on prefect-dask's workers a
+quoted parameter reached the task-run name still wrapped.
 """
 
 from __future__ import annotations
@@ -22,14 +30,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from prefect import flow, get_client, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import FlowRunContext
+from prefect.context import FlowRunContext, TagsContext
 from prefect.futures import PrefectFuture
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from prefect.utilities.urls import url_for
 
 from fedprune_core.config import FederatedConfig
@@ -127,6 +136,7 @@ def prepare(
     return ref, mlflow_run_id, checked.existed
 
 
+T = TypeVar("T")
 PROGRESS_EVERY_S = 5.0
 """A progress line at most this often (plus every evaluation and the segment's last round)."""
 
@@ -213,7 +223,8 @@ def cohorts(
 
     On a cluster (`served`: client id -> the workers serving it) one task per set of workers, placed
     on them; otherwise at most `slots` tasks of consecutive clients, as even as can be (the task
-    runner runs `slots` at once: `local_slots`). Training does not depend on the grouping.
+    runner runs `slots` at once: `local_slots`; fewer for brief training: `local_cohorts`). Training
+    does not depend on the grouping.
     """
     if served is not None:
         groups: dict[tuple[str, ...], list[int]] = {}
@@ -223,6 +234,22 @@ def cohorts(
     ordered = sorted(clients)
     count = min(max(slots, 1), len(ordered))
     return [tuple(ordered[i * len(ordered) // count:(i + 1) * len(ordered) // count]) for i in range(count)]
+
+
+COHORT_MIN_S = 0.05
+"""The least training a local client-train task should carry: a task run costs Prefect about 5 ms
+(`bench/bench_clients.py`), so a cohort of less work is cheaper joined to another."""
+
+
+def local_cohorts(slots: int, clients: int, last_round: Sequence[Trained]) -> int:
+    """How many client-train tasks a local round sends for `clients` clients: `slots` (`local_slots`), or
+    fewer where the last round's clients trained so briefly (`ClientStats.wall_time_s`, mean per client)
+    that a task would carry less than `COHORT_MIN_S` of training (the toy workload: one task a round).
+    The first round of a segment, with no last round, uses every slot. Training does not depend on it."""
+    if not last_round:
+        return slots
+    work = clients * sum(t.stats.wall_time_s for t in last_round) / len(last_round)
+    return max(1, min(slots, int(work / COHORT_MIN_S)))
 
 
 def local_slots(max_workers: int) -> int:
@@ -242,6 +269,11 @@ def _unserved(clients: list[int], served: Mapping[int, Sequence[str]] | None) ->
 
 def _still_served(served: Served | None, group: tuple[int, ...]) -> Callable[[], bool] | None:
     return None if served is None else lambda: all(served().get(c) for c in group)
+
+
+def _unwalked(value: T) -> T:
+    """`value` as a task parameter Prefect does not look into (`quote`); the task gets `value` itself."""
+    return cast(T, quote(value))
 
 
 def _submit(ref: RunRef, round_num: int, payloads: dict[int, str], placed: bool) -> PrefectFuture[Cohort]:
@@ -269,7 +301,17 @@ def _wait(
 
 @flow(name="fedprune-rounds", persist_result=False)
 def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_uri: str, mlflow_run_id: str) -> str:
-    """Rounds `first`..`last` of a run; returns the key of the last committed state."""
+    """Rounds `first`..`last` of a run; returns the key of the last committed state.
+
+    The run's tags (`run_labels`) are on its flow runs, not on its task runs: Prefect asks its server
+    for a concurrency slot of every tag of every tagged task run (tag-based concurrency limits), one
+    request of about 3 ms a task run (`bench/bench_clients.py`), so a run's task runs go untagged.
+    """
+    with TagsContext(current_tags=set()):
+        return _run_rounds(ref, first, last, state_key, tracking_uri, mlflow_run_id)
+
+
+def _run_rounds(ref: RunRef, first: int, last: int, state_key: str, tracking_uri: str, mlflow_run_id: str) -> str:
     run = open_run(ref)
     cfg, options = run.config, run.options
     tracker = Tracker(tracking_uri, ref.experiment, run_id=mlflow_run_id)
@@ -279,24 +321,28 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
     served = _cluster_view(options)
     placements: list[dict[str, Any]] = []
     status = active_writer(ref.experiment, ref.run_id)  # the parent flow's, in this process
+    slots = local_slots(options.max_workers)
+    trained: list[Trained] = []
     for r in range(first, last + 1):
         stop_if_requested()  # a Ctrl-C that Python or Prefect swallowed stops the run here
         scores_key = masks_key = None  # the state's own
         if not run.strategy.keeps_masks(r):
-            scores_key = score(ref, r, state_key)
-            masks_key = mask(ref, r, state_key, scores_key)
+            scores_key = score(_unwalked(ref), r, state_key)
+            masks_key = mask(_unwalked(ref), r, state_key, scores_key)
         sampled = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
-        trained, participation = train_round(ref, r, sampled, dispatch(ref, r, state_key, masks_key, sampled),
-                                             cfg.federated, local_slots(options.max_workers), served)
+        dispatched = dispatch(_unwalked(ref), r, state_key, masks_key, _unwalked(sampled))
+        trained, participation = train_round(ref, r, sampled, dispatched, cfg.federated,
+                                             local_cohorts(slots, len(sampled), trained), served)
         placements += [placement_row(r, t.stats, t.placement) for t in trained] if served else []
-        aggregated = aggregate(ref, r, state_key, scores_key, masks_key, trained, participation)
+        aggregated = aggregate(_unwalked(ref), r, state_key, scores_key, masks_key, _unwalked(trained),
+                               _unwalked(participation))
         state_key, metrics = aggregated.state_key, dict(aggregated.metrics)
         if not participation.complete:
             left_out.append(participation)
             logger.warning(participation.summary())
         evaluated = should_evaluate(r, cfg)
         if evaluated:
-            metrics |= evaluate(ref, r, state_key)
+            metrics |= evaluate(_unwalked(ref), r, state_key)
         tracker.log_metrics(r, metrics)
         if status is not None:
             status.progress(r, metrics)
@@ -307,7 +353,7 @@ def rounds_segment(ref: RunRef, first: int, last: int, state_key: str, tracking_
             tracker.flush()
             if placements:  # before the commit: a crash before it reruns these rounds, which write them again
                 run.record_placement(r, placements)
-            state_key = checkpoint(ref, r, state_key, mlflow_run_id, left_out)
+            state_key = checkpoint(_unwalked(ref), r, state_key, mlflow_run_id, _unwalked(left_out))
             if status is not None:
                 status.committed(r)
             if left_out:
@@ -405,7 +451,7 @@ def experiment(
                            run.checkpoints.latest_round())
     # A run that stops on an error ends its MLflow run as FAILED, the reason in a tag (`Tracker.__exit__`),
     # and its status record as failed or interrupted; resuming it sets both running again.
-    with (tags(*labels), StatusWriter(run.storage, start, latest_committed=run.checkpoints.latest_round) as status,
+    with (StatusWriter(run.storage, start, latest_committed=run.checkpoints.latest_round) as status,
           Tracker(settings.tracking_uri, experiment_name, run_name=ref.run_id, run_id=mlflow_run_id,
                   tags=mlflow_tags) as tracker):
         tracker.set_tags(prefect_tags)  # a resumed run: this start's flow run
@@ -423,7 +469,8 @@ def experiment(
             )
             # The parent flow run's heartbeat covers its segments (one process). A segment with its own
             # heartbeat thread would wait up to 1 s at its end for that thread to wake and stop.
-            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            # The segment's flow run carries the run's tags; its task runs none (`rounds_segment`).
+            with tags(*labels), temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 state_key = segment(ref, first, last, state_key, settings.tracking_uri, tracker.run_id)
             trim_segments(ref.run_id, last, settings.prefect_keep_rounds)  # the Prefect database stays small
             stop_if_requested()
