@@ -13,16 +13,17 @@ its newest checkpoint that verifies (`CheckpointStore.recover`) into the same ML
 
 The parent flow run is named by the run id and tagged ``run:<id>``, ``strategy:<name>``,
 ``preset:<name>`` and ``experiment:<name>``; its segments carry the tags too, its task runs none
-(`rounds_segment` says why). The MLflow
-run carries the flow run's id and URL (`PREFECT_TAGS`, this start's), and the run's status record
-(`infra.run_status`) says whether it runs, finished, failed or was interrupted.
+(`rounds_segment` says why). The MLflow run carries the flow run's id and URL (`PREFECT_TAGS`,
+this start's), and the run's status record (`infra.run_status`) says whether it runs, finished,
+failed or was interrupted.
 
 The tasks a round runs in the flow's own thread get the run's reference and the lists of clients
 and results `quote`d (`_unwalked`): Prefect otherwise walks every field of every parameter of each
 task run, looking for futures, and rebuilds each dataclass it passes (about 1 ms a round at 8
-clients, 15 ms at 128). State keys stay plain, so the Prefect UI's graph still links a task to the
-one whose result it reads. Client-train's parameters stay plain: on prefect-dask's workers a
-quoted parameter reached the task-run name still wrapped.
+clients, 15 ms at 128). None of these is a task's result, so no link of the Prefect UI's graph is
+lost; state keys, which are (score's, mask's, checkpoint's), stay plain and keep theirs.
+Client-train's parameters stay plain: on prefect-dask's workers a quoted parameter reached the
+task-run name still wrapped.
 """
 
 from __future__ import annotations
