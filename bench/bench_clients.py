@@ -3,7 +3,8 @@ how fast the Prefect server's database grows, side by side with `fedprune_core.s
 
 Workload: the toy MLP (`--set corpus=toy-N` gives it N clients), every client sampled each round,
 one local step, checkpoints every 10 rounds, metrics to MLflow (a scratch SQLite store), storage a
-scratch directory, thread task runner (4 client-train tasks a round at most).
+scratch directory, thread task runner (4 client-train tasks a round at most, fewer for brief
+training: `flows.experiment.local_cohorts`).
 
 1. **Per round.** For each client count, the flow and `simulate` run `--rounds` short and long;
    per-round time is the slope between the two (start-up cancels). The flow's orchestration cost
@@ -143,9 +144,11 @@ def main() -> None:
         stop_service(run_dir, "prefect")
     base = args.clients[0]
     orchestration = {c: rows[c][0] - rows[c][1] for c in rows}
-    from flows.experiment import local_slots  # Prefect reads its settings on import: after PREFECT_API_URL is set
+    # Prefect reads its settings on import: after PREFECT_API_URL is set
+    from flows.experiment import COHORT_MIN_S, local_slots
 
-    print(f"\n--max-workers {args.max_workers}: {local_slots(args.max_workers)} client-train tasks a round at most")
+    print(f"\n--max-workers {args.max_workers}: {local_slots(args.max_workers)} client-train tasks a round at most, "
+          f"one per {COHORT_MIN_S * 1000:g} ms of training (`local_cohorts`)")
     print("\n| clients a round | flow ms/round | simulate ms/round | orchestration ms/round | "
           "per extra client (ms) | target |\n|---|---|---|---|---|---|")
     for c, (flow, sim) in rows.items():
