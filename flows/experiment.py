@@ -137,7 +137,6 @@ def prepare(
     return ref, mlflow_run_id, checked.existed
 
 
-T = TypeVar("T")
 PROGRESS_EVERY_S = 5.0
 """A progress line at most this often (plus every evaluation and the segment's last round)."""
 
@@ -272,6 +271,9 @@ def _still_served(served: Served | None, group: tuple[int, ...]) -> Callable[[],
     return None if served is None else lambda: all(served().get(c) for c in group)
 
 
+T = TypeVar("T")
+
+
 def _unwalked(value: T) -> T:
     """`value` as a task parameter Prefect does not look into (`quote`); the task gets `value` itself."""
     return cast(T, quote(value))
@@ -324,18 +326,19 @@ def _run_rounds(ref: RunRef, first: int, last: int, state_key: str, tracking_uri
     status = active_writer(ref.experiment, ref.run_id)  # the parent flow's, in this process
     slots = local_slots(options.max_workers)
     trained: list[Trained] = []
+    quoted = _unwalked(ref)  # what the round's own tasks get
     for r in range(first, last + 1):
         stop_if_requested()  # a Ctrl-C that Python or Prefect swallowed stops the run here
         scores_key = masks_key = None  # the state's own
         if not run.strategy.keeps_masks(r):
-            scores_key = score(_unwalked(ref), r, state_key)
-            masks_key = mask(_unwalked(ref), r, state_key, scores_key)
+            scores_key = score(quoted, r, state_key)
+            masks_key = mask(quoted, r, state_key, scores_key)
         sampled = sample_clients(len(run.data.clients), cfg.federated.clients_per_round, cfg.seed, r)
-        dispatched = dispatch(_unwalked(ref), r, state_key, masks_key, _unwalked(sampled))
+        dispatched = dispatch(quoted, r, state_key, masks_key, _unwalked(sampled))
         trained, participation = train_round(ref, r, sampled, dispatched, cfg.federated,
                                              local_cohorts(slots, len(sampled), trained), served)
         placements += [placement_row(r, t.stats, t.placement) for t in trained] if served else []
-        aggregated = aggregate(_unwalked(ref), r, state_key, scores_key, masks_key, _unwalked(trained),
+        aggregated = aggregate(quoted, r, state_key, scores_key, masks_key, _unwalked(trained),
                                _unwalked(participation))
         state_key, metrics = aggregated.state_key, dict(aggregated.metrics)
         if not participation.complete:
@@ -343,7 +346,7 @@ def _run_rounds(ref: RunRef, first: int, last: int, state_key: str, tracking_uri
             logger.warning(participation.summary())
         evaluated = should_evaluate(r, cfg)
         if evaluated:
-            metrics |= evaluate(_unwalked(ref), r, state_key)
+            metrics |= evaluate(quoted, r, state_key)
         tracker.log_metrics(r, metrics)
         if status is not None:
             status.progress(r, metrics)
@@ -354,7 +357,7 @@ def _run_rounds(ref: RunRef, first: int, last: int, state_key: str, tracking_uri
             tracker.flush()
             if placements:  # before the commit: a crash before it reruns these rounds, which write them again
                 run.record_placement(r, placements)
-            state_key = checkpoint(_unwalked(ref), r, state_key, mlflow_run_id, _unwalked(left_out))
+            state_key = checkpoint(quoted, r, state_key, mlflow_run_id, _unwalked(left_out))
             if status is not None:
                 status.committed(r)
             if left_out:
